@@ -1,0 +1,326 @@
+"""Run configuration: frozen dataclasses, TOML presets, ``--set`` overrides, validation.
+
+A configuration has four sections (``model``, ``train``, ``data``, ``run``), each a
+keyword-only frozen dataclass whose fields carry their documentation. Presets live
+in ``configs/*.toml``; ``--set section.key=value`` overrides any field. Every
+problem a user can fix raises :class:`ConfigError` (a ``ValueError``) with one
+sentence that says what to do; the CLI prints it once and exits with code 2.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+
+class ConfigError(ValueError):
+    """A problem with the user's configuration or input; printed as one line, exit code 2."""
+
+
+SCHEDULES = ("sequential", "single_layer", "all_layers", "federated")
+NEGATIVES = ("fixed", "random", "adaptive")
+CLASSIFIERS = ("goodness", "softmax")
+
+
+def _choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"{name} = {value!r} is not one of {', '.join(choices)}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelConfig:
+    dims: tuple[int, ...] = (784, 2000, 2000, 2000, 2000)
+    """Layer widths, input first: [784, 2000, 2000, 2000, 2000] is the paper's network."""
+    threshold_coeff: float = 0.01
+    """Goodness threshold per unit: theta = threshold_coeff * out_features (20 for 2000 units)."""
+    goodness: str = "mean"
+    """'mean': g = mean(h**2) (the paper's author code); 'sum': g = sum(h**2) (Hinton, loeweX;
+    use threshold_coeff = 1.0 for their theta = n_units)."""
+    norm_eps: float = 1e-4
+    """Added to the L2 norm when each layer normalises its input row: x / (||x|| + eps)."""
+    label_position: str = "last"
+    """Where the one-hot label is written over the input: 'last' 10 entries (paper) or 'first' 10."""
+    neutral_value: float = 0.1
+    """Value of all 10 label entries in a neutral sample (label unknown)."""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "dims", tuple(int(d) for d in self.dims))
+        if len(self.dims) < 2 or any(d <= 0 for d in self.dims):
+            raise ConfigError("model.dims needs an input size and at least one positive layer width")
+        if self.dims[0] < 10:
+            raise ConfigError("model.dims[0] (the input size) must be at least 10 to hold the label")
+        if self.threshold_coeff <= 0:
+            raise ConfigError("model.threshold_coeff must be positive")
+        _choice("model.goodness", self.goodness, ("mean", "sum"))
+        _choice("model.label_position", self.label_position, ("last", "first"))
+        if self.norm_eps < 0:
+            raise ConfigError("model.norm_eps must be >= 0")
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.dims) - 1
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    epochs: int = 100
+    """E: total epochs every layer is trained for."""
+    chapters: int = 100
+    """S: number of chapters (splits); each chapter trains every layer for C = E/S epochs."""
+    batch_size: int = 64
+    """Positive samples per step (each step also sees as many negatives)."""
+    lr: float = 0.01
+    """Adam learning rate of the FF layers before the cooldown."""
+    head_lr: float = 1e-4
+    """Adam learning rate of the softmax head before the cooldown."""
+    negatives: str = "adaptive"
+    """'fixed' (drawn once), 'random' (fresh each chapter) or 'adaptive' (most-predicted wrong label)."""
+    adaptive_lag: int = 0
+    """Adaptive negatives: those used from chapter c+1+lag on come from the network after chapter c."""
+    adaptive_mode: str = "lag"
+    """'lag': deterministic, waits for the negatives of chapter c-1-lag; 'newest': the paper's
+    Single Layer behaviour, uses the newest negatives that have arrived without waiting
+    (not reproducible)."""
+    classifier: str = "goodness"
+    """'goodness' (sum of goodness over layers 2..L per overlaid label) or 'softmax' (a trained head)."""
+    seed: int = 0
+    """Seed of every random choice (initial weights, shuffles, negatives)."""
+    threads: int = 1
+    """torch threads per rank; 0 keeps torch's default. One per rank unless a rank has cores of its own."""
+    eval_every: int = 1
+    """Evaluate test accuracy every this many chapters (the last chapter always); 0: last only."""
+
+    def __post_init__(self) -> None:
+        for name in ("epochs", "chapters", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"train.{name} must be at least 1")
+        if self.epochs % self.chapters:
+            raise ConfigError(
+                f"train.epochs ({self.epochs}) must be divisible by train.chapters ({self.chapters}); "
+                "choose chapters that divide the epochs"
+            )
+        if self.lr <= 0 or self.head_lr <= 0:
+            raise ConfigError("train.lr and train.head_lr must be positive")
+        _choice("train.negatives", self.negatives, NEGATIVES)
+        _choice("train.adaptive_mode", self.adaptive_mode, ("lag", "newest"))
+        _choice("train.classifier", self.classifier, CLASSIFIERS)
+        if self.adaptive_lag < 0:
+            raise ConfigError("train.adaptive_lag must be >= 0")
+        if self.threads < 0 or self.eval_every < 0:
+            raise ConfigError("train.threads and train.eval_every must be >= 0")
+
+    @property
+    def epochs_per_chapter(self) -> int:
+        return self.epochs // self.chapters
+
+
+@dataclass(frozen=True, kw_only=True)
+class DataConfig:
+    dataset: str = "mnist"
+    """'mnist' (the copy embedded in mpff), 'idx' (any IDX set: Fashion-MNIST, KMNIST),
+    'cifar10' (python pickle batches) or 'npz' (x_train, y_train, x_test, y_test)."""
+    path: str = ""
+    """Directory (idx, cifar10, mnist) or file (npz) to read; empty for the embedded MNIST."""
+    train_subset: int = 0
+    """Use only the first N training samples (0: all)."""
+    test_subset: int = 0
+    """Use only the first N test samples (0: all)."""
+    shards: int = 0
+    """Split the training set into this many shards; chapter c trains on shard c mod shards.
+    0: the world size for 'federated', 1 otherwise. Set it to N to run the Sequential
+    counterpart of an N-rank Federated run."""
+
+    def __post_init__(self) -> None:
+        _choice("data.dataset", self.dataset, ("mnist", "idx", "cifar10", "npz"))
+        if self.dataset != "mnist" and not self.path:
+            raise ConfigError(f"data.path must name the {self.dataset} data to read")
+        if self.path and not os.path.exists(self.path):
+            raise ConfigError(f"data.path {self.path!r} does not exist; point it at the data set")
+        if self.train_subset < 0 or self.test_subset < 0 or self.shards < 0:
+            raise ConfigError("data.train_subset, data.test_subset and data.shards must be >= 0")
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunConfig:
+    schedule: str = "sequential"
+    """'sequential' (rank 0 does everything), 'single_layer', 'all_layers' or 'federated'."""
+    exchange: str = "weights"
+    """What travels between ranks: 'weights' (weights and biases, as the paper) or 'full'
+    (also the Adam state; needed for results identical to Sequential)."""
+    device: str = "auto"
+    """'auto' (the GPU of the node-local rank, else CPU), 'cpu' or 'cuda'."""
+    poll_interval: float = 0.001
+    """Seconds between MPI request tests while a rank waits (keeps waiting ranks off the CPU)."""
+    trace: bool = True
+    """Write per-rank HDF5 timing traces."""
+    report: bool = True
+    """Write the report (Markdown, PNG, trace-viewer JSON) at the end of the run."""
+    checkpoint_every: int = 0
+    """Checkpoint every this many chapters (0: never)."""
+
+    def __post_init__(self) -> None:
+        _choice("run.schedule", self.schedule, SCHEDULES)
+        _choice("run.exchange", self.exchange, ("weights", "full"))
+        _choice("run.device", self.device, ("auto", "cpu", "cuda"))
+        if self.poll_interval < 0 or self.checkpoint_every < 0:
+            raise ConfigError("run.poll_interval and run.checkpoint_every must be >= 0")
+
+
+SECTIONS = {"model": ModelConfig, "train": TrainConfig, "data": DataConfig, "run": RunConfig}
+
+
+@dataclass(frozen=True, kw_only=True)
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    name: str = "run"
+    """Preset name (the TOML file's stem), used for default output directories."""
+
+    def __post_init__(self) -> None:
+        if self.data.dataset == "cifar10" and self.model.dims[0] != 3072:
+            raise ConfigError("CIFAR-10 has 3072 inputs: set model.dims[0] = 3072")
+        if self.data.dataset == "mnist" and self.model.dims[0] != 784:
+            raise ConfigError("MNIST has 784 inputs: set model.dims[0] = 784")
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for name in SECTIONS:
+            sec = dataclasses.asdict(getattr(self, name))
+            out[name] = {k: list(v) if isinstance(v, tuple) else v for k, v in sec.items()}
+        out["name"] = self.name
+        return out
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    def to_toml(self) -> str:
+        lines = [f"name = {json.dumps(self.name)}", ""]
+        for name in SECTIONS:
+            lines.append(f"[{name}]")
+            for key, value in self.to_dict()[name].items():
+                lines.append(f"{key} = {_toml_value(value)}")
+            lines.append("")
+        return "\n".join(lines)
+
+    def replace(self, **sections: Any) -> "Config":
+        """Copy with some fields of some sections changed: replace(run={'schedule': 'x'})."""
+        kwargs = {}
+        for name, changes in sections.items():
+            kwargs[name] = dataclasses.replace(getattr(self, name), **changes)
+        return dataclasses.replace(self, **kwargs)
+
+    def resolved_shards(self, world_size: int) -> int:
+        if self.data.shards:
+            return self.data.shards
+        return world_size if self.run.schedule == "federated" else 1
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, float):
+        return repr(value)
+    if isinstance(value, int):
+        return str(value)
+    return json.dumps(value)
+
+
+def _coerce(section: str, key: str, value: Any, annotation: str) -> Any:
+    """Check a TOML or --set value against the field's type; ints widen to floats."""
+    where = f"{section}.{key}"
+    if annotation == "bool":
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where} must be true or false, not {value!r}")
+    if annotation == "int":
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where} must be an integer, not {value!r}")
+    if annotation == "float":
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{where} must be a number, not {value!r}")
+    if annotation == "str":
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{where} must be a string, not {value!r}")
+    if annotation.startswith("tuple"):
+        if isinstance(value, (list, tuple)) and all(
+            isinstance(v, int) and not isinstance(v, bool) for v in value
+        ):
+            return tuple(value)
+        raise ConfigError(f"{where} must be a list of integers, not {value!r}")
+    raise AssertionError(f"unhandled annotation {annotation}")  # internal invariant
+
+
+def from_dict(data: dict[str, Any], name: str = "run") -> Config:
+    """Build a validated Config from nested dicts (unknown sections or keys are errors)."""
+    data = dict(data)
+    name = data.pop("name", name)
+    kwargs: dict[str, Any] = {}
+    for section, values in data.items():
+        if section not in SECTIONS:
+            raise ConfigError(
+                f"unknown config section [{section}]; known sections: {', '.join(SECTIONS)}"
+            )
+        if not isinstance(values, dict):
+            raise ConfigError(f"[{section}] must be a table of settings")
+        cls = SECTIONS[section]
+        known = {f.name: f for f in fields(cls)}
+        sec_kwargs = {}
+        for key, value in values.items():
+            if key not in known:
+                raise ConfigError(
+                    f"unknown config key {section}.{key}; known keys: {', '.join(known)}"
+                )
+            sec_kwargs[key] = _coerce(section, key, value, str(known[key].type))
+        kwargs[section] = cls(**sec_kwargs)
+    return Config(name=str(name), **kwargs)
+
+
+def parse_override(text: str) -> tuple[str, str, Any]:
+    """Parse 'section.key=value' where value is TOML (bare words are taken as strings)."""
+    if "=" not in text or "." not in text.split("=", 1)[0]:
+        raise ConfigError(f"--set {text!r} must look like section.key=value, e.g. train.epochs=4")
+    lhs, rhs = text.split("=", 1)
+    section, key = lhs.strip().split(".", 1)
+    try:
+        value = tomllib.loads(f"v = {rhs.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = rhs.strip()  # a bare word such as single_layer
+    return section, key, value
+
+
+def load(path: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Read a TOML preset (or the defaults when path is None) and apply --set overrides."""
+    data: dict[str, Any] = {}
+    name = "run"
+    if path:
+        if not os.path.isfile(path):
+            raise ConfigError(f"config file {path!r} not found; see configs/ for presets")
+        try:
+            with open(path, "rb") as fh:
+                data = tomllib.load(fh)
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {path!r} is not valid TOML: {exc}") from None
+        name = os.path.splitext(os.path.basename(path))[0]
+    for text in overrides:
+        section, key, value = parse_override(text)
+        data.setdefault(section, {})
+        if not isinstance(data[section], dict):
+            raise ConfigError(f"[{section}] must be a table of settings")
+        data[section][key] = value
+    return from_dict(data, name=name)

@@ -1,0 +1,38 @@
+"""mpff: Pipeline Forward-Forward training over MPI (Aktemur et al., 2024).
+
+Install for development on a workstation (CPU torch pinned for that machine):
+
+    pip install -c constraints.txt -e '.[mpi,test]'
+
+On a cluster, install the site's CUDA build of torch first and build mpi4py
+against the site MPI (`pip install --no-binary mpi4py mpi4py`), then
+`pip install -e .` (no `[mpi]`: the PyPI MPICH is for workstations).
+"""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="mpff",
+    version="0.1.0",
+    description="Pipeline Forward-Forward training of neural networks over MPI",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["mpff", "mpff.*"]),
+    package_data={"mpff": ["datasets/mnist/*.gz", "presets/*.toml"]},
+    install_requires=[
+        # torch is deliberately unpinned: clusters bring their own CUDA build.
+        "torch>=2.0",
+        "numpy>=1.22",
+        "h5py>=3.6",
+        "mpi4py>=3.1",
+        "tomli>=1.1; python_version<'3.11'",
+        "matplotlib>=3.5",
+    ],
+    extras_require={
+        # A self-contained MPI for workstations (mpiexec in the virtualenv).
+        "mpi": ["mpich"],
+        "test": ["pytest>=7", "ruff"],
+    },
+    entry_points={"console_scripts": ["mpff=mpff.cli:main"]},
+)
