@@ -1,0 +1,829 @@
+"""Offline report of one or more runs: HDF5 traces -> tables, pictures, trace-viewer JSON.
+
+Needs no MPI and no GPU (it runs on a login node)::
+
+    python -m mpff report outputs/tiny-single_layer
+    python -m mpff report RUN_A RUN_B RUN_C --baseline RUN_SEQ --out outputs/comparison
+
+One run: the report goes to ``RUN_DIR/report/`` (or ``--out DIR``): ``report.md``,
+``timeline.png``, ``breakdown.png``, ``accuracy.png`` and ``trace.json`` (Chrome trace
+events; open it in https://ui.perfetto.dev or chrome://tracing). Several runs: a
+comparison shaped like the paper's Table 1 in ``report.md`` plus ``comparison.png`` and
+``accuracy.png``, written to ``--out DIR`` (default: ``comparison-report/`` beside the
+first run), with each run's own full report in a sub-folder named after the run.
+The tables are also printed to the terminal.
+
+Definitions (also in ``docs/traces.md``), per rank with ``wall = wall_end - wall_start``:
+
+- compute = train + forward + negatives + head spans; communication = send + recv;
+  waiting = wait; evaluation = eval; other = checkpoint + io + setup spans (and unknown
+  kinds) + the wall time covered by no span. The five add up to the wall.
+- busy = compute + communication + evaluation + other spans; idle = waiting + uncovered time;
+  bubble = idle / wall = 1 - busy / wall. Overall: 1 - sum(busy) / (N * run wall), where the
+  run wall is max(wall_end) - min(wall_start) over the ranks.
+- modelled bubble: the run's task graph (:mod:`mpff.plan`) list-scheduled with the task
+  times this run measured, 1 - sum(busy) / (N * makespan).
+- speedup = baseline run wall / run wall; parallel efficiency = speedup / N.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any, TextIO
+
+import h5py
+import numpy as np
+
+from . import trace as trace_mod
+from .config import Config, ConfigError, from_dict, tomllib
+from .plan import build_plan, pipeline_bubble
+
+__all__ = ["CATEGORIES", "analyze_run", "load_run", "main", "pipeline_bubble", "run_report"]
+
+CATEGORIES = ("compute", "communication", "waiting", "evaluation", "other")
+KIND_CATEGORY = {
+    "train": "compute", "forward": "compute", "negatives": "compute", "head": "compute",
+    "send": "communication", "recv": "communication",
+    "wait": "waiting",
+    "eval": "evaluation",
+    "checkpoint": "other", "io": "other", "setup": "other",
+}
+assert set(KIND_CATEGORY) == set(trace_mod.SPAN_KINDS)  # internal invariant: one category per kind
+
+CATEGORY_COLORS = {"compute": "#1f77b4", "communication": "#ff7f0e", "waiting": "#d62728",
+                   "evaluation": "#9467bd", "other": "#7f7f7f"}
+KIND_COLORS = {"train": "#1f77b4", "forward": "#6baed6", "negatives": "#2ca02c", "head": "#98df8a",
+               "send": "#ff7f0e", "recv": "#ffbb78", "wait": "#d62728", "eval": "#9467bd",
+               "checkpoint": "#7f7f7f", "io": "#bcbd22", "setup": "#c7c7c7"}
+OTHER_KIND_COLOR = "#444444"
+
+#: Task kinds of the task graph whose durations come from spans of the same kind.
+MODEL_KINDS = ("head", "negatives", "eval")
+
+#: simulate(cfg, world_size, durations) -> object with .makespan, .busy and .bubble
+Simulator = Callable[[Config, int, dict], Any]
+
+
+def plan_simulate(cfg: Config, world_size: int, durations: dict) -> Any:
+    return build_plan(cfg, world_size).simulate(durations)
+
+
+# ---------------------------------------------------------------- reading
+
+@dataclass
+class RankTrace:
+    """One rank's trace file, as read."""
+    path: str
+    rank: int
+    world_size: int
+    host: str
+    device: str
+    status: str
+    wall_start: float
+    wall_end: float
+    config: dict | None
+    kinds: np.ndarray       # str, one per span
+    spans: np.ndarray       # trace.SPAN_DTYPE
+    scalars: np.ndarray     # trace.SCALAR_DTYPE
+    scalar_names: np.ndarray
+
+    @property
+    def wall(self) -> float:
+        return self.wall_end - self.wall_start
+
+
+@dataclass
+class Run:
+    path: str
+    name: str
+    config: dict            # Config.to_dict() of the run, as stored
+    info: dict              # run.json (empty when missing)
+    ranks: list[RankTrace]
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def world_size(self) -> int:
+        return len(self.ranks)
+
+    @property
+    def wall_start(self) -> float:
+        return min(r.wall_start for r in self.ranks)
+
+    @property
+    def wall(self) -> float:
+        return max(r.wall_end for r in self.ranks) - self.wall_start
+
+
+def _attr_str(attrs: h5py.AttributeManager, key: str, default: str = "") -> str:
+    value = attrs.get(key, default)
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def read_trace(path: str) -> RankTrace:
+    """Read one rank file; anything unreadable is a ConfigError naming the file."""
+    if not os.path.isfile(path):
+        raise ConfigError(f"trace file {path} is missing; the run did not finish writing its traces, "
+                          "so rerun it (or report another run)")
+    try:
+        with h5py.File(path, "r") as fh:
+            attrs = fh.attrs
+            if _attr_str(attrs, "format") != trace_mod.FORMAT:
+                raise ConfigError(f"{path} is not an mpff trace (attribute format is not "
+                                  f"{trace_mod.FORMAT!r}); point the report at a run directory")
+            version = int(attrs.get("format_version", 0))
+            if version > trace_mod.FORMAT_VERSION:
+                raise ConfigError(f"{path} has trace format version {version}, newer than this mpff "
+                                  f"reads ({trace_mod.FORMAT_VERSION}); upgrade mpff")
+            config_text = attrs.get("config")
+            spans = fh["spans"][()].astype(trace_mod.SPAN_DTYPE)
+            scalars = fh["scalars"][()].astype(trace_mod.SCALAR_DTYPE)
+            rt = RankTrace(
+                path=path, rank=int(attrs["rank"]), world_size=int(attrs.get("world_size", 0)),
+                host=_attr_str(attrs, "host", "?"), device=_attr_str(attrs, "device", "?"),
+                status=_attr_str(attrs, "status", "?"),
+                wall_start=float(attrs["wall_start"]), wall_end=float(attrs["wall_end"]),
+                config=json.loads(config_text) if config_text is not None else None,
+                kinds=spans["kind"].astype(str), spans=spans, scalars=scalars,
+                scalar_names=scalars["name"].astype(str),
+            )
+    except ConfigError:
+        raise
+    except (OSError, KeyError, ValueError, TypeError) as exc:
+        # h5py raises OSError for garbage and for truncated files ("truncated file: eof = ...")
+        raise ConfigError(f"trace file {path} is corrupt or truncated ({_one_line(exc)}); "
+                          "rerun the job or delete that run directory") from None
+    return rt
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+def load_run(run_dir: str) -> Run:
+    """Read run.json, the configuration and every rank's trace of a run directory."""
+    run_dir = os.path.normpath(run_dir)
+    trace_dir = os.path.join(run_dir, "trace")
+    info_path = os.path.join(run_dir, "run.json")
+    if not os.path.isdir(run_dir):
+        raise ConfigError(f"run directory {run_dir} does not exist; pass the --out directory of "
+                          "an 'mpff train' run")
+    if not (os.path.isfile(info_path) or os.path.isdir(trace_dir)):
+        raise ConfigError(f"{run_dir} is not an mpff run directory (it has neither run.json nor "
+                          "trace/); pass the --out directory of an 'mpff train' run")
+    notes: list[str] = []
+    info: dict = {}
+    if os.path.isfile(info_path):
+        try:
+            with open(info_path, encoding="utf-8") as fh:
+                info = json.load(fh)
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"{info_path} is not readable JSON ({_one_line(exc)}); "
+                              "delete it to report from the traces alone") from None
+        if not isinstance(info, dict):
+            raise ConfigError(f"{info_path} does not hold a JSON object; delete it to report "
+                              "from the traces alone")
+        if info.get("status", "finished") != "finished":
+            notes.append(f"run.json says status {info.get('status')!r}: the run did not finish.")
+    else:
+        notes.append("no run.json: the run did not finish (or is still running).")
+    if not os.path.isdir(trace_dir):
+        raise ConfigError(f"run {run_dir} has no trace/ directory (run.trace was false?); "
+                          "rerun it with --set run.trace=true to get a report")
+
+    first = read_trace(trace_mod.trace_path(run_dir, 0))
+    world_size = int(info.get("world_size") or first.world_size or 1)
+    ranks = [first] + [read_trace(trace_mod.trace_path(run_dir, r)) for r in range(1, world_size)]
+    for r, rt in enumerate(ranks):
+        if rt.rank != r or (rt.world_size and rt.world_size != world_size):
+            raise ConfigError(f"trace file {rt.path} says rank {rt.rank} of {rt.world_size}, "
+                              f"expected rank {r} of {world_size}; the trace directory mixes runs")
+        if rt.status != "finished":
+            notes.append(f"rank {r}'s trace has status {rt.status!r} (killed or still running): "
+                         f"it is reported up to its last flush, t = {rt.wall_end - first.wall_start:.1f} s.")
+
+    config = first.config
+    if config is None:
+        toml_path = os.path.join(run_dir, "config.toml")
+        try:
+            with open(toml_path, "rb") as fh:
+                config = tomllib.load(fh)
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise ConfigError(f"run {run_dir} has no configuration in its traces and {toml_path} "
+                              f"is unreadable ({_one_line(exc)}); restore config.toml") from None
+    name = os.path.basename(os.path.abspath(run_dir))
+    return Run(path=run_dir, name=name, config=config, info=info, ranks=ranks, notes=notes)
+
+
+# ---------------------------------------------------------------- analysis
+
+@dataclass
+class RankSummary:
+    rank: int
+    host: str
+    device: str
+    wall: float
+    seconds: dict[str, float]   # per category; adds up to wall
+    uncovered: float            # wall time covered by no span (part of "other")
+    clipped: float              # span time outside the wall or overlapping another span (dropped)
+    busy: float
+    idle: float
+    bytes_sent: int
+    bytes_received: int
+    peak_host_mem: float | None
+    peak_gpu_mem: float | None
+
+    @property
+    def bubble(self) -> float:
+        return self.idle / self.wall if self.wall > 0 else 0.0
+
+    def percent(self, category: str) -> float:
+        return 100.0 * self.seconds[category] / self.wall if self.wall > 0 else 0.0
+
+
+@dataclass
+class RunSummary:
+    run: Run
+    ranks: list[RankSummary]
+    wall: float
+    bubble_measured: float
+    bubble_modelled: float | None
+    model_note: str
+    accuracy_by_chapter: dict[int, float]   # fractions
+    final_accuracy: float | None
+    notes: list[str]
+
+    @property
+    def name(self) -> str:
+        return self.run.name
+
+    def setting(self, section: str, key: str, default: Any = "?") -> Any:
+        return self.run.config.get(section, {}).get(key, default)
+
+    @property
+    def bytes_sent(self) -> int:
+        return sum(r.bytes_sent for r in self.ranks)
+
+    @property
+    def bytes_received(self) -> int:
+        return sum(r.bytes_received for r in self.ranks)
+
+
+def _disjoint_durations(start: np.ndarray, end: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    """Span durations clipped to [lo, hi] with overlaps removed (an earlier span keeps the
+    overlapping time), so that they can never add up to more than the wall."""
+    order = np.argsort(start, kind="stable")
+    s = np.clip(start[order], lo, hi)
+    e = np.clip(end[order], lo, hi)
+    e = np.maximum(e, s)
+    covered_until = np.maximum.accumulate(np.concatenate(([lo], e)))[:-1]
+    s = np.maximum(s, covered_until)
+    out = np.empty_like(s)
+    out[order] = np.maximum(e - s, 0.0)
+    return out
+
+
+def _peak(rt: RankTrace, name: str) -> float | None:
+    values = rt.scalars["value"][rt.scalar_names == name]
+    return float(values.max()) if values.size else None
+
+
+def summarize_rank(rt: RankTrace) -> RankSummary:
+    spans = rt.spans
+    durations = _disjoint_durations(spans["start"], spans["end"], rt.wall_start, rt.wall_end)
+    raw = float(np.maximum(spans["end"] - spans["start"], 0.0).sum())
+    categories = np.array([KIND_CATEGORY.get(k, "other") for k in rt.kinds], dtype=object)
+    seconds = {c: float(durations[categories == c].sum()) for c in CATEGORIES}
+    wall = max(rt.wall, 0.0)
+    uncovered = max(wall - sum(seconds.values()), 0.0)
+    seconds["other"] += uncovered
+    idle = seconds["waiting"] + uncovered
+    return RankSummary(
+        rank=rt.rank, host=rt.host, device=rt.device, wall=wall, seconds=seconds,
+        uncovered=uncovered, clipped=raw - float(durations.sum()), busy=wall - idle, idle=idle,
+        bytes_sent=int(spans["bytes"][rt.kinds == "send"].sum()),
+        bytes_received=int(spans["bytes"][rt.kinds == "recv"].sum()),
+        peak_host_mem=_peak(rt, "peak_host_mem"), peak_gpu_mem=_peak(rt, "peak_gpu_mem"),
+    )
+
+
+def accuracy_by_chapter(run: Run) -> dict[int, float]:
+    """Test accuracy (fraction) per chapter, from whichever rank evaluated it (latest wins)."""
+    found: dict[int, tuple[float, float]] = {}
+    for rt in run.ranks:
+        sel = rt.scalars[rt.scalar_names == "test_accuracy"]
+        for chapter, t, value in zip(sel["chapter"], sel["time"], sel["value"]):
+            if int(chapter) not in found or t >= found[int(chapter)][0]:
+                found[int(chapter)] = (float(t), float(value))
+    return {c: v for c, (_, v) in sorted(found.items())}
+
+
+def task_durations(run: Run) -> dict[tuple[str, int, int], float]:
+    """Measured task times for the task-graph model.
+
+    ("train", c, k): train + forward spans of chapter c, layer k on the rank that trained
+    (c, k); ("head"|"negatives"|"eval", c, -1): that kind's spans of chapter c, on the rank
+    with the most of it (a task runs on one rank).
+    """
+    per_rank: list[dict[tuple[str, int, int], float]] = []
+    trained: dict[tuple[int, int], list[int]] = {}
+    for rt in run.ranks:
+        acc: dict[tuple[str, int, int], float] = {}
+        for kind, span in zip(rt.kinds, rt.spans):
+            c, k = int(span["chapter"]), int(span["layer"])
+            dur = max(float(span["end"] - span["start"]), 0.0)
+            if kind in ("train", "forward") and c >= 0 and k >= 0:
+                key = ("train", c, k)
+                if kind == "train":
+                    trained.setdefault((c, k), [])
+                    if rt.rank not in trained[(c, k)]:
+                        trained[(c, k)].append(rt.rank)
+            elif kind in MODEL_KINDS and c >= 0:
+                key = (kind, c, -1)
+            else:
+                continue
+            acc[key] = acc.get(key, 0.0) + dur
+        per_rank.append(acc)
+    durations: dict[tuple[str, int, int], float] = {}
+    for (c, k), ranks in trained.items():
+        durations[("train", c, k)] = max(per_rank[r].get(("train", c, k), 0.0) for r in ranks)
+    for acc in per_rank:
+        for key, value in acc.items():
+            if key[0] != "train":
+                durations[key] = max(durations.get(key, 0.0), value)
+    return durations
+
+
+def modelled_bubble(run: Run, simulate: Simulator) -> tuple[float | None, str]:
+    """Bubble the task graph predicts for this run's measured task times, and a note."""
+    durations = task_durations(run)
+    try:
+        num_layers = len(run.config["model"]["dims"]) - 1
+        chapters = int(run.config["train"]["chapters"])
+        epochs_per_chapter = int(run.config["train"]["epochs"]) // chapters
+    except (KeyError, TypeError, ValueError):
+        return None, "the run's configuration lacks model.dims or train.chapters"
+    done = 0
+    while done < chapters and all(("train", done, k) in durations for k in range(num_layers)):
+        done += 1
+    if done == 0:
+        return None, "no chapter has a train span for every layer"
+    note = ""
+    config = json.loads(json.dumps(run.config))  # a copy to edit
+    if done < chapters:
+        # a killed run: model the chapters it completed
+        config["train"]["chapters"] = done
+        config["train"]["epochs"] = done * epochs_per_chapter
+        note = f"modelled over the {done} of {chapters} chapters the trace completes"
+    # The plan does not depend on where the data lives, and on a login node it may not be
+    # visible: validate against the embedded MNIST instead (only dims[0] is tied to the data).
+    config["data"] = {k: v for k, v in config.get("data", {}).items() if k == "shards"}
+    config["model"]["dims"] = [784] + list(config["model"]["dims"][1:])
+    try:
+        cfg = from_dict(config)
+        result = simulate(cfg, run.world_size, durations)
+    except ConfigError as exc:
+        return None, f"the task graph cannot be built for this run: {exc}"
+    if result.makespan <= 0:
+        return None, "the measured task times are all zero"
+    return float(result.bubble), note
+
+
+def analyze_run(run_dir: str, simulate: Simulator | None = None) -> RunSummary:
+    run = load_run(run_dir)
+    ranks = [summarize_rank(rt) for rt in run.ranks]
+    wall = run.wall
+    # ranks that start late or stop early are idle for the rest of the run's wall
+    total = run.world_size * wall
+    bubble = 1.0 - sum(r.busy for r in ranks) / total if total > 0 else 0.0
+    modelled, model_note = modelled_bubble(run, simulate or plan_simulate)
+    accuracy = accuracy_by_chapter(run)
+    final = run.info.get("test_accuracy")
+    if not isinstance(final, (int, float)) or isinstance(final, bool):
+        final = accuracy[max(accuracy)] if accuracy else None
+    notes = list(run.notes)
+    for r in ranks:
+        if r.clipped > 0.01 * max(r.wall, 1e-9):
+            notes.append(f"rank {r.rank}: {r.clipped:.3f} s of spans lie outside its wall or overlap "
+                         "other spans; they are not counted.")
+    return RunSummary(run=run, ranks=ranks, wall=wall, bubble_measured=bubble,
+                      bubble_modelled=modelled, model_note=model_note,
+                      accuracy_by_chapter=accuracy,
+                      final_accuracy=float(final) if final is not None else None, notes=notes)
+
+
+def speedup(baseline: RunSummary, run: RunSummary) -> float | None:
+    return baseline.wall / run.wall if run.wall > 0 else None
+
+
+def efficiency(baseline: RunSummary, run: RunSummary) -> float | None:
+    s = speedup(baseline, run)
+    return s / run.run.world_size if s is not None else None
+
+
+def analytic_bubble(s: RunSummary) -> float | None:
+    """(L-1)/(S+L-1) for equal task times, where it applies (Single Layer with one layer per rank)."""
+    num_layers = len(s.setting("model", "dims", [0, 0])) - 1
+    if s.setting("run", "schedule") == "single_layer" and num_layers == s.run.world_size:
+        return pipeline_bubble(int(s.setting("train", "chapters", 1)), num_layers)
+    return None
+
+
+# ---------------------------------------------------------------- formatting
+
+def _table(headers: list[str], rows: Iterable[list[str]], numeric_from: int = 1) -> str:
+    rows = list(rows)
+    align = ["---" if i < numeric_from else "---:" for i in range(len(headers))]
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join(align) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _sec(x: float | None) -> str:
+    return "–" if x is None else f"{x:,.2f}"
+
+
+def _pct(x: float | None, digits: int = 1) -> str:
+    return "–" if x is None or math.isnan(x) else f"{100.0 * x:.{digits}f} %"
+
+
+def _bytes(n: float | None) -> str:
+    if n is None:
+        return "–"
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:,.0f} {unit}" if unit == "B" else f"{n:,.1f} {unit}"
+        n /= 1024
+    raise AssertionError  # pragma: no cover
+
+
+def _ratio(x: float | None) -> str:
+    return "–" if x is None else f"{x:.2f}"
+
+
+def summary_table(s: RunSummary, baseline: RunSummary | None) -> str:
+    rows = [
+        ["schedule", str(s.setting("run", "schedule"))],
+        ["negatives / classifier", f"{s.setting('train', 'negatives')} / {s.setting('train', 'classifier')}"],
+        ["ranks", str(s.run.world_size)],
+        ["layers (dims)", str(s.setting("model", "dims"))],
+        ["epochs / chapters", f"{s.setting('train', 'epochs')} / {s.setting('train', 'chapters')}"],
+        ["wall time (s)", _sec(s.wall)],
+        ["test accuracy", _pct(s.final_accuracy, 2)],
+        ["bubble, measured", _pct(s.bubble_measured)],
+        ["bubble, modelled from task times", _pct(s.bubble_modelled)],
+        ["bubble, equal task times (L-1)/(S+L-1)", _pct(analytic_bubble(s))],
+        ["bytes sent / received", f"{_bytes(s.bytes_sent)} / {_bytes(s.bytes_received)}"],
+    ]
+    if baseline is not None:
+        rows += [
+            ["baseline", f"{baseline.name} ({_sec(baseline.wall)} s, {baseline.run.world_size} rank(s))"],
+            ["speedup", _ratio(speedup(baseline, s))],
+            ["parallel efficiency", _pct(efficiency(baseline, s))],
+        ]
+    return _table(["", s.name], rows, numeric_from=2)
+
+
+def breakdown_table(s: RunSummary) -> str:
+    headers = ["rank", "wall (s)"] + [f"{c} (s, %)" for c in CATEGORIES] + ["untraced (s)"]
+    rows = []
+    for r in s.ranks:
+        rows.append([f"{r.rank}", _sec(r.wall)]
+                    + [f"{_sec(r.seconds[c])} ({r.percent(c):.1f} %)" for c in CATEGORIES]
+                    + [_sec(r.uncovered)])
+    return _table(headers, rows)
+
+
+def bubble_table(s: RunSummary) -> str:
+    rows = [[f"{r.rank}", r.host, r.device, _sec(r.busy), _sec(r.idle), _pct(r.bubble)] for r in s.ranks]
+    rows.append(["all", "", "", _sec(sum(r.busy for r in s.ranks)),
+                 _sec(s.run.world_size * s.wall - sum(r.busy for r in s.ranks)), _pct(s.bubble_measured)])
+    return _table(["rank", "host", "device", "busy (s)", "idle (s)", "bubble"], rows, numeric_from=3)
+
+
+def bytes_table(s: RunSummary) -> str:
+    rows = [[f"{r.rank}", _bytes(r.bytes_sent), _bytes(r.bytes_received)] for r in s.ranks]
+    rows.append(["total", _bytes(s.bytes_sent), _bytes(s.bytes_received)])
+    return _table(["rank", "sent", "received"], rows)
+
+
+def memory_table(s: RunSummary) -> str:
+    rows = [[f"{r.rank}", _bytes(r.peak_host_mem), _bytes(r.peak_gpu_mem)] for r in s.ranks]
+    return _table(["rank", "peak host memory", "peak GPU memory"], rows)
+
+
+def accuracy_table(s: RunSummary) -> str:
+    rows = [[f"{c}", _pct(v, 2)] for c, v in s.accuracy_by_chapter.items()]
+    return _table(["chapter", "test accuracy"], rows)
+
+
+def comparison_rows(summaries: list[RunSummary],
+                    baselines: list[RunSummary | None]) -> list[list[str]]:
+    rows = []
+    for s, b in zip(summaries, baselines):
+        rows.append([
+            s.name, str(s.setting("run", "schedule")), str(s.setting("train", "negatives")),
+            str(s.setting("train", "classifier")), str(s.run.world_size), _sec(s.wall),
+            _pct(s.final_accuracy, 2),
+            _ratio(speedup(b, s)) if b else "–", _pct(efficiency(b, s)) if b else "–",
+            _pct(s.bubble_measured), _pct(s.bubble_modelled),
+        ])
+    return rows
+
+
+COMPARISON_HEADERS = ["run", "schedule", "negatives", "classifier", "ranks", "time (s)", "accuracy",
+                      "speedup", "efficiency", "bubble measured", "bubble modelled"]
+
+
+def comparison_table(summaries: list[RunSummary], baselines: list[RunSummary | None]) -> str:
+    return _table(COMPARISON_HEADERS, comparison_rows(summaries, baselines), numeric_from=5)
+
+
+def _same_problem(a: RunSummary, b: RunSummary) -> bool:
+    keys = [("train", "negatives"), ("train", "classifier"), ("train", "epochs"),
+            ("train", "chapters"), ("model", "dims")]
+    return all(a.setting(*k) == b.setting(*k) for k in keys)
+
+
+def pick_baselines(summaries: list[RunSummary], baseline: RunSummary | None) -> list[RunSummary | None]:
+    """--baseline for every row; without it, the Sequential run of the same problem, as Table 1."""
+    if baseline is not None:
+        return [baseline] * len(summaries)
+    sequential = [s for s in summaries if s.setting("run", "schedule") == "sequential"]
+    return [next((b for b in sequential if _same_problem(b, s)), None) for s in summaries]
+
+
+# ---------------------------------------------------------------- pictures and trace.json
+
+def _figure(width: float, height: float):
+    # Figure without pyplot: no global backend state, PNG through Agg
+    from matplotlib.figure import Figure
+    return Figure(figsize=(width, height), layout="constrained")
+
+
+def plot_timeline(run: Run, path: str) -> None:
+    from matplotlib.patches import Patch
+    n = run.world_size
+    fig = _figure(12, 1.2 + 0.7 * n)
+    ax = fig.add_subplot()
+    t0 = run.wall_start
+    used: set[str] = set()
+    for rt in run.ranks:
+        y = n - 1 - rt.rank
+        ax.broken_barh([(rt.wall_start - t0, rt.wall)], (y - 0.4, 0.8), facecolors="none",
+                       edgecolors="#999999", linewidth=0.6)
+        for kind in dict.fromkeys(rt.kinds):
+            sel = rt.spans[rt.kinds == kind]
+            bars = list(zip(sel["start"] - t0, np.maximum(sel["end"] - sel["start"], 0.0)))
+            ax.broken_barh(bars, (y - 0.35, 0.7), facecolors=KIND_COLORS.get(kind, OTHER_KIND_COLOR),
+                           linewidth=0)
+            used.add(kind)
+        # chapter boundaries: where this rank starts its work of each chapter
+        chapter_spans = rt.spans[rt.spans["chapter"] >= 0]
+        starts: dict[int, float] = {}
+        for c, s in zip(chapter_spans["chapter"], chapter_spans["start"]):
+            starts[int(c)] = min(starts.get(int(c), math.inf), float(s))
+        step = max(1, math.ceil(len(starts) / 20))
+        for i, (c, s) in enumerate(sorted(starts.items())):
+            ax.vlines(s - t0, y - 0.45, y + 0.45, colors="black", linewidth=0.5)
+            if i % step == 0:
+                ax.text(s - t0, y + 0.42, f"c{c}", fontsize=6, va="bottom", ha="left")
+    ax.set_yticks(range(n), [f"rank {n - 1 - i}" for i in range(n)])
+    ax.set_ylim(-0.6, n - 0.2)
+    ax.set_xlim(0, max(run.wall, 1e-9))
+    ax.set_xlabel("time since the first rank started (s); ticks c<N>: chapter N begins")
+    ax.set_title(f"{run.name}: timeline")
+    kinds = [k for k in trace_mod.SPAN_KINDS if k in used] + sorted(used - set(trace_mod.SPAN_KINDS))
+    ax.legend(handles=[Patch(color=KIND_COLORS.get(k, OTHER_KIND_COLOR), label=k) for k in kinds],
+              loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8)
+    fig.savefig(path, dpi=110)
+
+
+def plot_breakdown(s: RunSummary, path: str) -> None:
+    fig = _figure(max(4, 1.2 * len(s.ranks) + 2.5), 4)
+    ax = fig.add_subplot()
+    x = np.arange(len(s.ranks))
+    bottom = np.zeros(len(s.ranks))
+    for c in CATEGORIES:
+        values = np.array([r.seconds[c] for r in s.ranks])
+        if c == "other":  # show the untraced part of "other" apart: it counts as idle
+            untraced = np.array([r.uncovered for r in s.ranks])
+            ax.bar(x, values - untraced, bottom=bottom, color=CATEGORY_COLORS[c], label="other (spans)")
+            ax.bar(x, untraced, bottom=bottom + values - untraced, color="#e0e0e0", hatch="//",
+                   edgecolor="#9e9e9e", linewidth=0, label="other (untraced)")
+        else:
+            ax.bar(x, values, bottom=bottom, color=CATEGORY_COLORS[c], label=c)
+        bottom += values
+    ax.set_xticks(x, [f"rank {r.rank}\n{_pct(r.bubble)} bubble" for r in s.ranks])
+    ax.set_ylabel("seconds")
+    ax.set_title(f"{s.name}: time per rank")
+    ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8)
+    fig.savefig(path, dpi=110)
+
+
+def plot_accuracy(summaries: list[RunSummary], path: str) -> None:
+    fig = _figure(7, 4)
+    ax = fig.add_subplot()
+    plotted = False
+    for s in summaries:
+        if s.accuracy_by_chapter:
+            chapters = list(s.accuracy_by_chapter)
+            ax.plot(chapters, [100.0 * v for v in s.accuracy_by_chapter.values()], marker=".", label=s.name)
+            plotted = True
+    if plotted:
+        ax.set_xlabel("chapter")
+        ax.set_ylabel("test accuracy (%)")
+        ax.grid(alpha=0.3)
+        if len(summaries) > 1:
+            ax.legend(fontsize=8)
+    else:
+        ax.text(0.5, 0.5, "no test accuracy recorded", ha="center", va="center", transform=ax.transAxes)
+    ax.set_title("test accuracy per chapter")
+    fig.savefig(path, dpi=110)
+
+
+def plot_comparison(summaries: list[RunSummary], path: str) -> None:
+    fig = _figure(max(7, 1.3 * len(summaries) + 3), 6)
+    ax_time, ax_bubble = fig.subplots(2, 1, sharex=True)
+    x = np.arange(len(summaries))
+    ax_time.bar(x, [s.wall for s in summaries], color="#1f77b4")
+    ax_time.set_ylabel("wall time (s)")
+    ax_time.set_title("runs compared")
+    measured = [100 * s.bubble_measured for s in summaries]
+    modelled = [100 * s.bubble_modelled if s.bubble_modelled is not None else 0.0 for s in summaries]
+    ax_bubble.bar(x - 0.2, measured, width=0.4, color="#d62728", label="measured")
+    ax_bubble.bar(x + 0.2, modelled, width=0.4, color="#ff9896", label="modelled")
+    ax_bubble.set_ylabel("bubble (%)")
+    ax_bubble.legend(fontsize=8)
+    ax_bubble.set_xticks(x, [f"{s.name}\n{s.setting('run', 'schedule')}, N={s.run.world_size}"
+                             for s in summaries], fontsize=8)
+    fig.savefig(path, dpi=110)
+
+
+def chrome_trace(run: Run) -> dict:
+    """Chrome trace event JSON: one process per rank, spans as complete ("X") events in µs."""
+    t0 = run.wall_start
+    events: list[dict] = []
+    for rt in run.ranks:
+        events.append({"name": "process_name", "ph": "M", "pid": rt.rank, "tid": 0,
+                       "args": {"name": f"rank {rt.rank} ({rt.host}, {rt.device})"}})
+        events.append({"name": "process_sort_index", "ph": "M", "pid": rt.rank, "tid": 0,
+                       "args": {"sort_index": rt.rank}})
+        for kind, span in zip(rt.kinds, rt.spans):
+            chapter, layer = int(span["chapter"]), int(span["layer"])
+            name = kind + (f" c{chapter}" if chapter >= 0 else "") + (f" L{layer}" if layer >= 0 else "")
+            events.append({
+                "name": name, "cat": KIND_CATEGORY.get(kind, "other"), "ph": "X",
+                "ts": round((float(span["start"]) - t0) * 1e6, 3),
+                "dur": round(max(float(span["end"] - span["start"]), 0.0) * 1e6, 3),
+                "pid": rt.rank, "tid": 0,
+                "args": {"chapter": chapter, "layer": layer, "bytes": int(span["bytes"]),
+                         "peer": int(span["peer"])},
+            })
+    return {"traceEvents": events, "displayTimeUnit": "ms",
+            "otherData": {"run": run.name, "time_base": "seconds since the first rank's wall_start"}}
+
+
+# ---------------------------------------------------------------- writing
+
+def run_markdown(s: RunSummary, baseline: RunSummary | None) -> str:
+    parts = [f"# mpff report: {s.name}", "", f"Run directory: `{os.path.abspath(s.run.path)}`", ""]
+    if s.notes:
+        parts += ["Notes:", ""] + [f"- {n}" for n in s.notes] + [""]
+    parts += ["## Summary", "", summary_table(s, baseline), ""]
+    if s.model_note:
+        parts += [f"Modelled bubble: {s.model_note}.", ""]
+    parts += [
+        "## Time per rank", "",
+        ("Percent of each rank's wall (wall_end - wall_start). compute = train, forward, negatives, "
+         "head; communication = send, recv; waiting = wait; evaluation = eval; other = checkpoint, "
+         "io, setup and untraced time."), "",
+        breakdown_table(s), "", "![time per rank](breakdown.png)", "",
+        "## Bubble", "",
+        ("Idle = waiting + untraced time; bubble = idle / wall. The overall row uses the run's wall "
+         "(first start to last end) for every rank."), "",
+        bubble_table(s), "",
+        "## Bytes moved", "", bytes_table(s), "",
+        "## Peak memory", "", memory_table(s), "",
+        "## Timeline", "", "![timeline](timeline.png)", "",
+        "Open `trace.json` in https://ui.perfetto.dev or chrome://tracing for a zoomable timeline.", "",
+        "## Test accuracy per chapter", "", "![accuracy](accuracy.png)", "",
+        accuracy_table(s) if s.accuracy_by_chapter else "No test accuracy was recorded.", "",
+    ]
+    return "\n".join(parts)
+
+
+def write_run_report(s: RunSummary, out: str, baseline: RunSummary | None) -> None:
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "report.md"), "w", encoding="utf-8") as fh:
+        fh.write(run_markdown(s, baseline))
+    with open(os.path.join(out, "trace.json"), "w", encoding="utf-8") as fh:
+        json.dump(chrome_trace(s.run), fh)
+    plot_timeline(s.run, os.path.join(out, "timeline.png"))
+    plot_breakdown(s, os.path.join(out, "breakdown.png"))
+    plot_accuracy([s], os.path.join(out, "accuracy.png"))
+
+
+def _subdir_names(summaries: list[RunSummary]) -> list[str]:
+    names: list[str] = []
+    for s in summaries:
+        name, i = s.name, 2
+        while name in names:
+            name, i = f"{s.name}-{i}", i + 1
+        names.append(name)
+    return names
+
+
+def default_out(run_dirs: list[str]) -> str:
+    if len(run_dirs) == 1:
+        return os.path.join(run_dirs[0], "report")
+    return os.path.join(os.path.dirname(os.path.abspath(run_dirs[0])), "comparison-report")
+
+
+def run_report(run_dirs: list[str] | str, baseline: str | None = None, out: str | None = None, *,
+               simulate: Simulator | None = None, stream: TextIO | None = None) -> str:
+    """Analyse the runs, write the report, print its tables; returns the output directory."""
+    run_dirs = [run_dirs] if isinstance(run_dirs, str) else list(run_dirs)
+    if not run_dirs:
+        raise ConfigError("name at least one run directory to report")
+    stream = stream if stream is not None else sys.stdout
+    summaries = [analyze_run(d, simulate) for d in run_dirs]
+    base = analyze_run(baseline, simulate) if baseline else None
+    out = out or default_out(run_dirs)
+    try:
+        if len(summaries) == 1:
+            s = summaries[0]
+            write_run_report(s, out, base)
+            text = ["\n".join(f"note: {n}" for n in s.notes), summary_table(s, base),
+                    breakdown_table(s), bubble_table(s)]
+        else:
+            baselines = pick_baselines(summaries, base)
+            for s, b, sub in zip(summaries, baselines, _subdir_names(summaries)):
+                write_run_report(s, os.path.join(out, sub), b)
+            table = comparison_table(summaries, baselines)
+            lines = ["# mpff comparison report", "",
+                     "Runs: " + ", ".join(f"[{s.name}]({sub}/report.md)"
+                                         for s, sub in zip(summaries, _subdir_names(summaries))), ""]
+            if base is not None:
+                lines += [(f"Speedup and efficiency against the baseline `{base.name}` "
+                           f"({_sec(base.wall)} s, {base.run.world_size} rank(s))."), ""]
+            else:
+                lines += [("Speedup and efficiency against the Sequential run of the same negatives, "
+                           "classifier, epochs and chapters, where one is listed (pass --baseline to "
+                           "choose one)."), ""]
+            notes = [f"{s.name}: {n}" for s in summaries for n in s.notes]
+            if notes:
+                lines += ["Notes:", ""] + [f"- {n}" for n in notes] + [""]
+            lines += [table, "", "![comparison](comparison.png)", "", "![accuracy](accuracy.png)", ""]
+            os.makedirs(out, exist_ok=True)
+            with open(os.path.join(out, "report.md"), "w", encoding="utf-8") as fh:
+                fh.write("\n".join(lines))
+            plot_comparison(summaries, os.path.join(out, "comparison.png"))
+            plot_accuracy(summaries, os.path.join(out, "accuracy.png"))
+            text = ["\n".join(f"note: {n}" for n in notes), table]
+    except OSError as exc:
+        raise ConfigError(f"cannot write the report to {out} ({_one_line(exc)}); "
+                          "choose another directory with --out") from None
+    for block in text:
+        if block:
+            print(block + "\n", file=stream)
+    print(f"report written to {os.path.join(out, 'report.md')}", file=stream)
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mpff report",
+        description="Time breakdown, pipeline bubble, speedup, bytes, accuracy and timelines of "
+                    "finished (or killed) runs, from their HDF5 traces. Needs no MPI.")
+    parser.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories (mpff train --out)")
+    parser.add_argument("--baseline", metavar="RUN_DIR",
+                        help="run to measure speedup and parallel efficiency against")
+    parser.add_argument("--out", metavar="DIR",
+                        help="output directory (default: RUN_DIR/report for one run, "
+                             "comparison-report/ beside the first run for several)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``mpff report`` (argv excludes the word 'report'); returns the exit code."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # argparse has printed usage or help
+        return int(exc.code or 0)
+    try:
+        run_report(args.runs, baseline=args.baseline, out=args.out)
+    except ConfigError as exc:
+        print(f"mpff report: error: {_one_line(exc)}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
