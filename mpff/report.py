@@ -334,9 +334,10 @@ def task_durations(run: Run) -> dict[tuple[str, int, int], float]:
     trained: dict[tuple[int, int], list[int]] = {}
     for rt in run.ranks:
         acc: dict[tuple[str, int, int], float] = {}
-        for kind, span in zip(rt.kinds, rt.spans):
-            c, k = int(span["chapter"]), int(span["layer"])
-            dur = max(float(span["end"] - span["start"]), 0.0)
+        for kind, c, k, start, end in zip(rt.kinds.tolist(), rt.spans["chapter"].tolist(),
+                                          rt.spans["layer"].tolist(), rt.spans["start"].tolist(),
+                                          rt.spans["end"].tolist()):
+            dur = max(end - start, 0.0)
             if kind in ("train", "forward") and c >= 0 and k >= 0:
                 key = ("train", c, k)
                 if kind == "train":

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
+import subprocess
+import sys
 
 import h5py
 import pytest
@@ -12,6 +15,9 @@ from mpff import report
 from mpff.config import Config, ConfigError
 from mpff.plan import SimResult, build_plan
 from mpff.trace import Tracer, trace_path
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MPIEXEC = os.path.join(os.path.dirname(sys.executable), "mpiexec")
 
 
 def make_config(schedule="single_layer", dims=(784, 8, 8, 8, 8), chapters=4, epochs=4,
@@ -316,3 +322,28 @@ def test_usage_errors_return_2(capsys):
     assert report.main([]) == 2
     assert "usage: mpff report" in capsys.readouterr().err
     assert report.main(["--help"]) == 0
+
+
+@pytest.mark.mpi
+@pytest.mark.skipif(not (os.path.exists(MPIEXEC) and importlib.util.find_spec("mpi4py")),
+                    reason="needs mpi4py and mpiexec beside the interpreter (pip install mpi4py mpich)")
+def test_real_two_rank_run_adds_up(tmp_path):
+    out = tmp_path / "run"
+    env = dict(os.environ, MPIR_CVAR_ENABLE_HEAVY_YIELD="1")  # 2 ranks may share fewer cores
+    subprocess.run(
+        [MPIEXEC, "-n", "2", sys.executable, "-m", "mpi4py", "-m", "mpff", "train",
+         "--config", os.path.join(ROOT, "configs", "tiny.toml"), "--set", "run.schedule=single_layer",
+         "--set", "run.report=false", "--out", str(out)],
+        check=True, cwd=ROOT, env=env, timeout=600, capture_output=True)
+    s = report.analyze_run(str(out))
+    assert [r.rank for r in s.ranks] == [0, 1]
+    for r in s.ranks:
+        assert r.wall > 0
+        assert sum(r.seconds.values()) == pytest.approx(r.wall, rel=0.01)
+        assert r.clipped <= 0.01 * r.wall, "spans overlap or lie outside the rank's wall"
+        assert r.seconds["compute"] > 0
+    assert s.bytes_sent == s.bytes_received > 0
+    assert s.bubble_modelled is not None and 0 <= s.bubble_modelled < 1
+    assert sorted(s.accuracy_by_chapter) == [0, 1, 2, 3]
+    assert report.main([str(out)]) == 0
+    assert (out / "report" / "trace.json").stat().st_size > 0
