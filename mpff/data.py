@@ -85,6 +85,11 @@ class Dataset:
     y_test: np.ndarray
     """int64, shape (M,)."""
     num_classes: int = NUM_CLASSES
+    input_mean: np.ndarray | None = None
+    """(D,) float32: a raw input v maps to (v / input_scale - input_mean) / input_std."""
+    input_std: np.ndarray | None = None
+    input_scale: float = 255.0
+    """255 for byte images, 1 for float inputs."""
 
     def __post_init__(self) -> None:  # internal invariants, not user errors
         for x, y in ((self.x_train, self.y_train), (self.x_test, self.y_test)):
@@ -446,6 +451,10 @@ def _normalise(raw: _Raw, method: str, name: str) -> Dataset:
                 y[:, block] = _lut(mean, std)[x[:, block]]
             out.append(y)
         xtr_n, xte_n = out
+        dim = xtr.shape[1]
+        mean_v = np.repeat([m for m, _ in stats], dim // 3).astype(np.float32)
+        std_v = np.repeat([_safe(s) for _, s in stats], dim // 3).astype(np.float32)
+        scale = 255.0
     else:
         uint8 = xtr.dtype == np.uint8
         if method == "mnist":
@@ -458,12 +467,18 @@ def _normalise(raw: _Raw, method: str, name: str) -> Dataset:
             mean, std = _float_stats(xtr)
         xtr_n = _apply_scalar(xtr, mean, std, uint8)
         xte_n = _apply_scalar(xte, mean, std, uint8)
+        mean_v = np.full(xtr.shape[1], mean, dtype=np.float32)
+        std_v = np.full(xtr.shape[1], _safe(std), dtype=np.float32)
+        scale = 255.0 if uint8 else 1.0
     return Dataset(
         name=name,
         x_train=xtr_n,
         y_train=np.ascontiguousarray(raw.y_train, dtype=np.int64),
         x_test=xte_n,
         y_test=np.ascontiguousarray(raw.y_test, dtype=np.int64),
+        input_mean=mean_v,
+        input_std=std_v,
+        input_scale=scale,
     )
 
 

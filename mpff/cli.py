@@ -1,0 +1,84 @@
+"""Command line: ``python -m mpff {train,report,info}``.
+
+    mpiexec -n 2 python -m mpi4py -m mpff train --config configs/workstation.toml [--set k=v] [--out DIR]
+    python -m mpff report RUN_DIR [RUN_DIR ...] [--baseline RUN_DIR]
+    mpiexec -n 2 python -m mpi4py -m mpff info
+
+A registry of subcommands, each ``fn(args, comm)``; user errors print one line (rank 0 only)
+and every rank exits with the same code, 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .config import ConfigError
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .train import run
+
+    return run(args)
+
+
+def cmd_report(argv: list[str]) -> int:
+    from . import report
+
+    return int(report.main(argv) or 0)
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    import h5py
+    import numpy
+    import torch
+
+    from . import __version__
+    from .comm import Comm, mpi_info
+
+    comm = Comm()
+    local_rank, local_size = comm.node_local_rank()
+    if torch.cuda.is_available():
+        n = torch.cuda.device_count()
+        device = f"cuda:{local_rank % n} ({torch.cuda.get_device_name(local_rank % n)})"
+    else:
+        device = "cpu"
+    info = mpi_info()
+    rows = comm.gather((comm.rank, info["host"], local_rank, device))
+    if comm.rank == 0:
+        print(f"mpff {__version__}")
+        print(f"python {sys.version.split()[0]}, torch {torch.__version__}, numpy {numpy.__version__}, "
+              f"h5py {h5py.__version__} (HDF5 {h5py.version.hdf5_version}), mpi4py {info['mpi4py']}")
+        print(f"MPI: {info['mpi_library']} (standard {info['mpi_standard']})")
+        print(f"CUDA available: {torch.cuda.is_available()}, GPUs visible: {torch.cuda.device_count()}, "
+              f"torch threads: {torch.get_num_threads()}")
+        print(f"world size: {comm.size}")
+        for rank, host, lr, dev in rows:
+            print(f"  rank {rank}: host {host}, node-local rank {lr}, device {dev}")
+    comm.free()
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .train import add_arguments
+
+    parser = argparse.ArgumentParser(prog="mpff", description="Pipeline Forward-Forward training over MPI")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("train", help="train a network (launch under mpiexec/srun via python -m mpi4py)")
+    add_arguments(p)
+    sub.add_parser("report", help="timing and bubble report of finished runs (no MPI needed)", add_help=False)
+    sub.add_parser("info", help="versions, devices and world size")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["report"]:
+        return cmd_report(argv[1:])  # report parses its own arguments, and needs no MPI
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return {"train": cmd_train, "info": cmd_info}[args.command](args)
+    except ConfigError as exc:  # user errors raised outside the collective validation
+        print(f"mpff {args.command}: error: {exc}", file=sys.stderr)
+        return 2

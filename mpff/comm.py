@@ -1,0 +1,136 @@
+"""MPI at the edge: the only module that imports mpi4py.
+
+Wraps a communicator handed in by the caller (``COMM_WORLD``, ``COMM_SELF`` or a ``Dup()``),
+never fetched from a global inside the library, so tests can run the same code on any
+communicator. Waiting is done by polling ``Test`` with a short sleep: MPICH busy-waits
+inside ``Wait``, which would steal the core a working rank needs when ranks outnumber cores.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from typing import Any
+
+import numpy as np
+from mpi4py import MPI
+
+#: Progress records (loss, accuracy, ...) travel to rank 0 on a communicator of their own,
+#: so their tags can never match a weight buffer's receive.
+PROGRESS_TAG = 7
+
+
+class Comm:
+    def __init__(self, comm: Any = None, poll_interval: float = 0.001) -> None:
+        self.world = comm if comm is not None else MPI.COMM_WORLD
+        self.data = self.world.Dup()      # weight, head and negatives buffers
+        self.progress = self.world.Dup()  # small records for rank 0's progress lines
+        self.rank = self.world.Get_rank()
+        self.size = self.world.Get_size()
+        self.poll_interval = poll_interval
+        attr = self.world.Get_attr(MPI.TAG_UB)
+        self.tag_ub = int(attr) if attr is not None else 32767
+
+    # ----- set-up helpers (blocking collectives are fine outside the training loop) -----
+    def node_local_rank(self) -> tuple[int, int]:
+        """(local rank, local size) among the ranks sharing this node's memory."""
+        local = self.world.Split_type(MPI.COMM_TYPE_SHARED, key=self.rank)
+        try:
+            return local.Get_rank(), local.Get_size()
+        finally:
+            local.Free()
+
+    def all_ok(self, ok: bool) -> bool:
+        return bool(self.world.allreduce(bool(ok), op=MPI.LAND))
+
+    def first_error(self, message: str | None) -> str | None:
+        """Every rank learns the first non-empty error message of any rank (by rank order)."""
+        messages = self.world.allgather(message)
+        return next((m for m in messages if m), None)
+
+    def bcast(self, obj: Any, root: int = 0) -> Any:
+        return self.world.bcast(obj, root=root)
+
+    def gather(self, obj: Any, root: int = 0) -> Any:
+        return self.world.gather(obj, root=root)
+
+    def barrier(self) -> None:
+        # a polling barrier: a plain Barrier busy-waits in MPICH
+        req = self.world.Ibarrier()
+        self.wait(req)
+
+    def clock_offset(self, rounds: int = 8) -> tuple[float, float]:
+        """(offset, t0): add ``offset`` to this rank's perf_counter to get rank 0's clock; t0 is
+        rank 0's perf_counter at the common start. Ping-pong with the lowest round-trip time."""
+        offset = 0.0
+        buf = np.zeros(1, dtype=np.float64)
+        for peer in range(1, self.size):
+            if self.rank == 0:
+                for _ in range(rounds):
+                    self.world.Recv(buf, source=peer, tag=1)
+                    buf[0] = time.perf_counter()
+                    self.world.Send(buf, dest=peer, tag=2)
+            elif self.rank == peer:
+                best = float("inf")
+                for _ in range(rounds):
+                    t1 = time.perf_counter()
+                    self.world.Send(buf, dest=0, tag=1)
+                    self.world.Recv(buf, source=0, tag=2)
+                    t2 = time.perf_counter()
+                    if t2 - t1 < best:
+                        best, offset = t2 - t1, float(buf[0]) - (t1 + t2) / 2
+        t0 = self.world.bcast(time.perf_counter() if self.rank == 0 else None, root=0)
+        return offset, t0
+
+    # ----- point to point, nonblocking -----
+    def isend(self, buf: np.ndarray, dest: int, tag: int) -> Any:
+        return self.data.Isend(buf, dest=dest, tag=tag % (self.tag_ub + 1))
+
+    def irecv(self, buf: np.ndarray, source: int, tag: int) -> Any:
+        return self.data.Irecv(buf, source=source, tag=tag % (self.tag_ub + 1))
+
+    @staticmethod
+    def test(req: Any) -> bool:
+        return bool(req.Test())
+
+    def wait(self, req: Any, on_idle=None) -> None:
+        """Wait for ``req`` without burning the CPU; ``on_idle`` runs between polls."""
+        while not req.Test():
+            if on_idle is not None:
+                on_idle()
+            time.sleep(self.poll_interval)
+
+    # ----- progress records to rank 0 -----
+    def send_progress(self, record: np.ndarray) -> Any:
+        return self.progress.Isend(record, dest=0, tag=PROGRESS_TAG)
+
+    def poll_progress(self) -> list[np.ndarray]:
+        """Rank 0: every progress record that has arrived."""
+        out = []
+        status = MPI.Status()
+        while self.progress.Iprobe(source=MPI.ANY_SOURCE, tag=PROGRESS_TAG, status=status):
+            rec = np.empty(status.Get_count(MPI.DOUBLE), dtype=np.float64)
+            self.progress.Recv(rec, source=status.Get_source(), tag=PROGRESS_TAG)
+            out.append(rec)
+        return out
+
+    def abort(self, code: int) -> None:
+        self.world.Abort(code)
+
+    def free(self) -> None:
+        for c in (self.data, self.progress):
+            try:
+                c.Free()
+            except Exception:  # pragma: no cover - already finalized
+                pass
+
+
+def mpi_info() -> dict[str, str]:
+    return {
+        "mpi4py": __import__("mpi4py").__version__,
+        "mpi_library": MPI.Get_library_version().strip().splitlines()[0],
+        "mpi_standard": "%d.%d" % MPI.Get_version(),
+        "host": socket.gethostname(),
+        "pid": str(os.getpid()),
+    }

@@ -1,0 +1,140 @@
+"""One Forward-Forward layer: normalise, linear, ReLU; goodness; loss; a chapter of training. No MPI.
+
+Locality is the point of FF: a layer's input is the *detached* output of the layer below,
+normalised to unit length so that only its direction (not the goodness the layer below
+already expressed) is passed on. No gradient ever crosses layers.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+#: Rows per chunk when pushing a whole data set through a layer. Fixed (not a function of
+#: the data size or the rank) so that every schedule computes bit-identical activations.
+FORWARD_CHUNK = 4096
+
+
+def seed_for(*parts: int) -> int:
+    """A 63-bit seed derived from integers (seed, chapter, layer, epoch, ...), stable across runs."""
+    h = 1469598103934665603
+    for p in parts:
+        h = ((h ^ (int(p) & 0xFFFFFFFFFFFFFFFF)) * 1099511628211) & 0xFFFFFFFFFFFFFFFF
+    return h & 0x7FFFFFFFFFFFFFFF
+
+
+def generator(*parts: int) -> torch.Generator:
+    g = torch.Generator()
+    g.manual_seed(seed_for(*parts))
+    return g
+
+
+def cooldown_lr(lr0: float, global_epoch: int, total_epochs: int) -> float:
+    """The paper's learning-rate cooldown: lr0 for the first half, then linear towards 0.
+
+    ``global_epoch`` is 1-based: e = chapter * C + mini_epoch + 1.
+    """
+    if global_epoch > total_epochs / 2:
+        return 2.0 * lr0 * (total_epochs - global_epoch) / total_epochs
+    return lr0
+
+
+class FFLayer(nn.Module):
+    """A fully connected FF layer with its own threshold and goodness."""
+
+    def __init__(self, in_features: int, out_features: int, *, threshold_coeff: float = 0.01,
+                 goodness: str = "mean", norm_eps: float = 1e-4, seed: int = 0) -> None:
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        self.threshold = threshold_coeff * out_features
+        self.goodness_kind = goodness
+        self.norm_eps = norm_eps
+        # PyTorch's default Linear init (uniform in +-1/sqrt(fan_in)), from a generator of our own
+        # so that every rank builds the same initial layer without communicating.
+        bound = 1.0 / math.sqrt(in_features)
+        g = generator(seed, 0xA11CE)  # callers pass a per-layer seed
+        self.weight = nn.Parameter(torch.empty(out_features, in_features).uniform_(-bound, bound, generator=g))
+        self.bias = nn.Parameter(torch.empty(out_features).uniform_(-bound, bound, generator=g))
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        return x / (x.norm(p=2, dim=1, keepdim=True) + self.norm_eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(F.linear(self.normalize(x), self.weight, self.bias))
+
+    def goodness(self, h: torch.Tensor) -> torch.Tensor:
+        sq = h.pow(2)
+        return sq.mean(dim=1) if self.goodness_kind == "mean" else sq.sum(dim=1)
+
+    def loss(self, g_pos: torch.Tensor, g_neg: torch.Tensor) -> torch.Tensor:
+        """softplus(cat([theta - g_pos, g_neg - theta])).mean(): -log sigmoid of being right."""
+        return F.softplus(torch.cat([self.threshold - g_pos, g_neg - self.threshold])).mean()
+
+    @torch.no_grad()
+    def forward_all(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """This layer's detached output for a whole data set, in fixed-size chunks."""
+        if out is None:
+            out = torch.empty(x.shape[0], self.out_features, dtype=x.dtype, device=x.device)
+        for i in range(0, x.shape[0], FORWARD_CHUNK):
+            out[i:i + FORWARD_CHUNK] = self(x[i:i + FORWARD_CHUNK])
+        return out
+
+    @torch.no_grad()
+    def normalize_all(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.empty_like(x)
+        for i in range(0, x.shape[0], FORWARD_CHUNK):
+            out[i:i + FORWARD_CHUNK] = self.normalize(x[i:i + FORWARD_CHUNK])
+        return out
+
+    def make_optimizer(self, lr: float) -> torch.optim.Adam:
+        # foreach=False: the single-tensor Adam is bit-for-bit the same on every rank and
+        # no slower for two parameters.
+        return torch.optim.Adam(self.parameters(), lr=lr, foreach=False)
+
+
+def train_epochs(layer: FFLayer, opt: torch.optim.Optimizer, x_pos: torch.Tensor,
+                 x_neg: torch.Tensor, *, batch_size: int, lrs: list[float],
+                 seeds: list[int]) -> float:
+    """Train ``layer`` for len(lrs) epochs on (x_pos, x_neg); returns the last epoch's mean loss.
+
+    ``x_pos`` and ``x_neg`` are the layer's inputs for the whole chapter, *already normalised*
+    (normalisation is row-wise, so doing it once per chapter equals doing it per batch).
+    Positives and negatives of a batch go through one matrix product; the batch buffer is
+    allocated once; the loss is accumulated on the device (no host sync per batch).
+    """
+    n = x_pos.shape[0]
+    device = x_pos.device
+    dim = x_pos.shape[1]
+    buf = torch.empty(2 * batch_size, dim, dtype=x_pos.dtype, device=device)
+    weight, bias, theta = layer.weight, layer.bias, layer.threshold
+    use_mean = layer.goodness_kind == "mean"
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    steps = 0
+    for lr, seed in zip(lrs, seeds):
+        for group in opt.param_groups:
+            group["lr"] = lr
+        # The shuffle is drawn on the CPU from a seed of (seed, chapter, layer, epoch), so it is
+        # the same on every rank and every device.
+        perm = torch.randperm(n, generator=generator(seed)).to(device)
+        total.zero_()
+        steps = 0
+        for i in range(0, n, batch_size):
+            idx = perm[i:i + batch_size]
+            b = idx.shape[0]
+            xb = buf[:2 * b]
+            torch.index_select(x_pos, 0, idx, out=xb[:b])
+            torch.index_select(x_neg, 0, idx, out=xb[b:])
+            h = F.relu(F.linear(xb, weight, bias))
+            sq = h.pow(2)
+            g = sq.mean(dim=1) if use_mean else sq.sum(dim=1)
+            loss = F.softplus(torch.cat([theta - g[:b], g[b:] - theta])).mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total += loss.detach()
+            steps += 1
+    return float(total.item()) / max(steps, 1)  # note: one host sync per task, not per batch

@@ -1,0 +1,180 @@
+"""The FF network: label overlay, the layer stack, goodness and softmax classifiers, negatives. No MPI.
+
+Both classifiers skip the first hidden layer (its goodness mostly tells whether a label is
+overlaid at all, not which). Labels are written over 10 input entries: the last 10 (the
+paper's author code) or the first 10 (Hinton, loeweX); a neutral sample has 0.1 in all 10.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .ff import FORWARD_CHUNK, FFLayer, generator, seed_for
+
+NUM_CLASSES = 10
+
+
+def label_slice(dim: int, position: str) -> slice:
+    return slice(dim - NUM_CLASSES, dim) if position == "last" else slice(0, NUM_CLASSES)
+
+
+def overlay(x: torch.Tensor, labels: torch.Tensor | None, position: str = "last",
+            neutral_value: float = 0.1, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Copy of ``x`` with a one-hot label (or the neutral value when labels is None) written in."""
+    out = x.clone() if out is None else out.copy_(x)
+    sl = label_slice(x.shape[1], position)
+    if labels is None:
+        out[:, sl] = neutral_value
+    else:
+        out[:, sl] = 0.0
+        cols = labels.to(device=x.device, dtype=torch.long) + sl.start
+        out[torch.arange(x.shape[0], device=x.device), cols] = 1.0
+    return out
+
+
+def wrong_label_offsets(n: int, *parts: int) -> np.ndarray:
+    """Offsets in 1..9 drawn from a seed; (y + offset) % 10 is a wrong label for any y.
+
+    Drawn for the whole training set from the seed alone, so every rank (and every shard)
+    gets the same draw without knowing the other ranks' labels.
+    """
+    g = generator(*parts)
+    return torch.randint(1, NUM_CLASSES, (n,), generator=g).numpy().astype(np.int64)
+
+
+def random_negatives(y: np.ndarray, indices: np.ndarray, n_total: int, *parts: int) -> np.ndarray:
+    """Wrong labels for the samples ``indices`` of a training set of ``n_total`` samples."""
+    off = wrong_label_offsets(n_total, *parts)[indices]
+    return (y + off) % NUM_CLASSES
+
+
+def hardest_wrong_label(scores: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Adaptive negatives: the most-predicted label that is not the true one (top-2 of scores)."""
+    top2 = scores.topk(2, dim=1).indices
+    return torch.where(top2[:, 0] == y, top2[:, 1], top2[:, 0])
+
+
+class FFNet(nn.Module):
+    """The stack of FF layers plus the optional softmax head (a bias-free Linear)."""
+
+    def __init__(self, dims: Sequence[int], *, threshold_coeff: float = 0.01, goodness: str = "mean",
+                 norm_eps: float = 1e-4, label_position: str = "last", neutral_value: float = 0.1,
+                 seed: int = 0) -> None:
+        super().__init__()
+        self.dims = tuple(int(d) for d in dims)
+        self.label_position = label_position
+        self.neutral_value = neutral_value
+        self.layers = nn.ModuleList(
+            FFLayer(self.dims[k], self.dims[k + 1], threshold_coeff=threshold_coeff, goodness=goodness,
+                    norm_eps=norm_eps, seed=seed_for(seed, k))
+            for k in range(len(self.dims) - 1)
+        )
+        head_in = sum(self.dims[2:]) if len(self.dims) > 2 else self.dims[-1]
+        self.head = nn.Linear(head_in, NUM_CLASSES, bias=False)
+        g = generator(seed, 0x4EAD)
+        bound = 1.0 / head_in ** 0.5
+        with torch.no_grad():
+            self.head.weight.uniform_(-bound, bound, generator=g)
+
+    @classmethod
+    def from_config(cls, cfg) -> "FFNet":
+        m = cfg.model
+        return cls(m.dims, threshold_coeff=m.threshold_coeff, goodness=m.goodness, norm_eps=m.norm_eps,
+                   label_position=m.label_position, neutral_value=m.neutral_value, seed=cfg.train.seed)
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    @property
+    def classifier_layers(self) -> range:
+        """Layers whose activity the classifiers use: all but the first (unless there is only one)."""
+        return range(1, self.num_layers) if self.num_layers > 1 else range(0, 1)
+
+    # ----- whole-data-set passes (chunked, no grad) -----
+    @torch.no_grad()
+    def activations(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Per-layer outputs for a chunk of inputs."""
+        acts = []
+        h = x
+        for layer in self.layers:
+            h = layer(h)
+            acts.append(h)
+        return acts
+
+    @torch.no_grad()
+    def goodness_scores(self, x: torch.Tensor) -> torch.Tensor:
+        """(n, 10): summed goodness of the classifier layers with each label overlaid."""
+        n = x.shape[0]
+        scores = torch.empty(n, NUM_CLASSES, dtype=torch.float32, device=x.device)
+        for i in range(0, n, FORWARD_CHUNK):
+            xc = x[i:i + FORWARD_CHUNK]
+            buf = torch.empty_like(xc)
+            for label in range(NUM_CLASSES):
+                labels = torch.full((xc.shape[0],), label, dtype=torch.long, device=x.device)
+                acts = self.activations(overlay(xc, labels, self.label_position, out=buf))
+                scores[i:i + FORWARD_CHUNK, label] = sum(
+                    self.layers[k].goodness(acts[k]) for k in self.classifier_layers)
+        return scores
+
+    @torch.no_grad()
+    def head_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Concatenated activity of the classifier layers on neutral samples."""
+        n = x.shape[0]
+        feats = torch.empty(n, self.head.in_features, dtype=torch.float32, device=x.device)
+        for i in range(0, n, FORWARD_CHUNK):
+            xc = overlay(x[i:i + FORWARD_CHUNK], None, self.label_position, self.neutral_value)
+            acts = self.activations(xc)
+            feats[i:i + FORWARD_CHUNK] = torch.cat([acts[k] for k in self.classifier_layers], dim=1)
+        return feats
+
+    @torch.no_grad()
+    def scores(self, x: torch.Tensor, method: str) -> torch.Tensor:
+        if method == "goodness":
+            return self.goodness_scores(x)
+        if method == "softmax":
+            return self.head(self.head_features(x))
+        raise ValueError(f"unknown classifier {method!r}: use 'goodness' or 'softmax'")
+
+    @torch.no_grad()
+    def predict(self, x: torch.Tensor, method: str = "goodness") -> torch.Tensor:
+        """Class predictions for *normalised* inputs (n, input_dim) with no label written in."""
+        return self.scores(x, method).argmax(dim=1)
+
+    @torch.no_grad()
+    def accuracy(self, x: torch.Tensor, y: torch.Tensor, method: str) -> float:
+        return float((self.predict(x, method) == y.to(x.device)).float().mean().item())
+
+    @torch.no_grad()
+    def adaptive_negatives(self, x: torch.Tensor, y: torch.Tensor, method: str) -> torch.Tensor:
+        """The most-predicted wrong label of each sample under the current network."""
+        return hardest_wrong_label(self.scores(x, method), y.to(x.device))
+
+
+def train_head(net: FFNet, opt: torch.optim.Optimizer, feats: torch.Tensor, y: torch.Tensor, *,
+               batch_size: int, lrs: list[float], seeds: list[int]) -> float:
+    """Train the softmax head (FF layers frozen: ``feats`` are detached) with cross-entropy."""
+    n = feats.shape[0]
+    y = y.to(feats.device)
+    total = torch.zeros((), dtype=torch.float64, device=feats.device)
+    steps = 0
+    for lr, seed in zip(lrs, seeds):
+        for group in opt.param_groups:
+            group["lr"] = lr
+        perm = torch.randperm(n, generator=generator(seed)).to(feats.device)
+        total.zero_()
+        steps = 0
+        for i in range(0, n, batch_size):
+            idx = perm[i:i + batch_size]
+            loss = F.cross_entropy(net.head(feats[idx]), y[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total += loss.detach()
+            steps += 1
+    return float(total.item()) / max(steps, 1)

@@ -1,0 +1,274 @@
+"""Pure scheduling: (configuration, world size) -> which rank runs which task, and what travels.
+
+Training is one task graph (SPEC section 2):
+
+- ``train(c, k)``: train layer k for the C epochs of chapter c. Needs layer k after chapter c-1
+  (its trainable state) and layers 0..k-1 after chapter c (to compute its inputs).
+- ``head(c)``: train the softmax head after chapter c (softmax classifier only).
+- ``negatives(c)``: adaptive negatives for chapter c+1+lag, from the network after chapter c.
+- ``eval(c)``: test accuracy after chapter c.
+- ``final``: write the model after the last chapter.
+
+A schedule is only an *assignment* of these tasks to ranks (:func:`assign`): one short
+function per variant. Everything else is derived here: each rank runs its tasks in the
+global topological order (so no schedule can deadlock), and every buffer produced on one
+rank and needed on another becomes one send and one matching receive. The engine executes
+a rank's list; the report simulates the same graph with measured task times to model the
+pipeline bubble.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Mapping
+
+import numpy as np
+
+from .config import Config, ConfigError
+
+
+@dataclass(frozen=True, order=True)
+class Task:
+    kind: str      # "train" | "head" | "negatives" | "eval" | "final"
+    chapter: int
+    layer: int = -1
+
+
+@dataclass(frozen=True, order=True)
+class Buf:
+    """A versioned piece of state: ("layer", k, c) is layer k after chapter c; ("head", -1, c);
+    ("neg", -1, c) is the negative labels *used in* chapter c."""
+    kind: str
+    index: int
+    chapter: int
+
+
+@dataclass(frozen=True)
+class Transfer:
+    buf: Buf
+    peer: int
+    full: bool      # also the optimizer state (exchange = "full" and the peer trains it next)
+    tag: int
+
+
+@dataclass
+class SimResult:
+    makespan: float
+    busy: list[float]
+    finish: dict[Task, float] = field(default_factory=dict)
+
+    @property
+    def bubble(self) -> float:
+        total = len(self.busy) * self.makespan
+        return 1.0 - sum(self.busy) / total if total > 0 else 0.0
+
+
+def layer_blocks(num_layers: int, world_size: int) -> list[int]:
+    """Single Layer ownership: layer k -> rank, contiguous blocks as equal as possible."""
+    if world_size > num_layers:
+        raise ConfigError(
+            f"single_layer needs at most one rank per layer: {world_size} ranks for {num_layers} "
+            f"layers; run with -n {num_layers} or fewer, or use all_layers"
+        )
+    bounds = np.array_split(np.arange(num_layers), world_size)
+    owner = [0] * num_layers
+    for rank, block in enumerate(bounds):
+        for k in block:
+            owner[int(k)] = rank
+    return owner
+
+
+def assign(schedule: str, task: Task, num_layers: int, num_chapters: int, world_size: int) -> int:
+    """The whole difference between the PFF variants: which rank runs ``task``."""
+    if schedule == "sequential":
+        return 0
+    if schedule == "single_layer":
+        owner = layer_blocks(num_layers, world_size)
+        # head, negatives, eval and the final model need the whole network of the chapter:
+        # they run where its last layer is trained.
+        return owner[task.layer if task.kind == "train" else num_layers - 1]
+    if schedule in ("all_layers", "federated"):
+        chapter = task.chapter if task.kind != "final" else num_chapters - 1
+        return chapter % world_size
+    raise ConfigError(f"unknown schedule {schedule!r}")  # pragma: no cover (validated in config)
+
+
+class Plan:
+    """The task graph of one run and its assignment to ``world_size`` ranks."""
+
+    def __init__(self, cfg: Config, world_size: int, start_chapter: int = 0) -> None:
+        self.cfg = cfg
+        self.world_size = world_size
+        self.schedule = cfg.run.schedule
+        self.num_layers = cfg.model.num_layers
+        self.num_chapters = cfg.train.chapters
+        self.start_chapter = start_chapter
+        self.softmax = cfg.train.classifier == "softmax"
+        self.adaptive = cfg.train.negatives == "adaptive"
+        self.lag = cfg.train.adaptive_lag
+        self.newest = self.adaptive and cfg.train.adaptive_mode == "newest"
+        self.full_exchange = cfg.run.exchange == "full"
+        self.shards = cfg.resolved_shards(world_size)
+        self._validate()
+
+        self.tasks: list[Task] = self._global_order()
+        self.rank_of: dict[Task, int] = {
+            t: assign(self.schedule, t, self.num_layers, self.num_chapters, world_size) for t in self.tasks
+        }
+        self.producer: dict[Buf, Task] = {}
+        for t in self.tasks:
+            for b in self.outputs(t):
+                self.producer[b] = t
+        self._derive_transfers()
+
+    # ----- the graph -----
+    def _validate(self) -> None:
+        n, s = self.world_size, self.schedule
+        if s == "sequential" and n != 1:
+            raise ConfigError(f"schedule 'sequential' runs on one rank, not {n}; use mpiexec -n 1 "
+                              "or choose single_layer, all_layers or federated")
+        if s == "single_layer":
+            layer_blocks(self.num_layers, n)
+        if s == "federated":
+            if self.shards != n:
+                raise ConfigError(f"federated needs one data shard per rank: data.shards = {self.shards} "
+                                  f"but {n} ranks; leave data.shards = 0")
+            if self.adaptive and (1 + self.lag) % n:
+                raise ConfigError(
+                    f"federated adaptive negatives are made by the rank that owns the shard: set "
+                    f"train.adaptive_lag to {n - 1} (a multiple of the ranks, minus one)")
+        if self.newest and s not in ("single_layer", "sequential"):
+            raise ConfigError("train.adaptive_mode = 'newest' is the paper's Single Layer behaviour; "
+                              "use it with schedule single_layer, or use 'lag'")
+        if not 0 <= self.start_chapter <= self.num_chapters:
+            raise ConfigError(f"cannot start at chapter {self.start_chapter} of {self.num_chapters}")
+
+    def _global_order(self) -> list[Task]:
+        tasks = []
+        last = self.num_chapters - 1
+        every = self.cfg.train.eval_every
+        for c in range(self.start_chapter, self.num_chapters):
+            tasks += [Task("train", c, k) for k in range(self.num_layers)]
+            if self.softmax:
+                tasks.append(Task("head", c))
+            if self.adaptive and c + 1 + self.lag < self.num_chapters:
+                tasks.append(Task("negatives", c))
+            if c == last or (every and (c + 1) % every == 0):
+                tasks.append(Task("eval", c))
+        if self.start_chapter < self.num_chapters or self.start_chapter == 0:
+            tasks.append(Task("final", last))
+        return tasks
+
+    def network(self, c: int) -> list[Buf]:
+        """Everything a whole-network task after chapter c needs."""
+        bufs = [Buf("layer", k, c) for k in range(self.num_layers)]
+        if self.softmax:
+            bufs.append(Buf("head", -1, c))
+        return bufs
+
+    def inputs(self, t: Task) -> list[tuple[Buf, bool]]:
+        """(buffer, trainable) pairs the task needs; trainable ones carry optimizer state when full."""
+        if t.kind == "train":
+            ins = [(Buf("layer", t.layer, t.chapter - 1), True)]
+            ins += [(Buf("layer", j, t.chapter), False) for j in range(t.layer)]
+            if self.adaptive and not self.newest and t.chapter > self.lag:
+                ins.append((Buf("neg", -1, t.chapter), False))
+            return ins
+        if t.kind == "head":
+            return ([(Buf("layer", k, t.chapter), False) for k in range(self.num_layers)]
+                    + [(Buf("head", -1, t.chapter - 1), True)])
+        return [(b, False) for b in self.network(t.chapter)]
+
+    def outputs(self, t: Task) -> list[Buf]:
+        if t.kind == "train":
+            return [Buf("layer", t.layer, t.chapter)]
+        if t.kind == "head":
+            return [Buf("head", -1, t.chapter)]
+        if t.kind == "negatives":
+            return [Buf("neg", -1, t.chapter + 1 + self.lag)]
+        return []
+
+    def is_initial(self, b: Buf) -> bool:
+        """Available on every rank without a message: initial state, or loaded from a checkpoint."""
+        return b not in self.producer
+
+    # ----- communication, derived -----
+    def tag(self, b: Buf) -> int:
+        slot = {"layer": b.index, "head": self.num_layers, "neg": self.num_layers + 1}[b.kind]
+        return (b.chapter + 1) * (self.num_layers + 2) + slot
+
+    def _derive_transfers(self) -> None:
+        self.sends: dict[Task, list[Transfer]] = {t: [] for t in self.tasks}
+        self.recvs: list[list[tuple[Task, Transfer]]] = [[] for _ in range(self.world_size)]
+        first_use: dict[tuple[Buf, int], Task] = {}
+        full_needed: dict[tuple[Buf, int], bool] = {}
+        for t in self.tasks:
+            r = self.rank_of[t]
+            ins = self.inputs(t)
+            if self.newest and t.kind == "train":
+                # newest mode: every rank that trains hears every negatives update, never waits
+                ins = ins + [(b, False) for b in self.producer if b.kind == "neg" and b.chapter > t.chapter]
+            for b, trainable in ins:
+                if self.is_initial(b) or self.rank_of[self.producer[b]] == r:
+                    continue
+                key = (b, r)
+                first_use.setdefault(key, t)
+                full_needed[key] = full_needed.get(key, False) or (trainable and self.full_exchange)
+        order = {t: i for i, t in enumerate(self.tasks)}
+        for (b, r), t in sorted(first_use.items(), key=lambda kv: (order[kv[1]], kv[0][0])):
+            src_task = self.producer[b]
+            src = self.rank_of[src_task]
+            full = full_needed[(b, r)]
+            self.sends[src_task].append(Transfer(b, r, full, self.tag(b)))
+            self.recvs[r].append((t, Transfer(b, src, full, self.tag(b))))
+
+    def rank_tasks(self, rank: int) -> list[Task]:
+        return [t for t in self.tasks if self.rank_of[t] == rank]
+
+    def final_rank(self) -> int:
+        return self.rank_of[Task("final", self.num_chapters - 1)]
+
+    def data_shard(self, chapter: int) -> int:
+        return chapter % self.shards
+
+    def describe(self) -> str:
+        """A few human-readable lines: who runs what."""
+        lines = []
+        for r in range(self.world_size):
+            counts: dict[str, int] = {}
+            for t in self.rank_tasks(r):
+                counts[t.kind] = counts.get(t.kind, 0) + 1
+            sends = sum(len(self.sends[t]) for t in self.rank_tasks(r))
+            lines.append(f"rank {r}: " + ", ".join(f"{v} {k}" for k, v in sorted(counts.items()))
+                         + f"; {sends} sends, {len(self.recvs[r])} receives")
+        return "\n".join(lines)
+
+    # ----- the bubble model -----
+    def simulate(self, durations: Mapping[tuple[str, int, int], float], latency: float = 0.0) -> SimResult:
+        """List-schedule the graph: each rank runs its tasks in order, a task starts when its rank
+        is free and every input has been produced (+ ``latency`` when it crosses ranks)."""
+        free = [0.0] * self.world_size
+        busy = [0.0] * self.world_size
+        finish: dict[Task, float] = {}
+        for t in self.tasks:  # the global order is a valid order for every rank
+            r = self.rank_of[t]
+            ready = free[r]
+            for b, _ in self.inputs(t):
+                if self.is_initial(b):
+                    continue
+                p = self.producer[b]
+                ready = max(ready, finish[p] + (latency if self.rank_of[p] != r else 0.0))
+            d = float(durations.get((t.kind, t.chapter, t.layer), 0.0))
+            finish[t] = ready + d
+            free[r] = finish[t]
+            busy[r] += d
+        return SimResult(makespan=max(free) if free else 0.0, busy=busy, finish=finish)
+
+
+def build_plan(cfg: Config, world_size: int, start_chapter: int = 0) -> Plan:
+    return Plan(cfg, world_size, start_chapter)
+
+
+def pipeline_bubble(num_chapters: int, num_stages: int) -> float:
+    """GPipe's (p-1)/(m+p-1) for equal stage times: Single Layer with L = N stages."""
+    return (num_stages - 1) / (num_chapters + num_stages - 1)

@@ -1,0 +1,289 @@
+"""``mpff train``: set up a run (validate, pick devices, load data, plan), run this rank's tasks, finish.
+
+Run it under MPI through mpi4py, so an exception on any rank aborts the whole job instead
+of leaving the others blocked in a receive::
+
+    mpiexec -n 2 python -m mpi4py -m mpff train --config configs/workstation.toml \\
+        --set run.schedule=single_layer --out outputs/ws-single
+
+Everything a user can get wrong is checked on every rank before any training starts; the
+first problem is printed once (by rank 0) as one line and every rank exits with code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import socket
+import sys
+import time
+import traceback
+
+import numpy as np
+import torch
+
+from .config import Config, ConfigError, load
+
+EXIT_USAGE = 2
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", "-c", help="TOML preset (configs/*.toml); defaults: the paper's settings")
+    p.add_argument("--set", "-s", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override one setting, e.g. --set train.epochs=4 (repeatable)")
+    p.add_argument("--out", "-o", help="run directory (default: outputs/<preset>-<schedule>-n<ranks>-<time>)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--force", action="store_true", help="replace a finished run in --out")
+    g.add_argument("--resume", action="store_true", help="continue the run in --out from its newest checkpoint")
+    p.add_argument("--quiet", "-q", action="store_true", help="no per-chapter progress lines")
+
+
+def pick_device(cfg: Config, local_rank: int) -> torch.device:
+    want = cfg.run.device
+    if want == "cpu" or (want == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise ConfigError("run.device = 'cuda' but torch sees no GPU; use run.device=cpu or a CUDA build of torch")
+    return torch.device("cuda", local_rank % torch.cuda.device_count())  # round robin per node
+
+
+def default_run_dir(cfg: Config, world_size: int) -> str:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    return os.path.join("outputs", f"{cfg.name}-{cfg.run.schedule}-n{world_size}-{stamp}")
+
+
+def read_status(run_dir: str) -> dict:
+    try:
+        with open(os.path.join(run_dir, "run.json")) as fh:
+            return json.load(fh)
+    except (OSError, ValueError):
+        return {}
+
+
+def write_json_atomic(path: str, data: dict) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as fh:
+        json.dump(data, fh, indent=2, sort_keys=True)
+        fh.write("\n")
+    os.replace(tmp, path)
+
+
+def check_run_dir(run_dir: str, force: bool, resume: bool) -> None:
+    """Rank 0: refuse to overwrite a finished run, or to resume nothing."""
+    status = read_status(run_dir).get("status")
+    if os.path.exists(run_dir) and not os.path.isdir(run_dir):
+        raise ConfigError(f"--out {run_dir!r} is a file, not a directory; choose another --out")
+    if status == "finished" and not (force or resume):
+        raise ConfigError(f"{run_dir!r} already holds a finished run; pass --force to replace it "
+                          "or choose another --out")
+    parent = os.path.dirname(os.path.abspath(run_dir))
+    probe = run_dir if os.path.isdir(run_dir) else parent
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    if not os.access(probe, os.W_OK):
+        raise ConfigError(f"cannot write to {run_dir!r} (no permission on {probe!r}); choose another --out")
+
+
+class Progress:
+    """Rank 0: collects (loss, accuracy) records from all ranks and prints one line per chapter."""
+
+    def __init__(self, cfg: Config, plan, start: float, quiet: bool = False) -> None:
+        self.cfg = cfg
+        self.num_layers = plan.num_layers
+        self.num_chapters = plan.num_chapters
+        self.first = plan.start_chapter
+        self.evals = {t.chapter for t in plan.tasks if t.kind == "eval"}
+        self.expected = sum(1 for t in plan.tasks if t.kind in ("train", "head", "eval"))
+        self.received = 0
+        self.losses: dict[int, dict[int, float]] = {}
+        self.acc: dict[int, float] = {}
+        self.next_to_print = plan.start_chapter
+        self.start = start
+        self.quiet = quiet
+
+    def __call__(self, rec: np.ndarray) -> None:
+        from .engine import REC_ACC, REC_LOSS
+        code, chapter, layer, value = float(rec[0]), int(rec[1]), int(rec[2]), float(rec[3])
+        self.received += 1
+        if code == REC_LOSS:
+            self.losses.setdefault(chapter, {})[layer] = value
+        elif code == REC_ACC:
+            self.acc[chapter] = value
+        self._print_ready()
+
+    def _print_ready(self) -> None:
+        while self.next_to_print < self.num_chapters:
+            c = self.next_to_print
+            if len(self.losses.get(c, {})) < self.num_layers or (c in self.evals and c not in self.acc):
+                return
+            elapsed = time.perf_counter() - self.start
+            done = c + 1 - self.first
+            eta = elapsed / done * (self.num_chapters - c - 1)
+            losses = " ".join(f"{self.losses[c][k]:.4f}" for k in range(self.num_layers))
+            acc = f"  test acc {100 * self.acc[c]:6.2f}%" if c in self.acc else ""
+            if not self.quiet:
+                print(f"chapter {c + 1:>4}/{self.num_chapters}  loss {losses}{acc}  "
+                      f"elapsed {elapsed:7.1f}s  eta {eta:7.1f}s", flush=True)
+            self.next_to_print += 1
+
+
+def run(args: argparse.Namespace, mpi_comm=None) -> int:
+    from .comm import Comm, mpi_info
+    from .data import load_dataset
+    from .engine import Engine, wait_all_progress
+    from .modelfile import host_facts, save_model, versions
+    from .plan import build_plan
+    from .trace import Tracer, trace_path
+
+    comm = Comm(mpi_comm)
+    rank, size = comm.rank, comm.size
+
+    # ----- validation, identical on every rank; the first error is printed once -----
+    error = None
+    cfg = plan = None
+    try:
+        cfg = load(args.config, args.overrides)
+        comm.poll_interval = cfg.run.poll_interval
+        plan = build_plan(cfg, size)
+    except ConfigError as exc:
+        error = str(exc)
+    error = comm.first_error(error)
+    run_dir = None
+    if error is None:
+        if rank == 0:
+            try:
+                run_dir = args.out or default_run_dir(cfg, size)
+                check_run_dir(run_dir, args.force, args.resume)
+                if args.resume:
+                    raise ConfigError("--resume needs checkpoints; this run has none (set run.checkpoint_every)")
+            except ConfigError as exc:
+                error = str(exc)
+        error, run_dir = comm.bcast((error, run_dir))
+    dataset = None
+    device = None
+    if error is None:
+        try:
+            if cfg.train.threads:
+                torch.set_num_threads(cfg.train.threads)
+            local_rank, _ = comm.node_local_rank()
+            device = pick_device(cfg, local_rank)
+            dataset = load_dataset(cfg.data)
+            if dataset.input_dim != cfg.model.dims[0]:
+                raise ConfigError(f"the data has {dataset.input_dim} inputs but model.dims[0] = "
+                                  f"{cfg.model.dims[0]}; set model.dims[0] = {dataset.input_dim}")
+            if cfg.resolved_shards(size) > dataset.x_train.shape[0]:
+                raise ConfigError("more data shards than training samples; use fewer ranks or more data")
+        except ConfigError as exc:
+            error = str(exc)
+        error = comm.first_error(error)
+    if error is not None:
+        if rank == 0:
+            print(f"mpff train: error: {error}", file=sys.stderr, flush=True)
+        comm.free()
+        return EXIT_USAGE
+
+    # ----- the run directory (rank 0 prepares it; everyone waits) -----
+    if rank == 0:
+        os.makedirs(run_dir, exist_ok=True)
+        if args.force:
+            for stale in ("trace", "report", "checkpoints", "model.h5", "failure.txt"):
+                path = os.path.join(run_dir, stale)
+                if os.path.isdir(path):
+                    shutil.rmtree(path)
+                elif os.path.exists(path):
+                    os.unlink(path)
+        with open(os.path.join(run_dir, "config.toml"), "w") as fh:
+            fh.write(cfg.to_toml())
+        write_json_atomic(os.path.join(run_dir, "run.json"), {
+            "status": "running", "world_size": size, "schedule": cfg.run.schedule,
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "config": cfg.to_dict()})
+    comm.barrier()
+
+    offset, t0 = comm.clock_offset()
+    meta = {"world_size": size, "host": socket.gethostname(), "device": str(device),
+            "schedule": cfg.run.schedule, "config": cfg.to_json(), "versions": versions(),
+            "mpi": mpi_info(), "torch_threads": torch.get_num_threads()}
+    tracer = Tracer(trace_path(run_dir, rank), rank, meta, clock_offset=offset, t0=t0,
+                    enabled=cfg.run.trace)
+    start = time.perf_counter()
+    if rank == 0:
+        mode = {"sequential": "sequential plan on rank 0"}.get(cfg.run.schedule, cfg.run.schedule)
+        print(f"mpff: {cfg.name}: {mode}, {size} rank(s), dims {list(cfg.model.dims)}, "
+              f"E={cfg.train.epochs} S={cfg.train.chapters}, {cfg.train.negatives} negatives, "
+              f"{cfg.train.classifier} classifier, {dataset.x_train.shape[0]} train / "
+              f"{dataset.x_test.shape[0]} test samples, device {device}", flush=True)
+        print(f"mpff: writing {run_dir}", flush=True)
+    progress = Progress(cfg, plan, start, quiet=args.quiet) if rank == 0 else None
+
+    def write_model(net) -> None:
+        acc = engine.result.test_accuracy.get(cfg.train.chapters - 1)
+        save_model(os.path.join(run_dir, "model.h5"), net, cfg, input_mean=dataset.input_mean,
+                   input_std=dataset.input_std, input_scale=dataset.input_scale, test_accuracy=acc,
+                   extra={"world_size": size, "schedule": cfg.run.schedule})
+
+    try:
+        engine = Engine(cfg, plan, comm if size > 1 else None, rank, dataset, tracer, device,
+                        on_progress=progress, write_model=write_model)
+        result = engine.run()
+        if rank == 0 and size > 1:
+            with tracer.span("wait", -1, -1):
+                wait_all_progress(comm, progress.expected - progress.received, progress, tracer,
+                                  cfg.run.poll_interval)
+        mem = _peak_memory(device)
+        for name, value in mem.items():
+            tracer.scalar(name, -1, -1, value)
+        tracer.set_attr("bytes_sent", result.bytes_sent)
+        tracer.set_attr("bytes_received", result.bytes_received)
+        tracer.close("finished")
+    except BaseException:
+        # leave a note in the run directory, then let mpi4py abort the job
+        with open(os.path.join(run_dir, f"failure-rank{rank}.txt"), "w") as fh:
+            fh.write(traceback.format_exc())
+        tracer.close("failed")
+        raise
+    wall = time.perf_counter() - start
+    stats = comm.gather({"rank": rank, "host": socket.gethostname(), "device": str(device),
+                         "bytes_sent": result.bytes_sent, "bytes_received": result.bytes_received,
+                         **mem})
+    comm.barrier()
+    code = 0
+    if rank == 0:
+        final_acc = progress.acc.get(cfg.train.chapters - 1)
+        summary = {
+            "status": "finished", "world_size": size, "schedule": cfg.run.schedule,
+            "test_accuracy": final_acc, "wall_time": wall,
+            "accuracy_per_chapter": {str(c): a for c, a in sorted(progress.acc.items())},
+            "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "ranks": stats,
+            "config": cfg.to_dict(), "versions": versions(), "host": host_facts(),
+        }
+        write_json_atomic(os.path.join(run_dir, "run.json"), summary)
+        acc_text = f"{100 * final_acc:.2f}%" if final_acc is not None else "n/a"
+        print(f"mpff: done in {wall:.1f}s: test accuracy {acc_text} ({cfg.train.classifier} classifier), "
+              f"model {os.path.join(run_dir, 'model.h5')}", flush=True)
+        if cfg.run.report and cfg.run.trace:
+            code = _write_report(run_dir)
+    comm.free()
+    return code
+
+
+def _write_report(run_dir: str) -> int:
+    try:
+        from . import report
+    except ImportError:  # pragma: no cover
+        return 0
+    try:
+        return int(report.main([run_dir]) or 0)
+    except Exception as exc:  # the run itself succeeded; a report bug must not hide that
+        print(f"mpff: the report failed ({exc.__class__.__name__}: {exc}); "
+              f"rerun: python -m mpff report {run_dir}", file=sys.stderr)
+        return 0
+
+
+def _peak_memory(device: torch.device) -> dict[str, float]:
+    import resource
+    out = {"peak_host_mem": float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024.0}
+    if device.type == "cuda":
+        out["peak_gpu_mem"] = float(torch.cuda.max_memory_allocated(device))
+    return out
