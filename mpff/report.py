@@ -204,8 +204,9 @@ def load_run(run_dir: str) -> Run:
             raise ConfigError(f"trace file {rt.path} says rank {rt.rank} of {rt.world_size}, "
                               f"expected rank {r} of {world_size}; the trace directory mixes runs")
         if rt.status != "finished":
-            notes.append(f"rank {r}'s trace has status {rt.status!r} (killed or still running): "
-                         f"it is reported up to its last flush, t = {rt.wall_end - first.wall_start:.1f} s.")
+            notes.append(f"rank {r}'s trace has status {rt.status!r} (the rank was killed, failed or "
+                         f"is still running): it is reported up to its last flush, "
+                         f"t = {rt.wall_end - first.wall_start:.1f} s.")
 
     config = first.config
     if config is None:
