@@ -765,12 +765,13 @@ def run_report(run_dirs: list[str] | str, baseline: str | None = None, out: str 
                     breakdown_table(s), bubble_table(s)]
         else:
             baselines = pick_baselines(summaries, base)
-            for s, b, sub in zip(summaries, baselines, _subdir_names(summaries)):
+            subdirs = _subdir_names(summaries)
+            for s, b, sub in zip(summaries, baselines, subdirs):
                 write_run_report(s, os.path.join(out, sub), b)
             table = comparison_table(summaries, baselines)
             lines = ["# mpff comparison report", "",
                      "Runs: " + ", ".join(f"[{s.name}]({sub}/report.md)"
-                                         for s, sub in zip(summaries, _subdir_names(summaries))), ""]
+                                         for s, sub in zip(summaries, subdirs)), ""]
             if base is not None:
                 lines += [(f"Speedup and efficiency against the baseline `{base.name}` "
                            f"({_sec(base.wall)} s, {base.run.world_size} rank(s))."), ""]
