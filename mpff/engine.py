@@ -27,6 +27,10 @@ REC_LOSS, REC_ACC, REC_HEAD_LOSS = 1.0, 2.0, 3.0
 FIXED_STREAM, RANDOM_STREAM, SHUFFLE_STREAM, HEAD_STREAM = 0xF1, 0xA4, 0x5F, 0x4E
 
 
+class Preempted(Exception):
+    """A stop was requested (SIGTERM / SIGUSR1); checkpoints of passed chapters are on disk."""
+
+
 @dataclass
 class _Recv:
     transfer: Transfer
@@ -51,7 +55,9 @@ class Engine:
                  device: torch.device, *, on_progress: Callable[[np.ndarray], None] | None = None,
                  write_model: Callable[[FFNet], None] | None = None,
                  initial_state: dict | None = None, window: int | None = None,
-                 on_chapter_end: Callable[[int], None] | None = None) -> None:
+                 on_chapter_end: Callable[[int], None] | None = None,
+                 checkpoint: Callable[[int, dict, dict, dict], None] | None = None,
+                 checkpoint_every: int = 0, should_stop: Callable[[], bool] | None = None) -> None:
         self.cfg = cfg
         self.plan = plan
         self.comm = comm
@@ -61,6 +67,10 @@ class Engine:
         self.on_progress = on_progress
         self.write_model = write_model
         self.on_chapter_end = on_chapter_end
+        self.checkpoint = checkpoint
+        self.checkpoint_every = checkpoint_every
+        self.should_stop = should_stop or (lambda: False)
+        self._boundary = plan.start_chapter - 1  # newest chapter boundary this rank has passed
         self.tasks = plan.rank_tasks(rank)
         self.window = window if window is not None else 2 * plan.num_layers + 6
         self.result = EngineResult()
@@ -202,10 +212,66 @@ class Engine:
         self.version[(b.kind, b.index)] = b.chapter
 
     def _load_initial(self, state: dict) -> None:
-        """Buffers from a checkpoint: {Buf: (flat array, full)} plus negatives {chapter: labels}."""
+        """State from a checkpoint: {"buffers": {Buf: (flat, full)}, "negatives": {chapter: labels},
+        "local_optimizer": {layer or -1: flat}}. With exchange = "weights" a rank keeps its own
+        optimizer state (when the checkpoint has it: same world size), else the producer's."""
+        local = state.get("local_optimizer", {})
         for b, (array, full) in state.get("buffers", {}).items():
             self._load_flat(b, array, full)
+            if not self.plan.full_exchange and b.index in local:
+                self._load_opt(b, local[b.index])
         self.neg_labels.update(state.get("negatives", {}))
+
+    def _opt_flat(self, b: Buf) -> np.ndarray | None:
+        """This rank's own Adam state of a layer (or the head) as one flat array, if any."""
+        module, opt = self._module(b)
+        params = list(module.parameters())
+        if not all(p in opt.state and opt.state[p] for p in params):
+            return None
+        st = [opt.state[p] for p in params]
+        parts = [st[0]["step"].reshape(1).cpu()] + [x["exp_avg"].reshape(-1).cpu() for x in st] \
+            + [x["exp_avg_sq"].reshape(-1).cpu() for x in st]
+        return torch.cat(parts).numpy()
+
+    def _load_opt(self, b: Buf, flat_np: np.ndarray) -> None:
+        module, opt = self._module(b)
+        params = list(module.parameters())
+        flat = torch.from_numpy(flat_np)
+        step, i, avgs = flat[0].clone(), 1, []
+        for p in params:
+            avgs.append(flat[i:i + p.numel()].view_as(p).to(self.device, copy=True))
+            i += p.numel()
+        for p, avg in zip(params, avgs):
+            sq = flat[i:i + p.numel()].view_as(p).to(self.device, copy=True)
+            i += p.numel()
+            opt.state[p] = {"step": step.clone(), "exp_avg": avg, "exp_avg_sq": sq}
+
+    # ------------------------------------------------------------------ checkpoints
+    def _pass_boundaries(self, upto: int) -> None:
+        """This rank has finished every task of chapters <= upto: write the checkpoints due."""
+        while self._boundary < upto:
+            self._boundary += 1
+            b = self._boundary
+            if (self.checkpoint is None or not self.checkpoint_every or b >= self.plan.num_chapters - 1
+                    or (b + 1) % self.checkpoint_every):
+                continue
+            with self.tracer.span("checkpoint", b, -1):
+                self.checkpoint(b, *self._checkpoint_state(b))
+
+    def _checkpoint_state(self, b: int):
+        buffers = {}
+        for buf in self.plan.network(b):
+            prod = self.plan.producer.get(buf)
+            if prod is not None and self.plan.rank_of[prod] == self.rank:
+                buffers[buf] = (self._pack(buf, True), True)
+        negatives = {c: labels for c, labels in self.neg_labels.items() if c > b}
+        local = {}
+        if not self.plan.full_exchange:
+            for buf in self.plan.network(b):
+                flat = self._opt_flat(buf)
+                if flat is not None:
+                    local[buf.index] = flat
+        return buffers, negatives, local
 
     def _post_recvs(self, upto: int) -> None:
         """Post receives for every buffer first needed by a task at position <= upto."""
@@ -216,6 +282,8 @@ class Engine:
             self._recvs[tr.buf] = _Recv(tr, array, self.comm.irecv(array, tr.peer, tr.tag))
 
     def _idle(self) -> None:
+        if self.should_stop():
+            raise Preempted()
         if self._sends:
             self._sends = [(r, a) for r, a in self._sends if not self.comm.test(r)]
         if self.on_progress is not None and self.rank == 0 and self.comm is not None:
@@ -266,10 +334,13 @@ class Engine:
     def run(self) -> EngineResult:
         last_chapter = None
         for pos, task in enumerate(self.tasks):
+            if self.should_stop():
+                raise Preempted()
             if self.comm is not None:
                 self._post_recvs(pos + self.window)
             if last_chapter is not None and task.chapter != last_chapter:
                 self._chapter_end(last_chapter)
+            self._pass_boundaries(task.chapter - 1)
             last_chapter = task.chapter
             for b, trainable in self.plan.inputs(task):
                 self._need(b, trainable, task.chapter, task.layer)
@@ -279,6 +350,7 @@ class Engine:
                 self._idle()
         if last_chapter is not None:
             self._chapter_end(last_chapter)
+        self._pass_boundaries(self.plan.num_chapters - 1)
         # drain: all our sends must complete before the buffers go away, and every posted
         # receive (newest-mode negatives may never have been needed) must be matched
         if self.comm is not None:

@@ -24,9 +24,67 @@ import traceback
 import numpy as np
 import torch
 
+from .checkpoint import complete_checkpoints, load_checkpoint
 from .config import Config, ConfigError, load
 
 EXIT_USAGE = 2
+#: Exit code of a run stopped by SIGTERM/SIGUSR1 after checkpointing (EX_TEMPFAIL: try again).
+EXIT_PREEMPTED = 75
+
+_stop_signal: list[int] = []
+
+
+def _install_signal_handlers() -> None:
+    """SLURM sends SIGUSR1 (with --signal) or SIGTERM before a time limit or preemption; mpiexec
+    forwards both. The handler only sets a flag: the engine stops between tasks or while waiting."""
+    import signal
+
+    def handler(signum, frame):  # noqa: ARG001
+        _stop_signal.append(signum)
+
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, handler)
+
+
+def stop_requested() -> bool:
+    return bool(_stop_signal)
+
+
+class RunLock:
+    """RUN_DIR/.lock holds 'host pid' of the job using the directory; a lock whose process is
+    gone (on this host) is stale and taken over."""
+
+    def __init__(self, run_dir: str) -> None:
+        self.path = os.path.join(run_dir, ".lock")
+
+    def holder(self) -> str | None:
+        try:
+            with open(self.path) as fh:
+                host, pid = fh.read().split()[:2]
+        except (OSError, ValueError):
+            return None
+        if host == socket.gethostname():
+            try:
+                os.kill(int(pid), 0)
+            except (ProcessLookupError, ValueError):
+                return None  # stale: that process is gone
+            except PermissionError:
+                pass
+        return f"pid {pid} on {host}"
+
+    def acquire(self) -> None:
+        holder = self.holder()
+        if holder is not None:
+            raise ConfigError(f"run directory {os.path.dirname(self.path)!r} is in use by another job "
+                              f"({holder}); wait for it, or remove {self.path!r} if that job is gone")
+        with open(self.path, "w") as fh:
+            fh.write(f"{socket.gethostname()} {os.getpid()}\n")
+
+    def release(self) -> None:
+        try:
+            os.unlink(self.path)
+        except OSError:
+            pass
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -71,8 +129,10 @@ def write_json_atomic(path: str, data: dict) -> None:
 
 
 def check_run_dir(run_dir: str, force: bool, resume: bool) -> None:
-    """Rank 0: refuse to overwrite a finished run, or to resume nothing."""
+    """Rank 0: refuse to overwrite a finished run, to resume nothing, or to share a directory."""
     status = read_status(run_dir).get("status")
+    if os.path.isdir(run_dir) and RunLock(run_dir).holder() is not None:
+        RunLock(run_dir).acquire()  # raises: in use
     if os.path.exists(run_dir) and not os.path.isdir(run_dir):
         raise ConfigError(f"--out {run_dir!r} is a file, not a directory; choose another --out")
     if status == "finished" and not (force or resume):
@@ -132,35 +192,58 @@ class Progress:
 def run(args: argparse.Namespace, mpi_comm=None) -> int:
     from .comm import Comm, mpi_info
     from .data import load_dataset
-    from .engine import Engine, wait_all_progress
+    from .checkpoint import load_checkpoint, write_rank_checkpoint
+    from .engine import Engine, Preempted, wait_all_progress
     from .modelfile import host_facts, save_model, versions
     from .plan import build_plan
     from .trace import Tracer, trace_path
 
+    _install_signal_handlers()  # first: a signal during start-up must not kill the rank
     comm = Comm(mpi_comm)
     rank, size = comm.rank, comm.size
 
     # ----- validation, identical on every rank; the first error is printed once -----
     error = None
     cfg = plan = None
+    run_dir = args.out
+    resume_from = None  # (chapter, world size that wrote it)
     try:
-        cfg = load(args.config, args.overrides)
+        config_path = args.config
+        if args.resume and not config_path:
+            if not run_dir:
+                raise ConfigError("--resume needs --out RUN_DIR (the run to continue)")
+            config_path = os.path.join(run_dir, "config.toml")
+        cfg = load(config_path, args.overrides)
         comm.poll_interval = cfg.run.poll_interval
         plan = build_plan(cfg, size)
     except ConfigError as exc:
         error = str(exc)
     error = comm.first_error(error)
-    run_dir = None
     if error is None:
         if rank == 0:
             try:
-                run_dir = args.out or default_run_dir(cfg, size)
+                run_dir = run_dir or default_run_dir(cfg, size)
                 check_run_dir(run_dir, args.force, args.resume)
                 if args.resume:
-                    raise ConfigError("--resume needs checkpoints; this run has none (set run.checkpoint_every)")
+                    resume_from = _find_resume_point(run_dir, cfg)
             except ConfigError as exc:
                 error = str(exc)
-        error, run_dir = comm.bcast((error, run_dir))
+        error, run_dir, resume_from = comm.bcast((error, run_dir, resume_from))
+    if error is None and resume_from is not None:
+        try:
+            if resume_from[0] == "finished":
+                plan = None
+            else:
+                plan = build_plan(cfg, size, start_chapter=resume_from[0] + 1)
+        except ConfigError as exc:
+            error = str(exc)
+        error = comm.first_error(error)
+    if error is None and plan is None:  # --resume of a finished run: nothing to do
+        if rank == 0:
+            print(f"mpff: {run_dir} already finished; nothing to resume", flush=True)
+        comm.free()
+        return 0
+    initial_state = None
     dataset = None
     device = None
     if error is None:
@@ -175,9 +258,20 @@ def run(args: argparse.Namespace, mpi_comm=None) -> int:
                                   f"{cfg.model.dims[0]}; set model.dims[0] = {dataset.input_dim}")
             if cfg.resolved_shards(size) > dataset.x_train.shape[0]:
                 raise ConfigError("more data shards than training samples; use fewer ranks or more data")
+            if resume_from is not None:
+                initial_state = load_checkpoint(run_dir, resume_from[0], rank, size)
         except ConfigError as exc:
             error = str(exc)
         error = comm.first_error(error)
+    if error is None and rank == 0:
+        try:
+            os.makedirs(run_dir, exist_ok=True)
+            RunLock(run_dir).acquire()
+        except ConfigError as exc:
+            error = str(exc)
+        except OSError as exc:
+            error = f"cannot create {run_dir!r} ({exc.strerror}); choose another --out"
+    error = comm.bcast(error)
     if error is not None:
         if rank == 0:
             print(f"mpff train: error: {error}", file=sys.stderr, flush=True)
@@ -186,7 +280,6 @@ def run(args: argparse.Namespace, mpi_comm=None) -> int:
 
     # ----- the run directory (rank 0 prepares it; everyone waits) -----
     if rank == 0:
-        os.makedirs(run_dir, exist_ok=True)
         if args.force:
             for stale in ("trace", "report", "checkpoints", "model.h5", "failure.txt"):
                 path = os.path.join(run_dir, stale)
@@ -194,11 +287,19 @@ def run(args: argparse.Namespace, mpi_comm=None) -> int:
                     shutil.rmtree(path)
                 elif os.path.exists(path):
                     os.unlink(path)
-        with open(os.path.join(run_dir, "config.toml"), "w") as fh:
-            fh.write(cfg.to_toml())
+        if resume_from is None:
+            with open(os.path.join(run_dir, "config.toml"), "w") as fh:
+                fh.write(cfg.to_toml())
+        else:  # keep the interrupted attempt's traces beside the new ones
+            old = os.path.join(run_dir, "trace")
+            if os.path.isdir(old):
+                os.replace(old, os.path.join(run_dir, f"trace-before-c{resume_from[0] + 1:05d}-{int(time.time())}"))
+        previous = read_status(run_dir)
         write_json_atomic(os.path.join(run_dir, "run.json"), {
             "status": "running", "world_size": size, "schedule": cfg.run.schedule,
-            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "config": cfg.to_dict()})
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "config": cfg.to_dict(),
+            "resumed_from_chapter": None if resume_from is None else resume_from[0] + 1,
+            "accuracy_per_chapter": previous.get("accuracy_per_chapter", {}) if resume_from else {}})
     comm.barrier()
 
     offset, t0 = comm.clock_offset()
@@ -215,6 +316,14 @@ def run(args: argparse.Namespace, mpi_comm=None) -> int:
               f"{cfg.train.classifier} classifier, {dataset.x_train.shape[0]} train / "
               f"{dataset.x_test.shape[0]} test samples, device {device}", flush=True)
         print(f"mpff: writing {run_dir}", flush=True)
+        if resume_from is not None:
+            note = ""
+            if resume_from[1] != size and cfg.run.exchange == "weights" and cfg.run.schedule != "single_layer":
+                note = (" (note: different rank count with exchange = 'weights': each layer continues "
+                        "with its last trainer's optimizer state, so results differ from an "
+                        "uninterrupted run)")
+            print(f"mpff: resuming after chapter {resume_from[0] + 1} from a {resume_from[1]}-rank "
+                  f"checkpoint{note}", flush=True)
     progress = Progress(cfg, plan, start, quiet=args.quiet) if rank == 0 else None
 
     def write_model(net) -> None:
@@ -223,9 +332,14 @@ def run(args: argparse.Namespace, mpi_comm=None) -> int:
                    input_std=dataset.input_std, input_scale=dataset.input_scale, test_accuracy=acc,
                    extra={"world_size": size, "schedule": cfg.run.schedule})
 
+    def checkpoint(chapter, buffers, negatives, local_opt):
+        write_rank_checkpoint(run_dir, chapter, rank, size, cfg.to_json(), buffers, negatives, local_opt)
+
     try:
         engine = Engine(cfg, plan, comm if size > 1 else None, rank, dataset, tracer, device,
-                        on_progress=progress, write_model=write_model)
+                        on_progress=progress, write_model=write_model, initial_state=initial_state,
+                        checkpoint=checkpoint, checkpoint_every=cfg.run.checkpoint_every,
+                        should_stop=stop_requested)
         result = engine.run()
         if rank == 0 and size > 1:
             with tracer.span("wait", -1, -1):
@@ -237,6 +351,8 @@ def run(args: argparse.Namespace, mpi_comm=None) -> int:
         tracer.set_attr("bytes_sent", result.bytes_sent)
         tracer.set_attr("bytes_received", result.bytes_received)
         tracer.close("finished")
+    except Preempted:
+        return _preempted(comm, tracer, run_dir, rank, cfg)
     except BaseException:
         # leave a note in the run directory, then let mpi4py abort the job
         with open(os.path.join(run_dir, f"failure-rank{rank}.txt"), "w") as fh:
@@ -258,7 +374,10 @@ def run(args: argparse.Namespace, mpi_comm=None) -> int:
             "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "ranks": stats,
             "config": cfg.to_dict(), "versions": versions(), "host": host_facts(),
         }
+        previous = read_status(run_dir).get("accuracy_per_chapter", {})
+        summary["accuracy_per_chapter"] = {**previous, **summary["accuracy_per_chapter"]}
         write_json_atomic(os.path.join(run_dir, "run.json"), summary)
+        RunLock(run_dir).release()
         acc_text = f"{100 * final_acc:.2f}%" if final_acc is not None else "n/a"
         print(f"mpff: done in {wall:.1f}s: test accuracy {acc_text} ({cfg.train.classifier} classifier), "
               f"model {os.path.join(run_dir, 'model.h5')}", flush=True)
@@ -266,6 +385,51 @@ def run(args: argparse.Namespace, mpi_comm=None) -> int:
             code = _write_report(run_dir)
     comm.free()
     return code
+
+
+def _find_resume_point(run_dir: str, cfg: Config) -> tuple:
+    """Rank 0: the newest complete checkpoint of run_dir, checked against the configuration."""
+    status = read_status(run_dir).get("status")
+    if status == "finished":
+        return ("finished", 0)
+    found = complete_checkpoints(run_dir)
+    if not found:
+        raise ConfigError(f"no complete checkpoint in {run_dir!r} to resume from (checkpoints are "
+                          "written with run.checkpoint_every > 0); run without --resume")
+    chapter, world = found[0]
+    state = load_checkpoint(run_dir, chapter, 0, world)  # validates every rank file
+    old = json.loads(state["config"])
+    new = cfg.to_dict()
+    for section in ("model", "train", "data"):
+        if old[section] != new[section]:
+            diff = sorted(k for k in new[section] if old[section].get(k) != new[section][k])
+            raise ConfigError(f"the checkpoint was made with different [{section}] settings "
+                              f"({', '.join(diff)}); resume with the run's own config.toml")
+    return (chapter, world)
+
+
+def _preempted(comm, tracer, run_dir: str, rank: int, cfg: Config) -> int:
+    """Stop requested: every passed chapter is checkpointed; wait (bounded) for the other ranks."""
+    tracer.close("preempted")
+    if rank == 0:
+        done = [c for c, _ in complete_checkpoints(run_dir)]
+        state = read_status(run_dir)
+        state.update(status="preempted", signal=_stop_signal[0] if _stop_signal else None,
+                     newest_complete_checkpoint=max(done) + 1 if done else None)
+        write_json_atomic(os.path.join(run_dir, "run.json"), state)
+        RunLock(run_dir).release()
+        print(f"mpff: stopped by signal {_stop_signal[0] if _stop_signal else '?'}; "
+              + (f"resume with --resume from after chapter {max(done) + 1}" if done else
+                 "no complete checkpoint yet (set run.checkpoint_every)"), flush=True)
+    # all ranks got the signal (SLURM and mpiexec signal every rank); give them time to reach
+    # this point, then leave. A rank that never comes is taken down by MPI_Abort.
+    req = comm.world.Ibarrier()
+    deadline = time.time() + 60
+    while not req.Test():
+        if time.time() > deadline:
+            comm.abort(EXIT_PREEMPTED)
+        time.sleep(0.01)
+    return EXIT_PREEMPTED
 
 
 def _write_report(run_dir: str) -> int:
