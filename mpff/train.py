@@ -336,10 +336,11 @@ def run(args: argparse.Namespace, mpi_comm=None) -> int:
         write_rank_checkpoint(run_dir, chapter, rank, size, cfg.to_json(), buffers, negatives, local_opt)
 
     try:
-        engine = Engine(cfg, plan, comm if size > 1 else None, rank, dataset, tracer, device,
-                        on_progress=progress, write_model=write_model, initial_state=initial_state,
-                        checkpoint=checkpoint, checkpoint_every=cfg.run.checkpoint_every,
-                        should_stop=stop_requested)
+        with tracer.span("setup"):  # model, optimizers (torch imports lazily here), data on device
+            engine = Engine(cfg, plan, comm if size > 1 else None, rank, dataset, tracer, device,
+                            on_progress=progress, write_model=write_model, initial_state=initial_state,
+                            checkpoint=checkpoint, checkpoint_every=cfg.run.checkpoint_every,
+                            should_stop=stop_requested)
         result = engine.run()
         if rank == 0 and size > 1:
             with tracer.span("wait", -1, -1):
