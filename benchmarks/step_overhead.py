@@ -16,7 +16,6 @@ import time
 
 import torch
 import torch.nn.functional as F
-
 from _common import median, write_result
 
 

@@ -130,7 +130,7 @@ def mpi_info() -> dict[str, str]:
     return {
         "mpi4py": __import__("mpi4py").__version__,
         "mpi_library": MPI.Get_library_version().strip().splitlines()[0],
-        "mpi_standard": "%d.%d" % MPI.Get_version(),
+        "mpi_standard": "{}.{}".format(*MPI.Get_version()),
         "host": socket.gethostname(),
         "pid": str(os.getpid()),
     }

@@ -213,7 +213,7 @@ class Config:
             lines.append("")
         return "\n".join(lines)
 
-    def replace(self, **sections: Any) -> "Config":
+    def replace(self, **sections: Any) -> Config:
         """Copy with some fields of some sections changed: replace(run={'schedule': 'x'})."""
         kwargs = {}
         for name, changes in sections.items():

@@ -9,8 +9,8 @@ only when its next task needs a buffer that has not arrived; that wait is record
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import numpy as np
 import torch
@@ -306,7 +306,7 @@ class Engine:
                 self.comm.wait(rv.req, on_idle=self._idle)
         self._unpack(b)
         if not self.plan.newest:
-            del self._recvs[b]  # free the receive buffer; the model holds the values now  # free the receive buffer; the module holds the values now
+            del self._recvs[b]  # free the receive buffer; the model holds the values now
 
     def _publish(self, task: Task) -> None:
         for tr in self.plan.sends[task]:
@@ -355,7 +355,7 @@ class Engine:
         # receive (newest-mode negatives may never have been needed) must be matched
         if self.comm is not None:
             self._post_recvs(len(self.tasks) + 1)
-            for b, rv in list(self._recvs.items()):
+            for rv in list(self._recvs.values()):
                 if not rv.unpacked and not self.comm.test(rv.req):
                     with self.tracer.span("wait", -1, -1, peer=rv.transfer.peer):
                         self.comm.wait(rv.req, on_idle=self._idle)

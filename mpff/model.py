@@ -7,7 +7,7 @@ paper's author code) or the first 10 (Hinton, loeweX); a neutral sample has 0.1 
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -82,7 +82,7 @@ class FFNet(nn.Module):
             self.head.weight.uniform_(-bound, bound, generator=g)
 
     @classmethod
-    def from_config(cls, cfg) -> "FFNet":
+    def from_config(cls, cfg) -> FFNet:
         m = cfg.model
         return cls(m.dims, threshold_coeff=m.threshold_coeff, goodness=m.goodness, norm_eps=m.norm_eps,
                    label_position=m.label_position, neutral_value=m.neutral_value, seed=cfg.train.seed)

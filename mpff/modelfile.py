@@ -80,7 +80,8 @@ def atomic_h5(path: str):
 
 
 def save_model(path: str, net: FFNet, cfg, *, input_mean: np.ndarray, input_std: np.ndarray,
-               input_scale: float = 255.0, test_accuracy: float | None = None, extra: dict[str, Any] | None = None) -> None:
+               input_scale: float = 255.0, test_accuracy: float | None = None,
+               extra: dict[str, Any] | None = None) -> None:
     with atomic_h5(path) as f:
         a = f.attrs
         a["format"] = FORMAT

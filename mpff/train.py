@@ -190,9 +190,9 @@ class Progress:
 
 
 def run(args: argparse.Namespace, mpi_comm=None) -> int:
+    from .checkpoint import load_checkpoint, write_rank_checkpoint
     from .comm import Comm, mpi_info
     from .data import load_dataset
-    from .checkpoint import load_checkpoint, write_rank_checkpoint
     from .engine import Engine, Preempted, wait_all_progress
     from .modelfile import host_facts, save_model, versions
     from .plan import build_plan
