@@ -131,7 +131,7 @@ def read_trace(path: str) -> RankTrace:
         raise ConfigError(f"trace file {path} is missing; the run did not finish writing its traces, "
                           "so rerun it (or report another run)")
     try:
-        with h5py.File(path, "r") as fh:
+        with h5py.File(path, "r", locking=False) as fh:  # readable while the run writes it
             attrs = fh.attrs
             if _attr_str(attrs, "format") != trace_mod.FORMAT:
                 raise ConfigError(f"{path} is not an mpff trace (attribute format is not "

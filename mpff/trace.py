@@ -63,10 +63,11 @@ class Tracer:
         self._file: h5py.File | None = None
         if self.enabled:
             os.makedirs(os.path.dirname(path), exist_ok=True)
+            # locking=False: users (and `mpff report`) may read a trace while the run writes it
             if append and os.path.exists(path):
-                self._file = h5py.File(path, "a")
+                self._file = h5py.File(path, "a", locking=False)
             else:
-                self._file = h5py.File(path, "w")
+                self._file = h5py.File(path, "w", locking=False)
                 self._file.create_dataset("spans", shape=(0,), maxshape=(None,),
                                           dtype=SPAN_DTYPE, chunks=(4096,))
                 self._file.create_dataset("scalars", shape=(0,), maxshape=(None,),
