@@ -77,6 +77,8 @@ SlurmctldHost=$host(127.0.0.1)
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
+# A requeued job waits cred_expire seconds before it may start again (default 120).
+AuthInfo=cred_expire=10
 CredType=cred/munge
 SlurmctldPort=6817
 SlurmctldPidFile=$dir/slurmctld.pid

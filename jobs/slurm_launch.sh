@@ -4,7 +4,8 @@
 # current SLURM allocation, one MPI rank per task.
 #
 #   srun --mpi=$MPFF_SRUN_MPI $MPFF_PYTHON -m mpi4py -m mpff train \
-#        --config $MPFF_CONFIG --out $MPFF_OUT [--resume|--force] "$@"
+#        --config $MPFF_CONFIG --set run.checkpoint_every=$MPFF_CHECKPOINT_EVERY \
+#        --out $MPFF_OUT [--resume|--force] "$@"
 #
 # Not meant to be called by hand: it expects to run inside a SLURM batch job, in
 # the repository (the sbatch scripts cd to $SLURM_SUBMIT_DIR first).
@@ -18,15 +19,20 @@
 #   MPFF_LAUNCHER     srun (default) or mpiexec, for sites whose MPI cannot be
 #                     started by srun: then `mpiexec -n $SLURM_NTASKS` is used, and
 #                     the site's mpiexec finds the allocation itself (Open MPI and
-#                     MPICH/Hydra both read SLURM's environment).
+#                     MPICH/Hydra both read SLURM's environment)
+#   MPFF_MPIEXEC      the mpiexec for MPFF_LAUNCHER=mpiexec (default: on PATH)
 #   MPFF_SRUN_MPI     srun's --mpi plugin (default pmi2: works with MPICH, Intel MPI
 #                     and the PyPI mpich; use pmix for Open MPI >= 5 / PMIx sites;
 #                     `srun --mpi=list` shows what the site offers)
 #   MPFF_SRUN_ARGS    extra srun arguments, word-split (e.g. "--cpu-bind=cores")
-#   MPFF_REQUEUE      1 (default): on the preemption/time-limit warning signal
-#                     (USR1, from #SBATCH --signal=B:USR1@120) requeue the job; it
-#                     restarts with --resume if the run has checkpoints
-#                     (run.checkpoint_every > 0), otherwise from scratch (--force)
+#   MPFF_CHECKPOINT_EVERY  checkpoint every N chapters (default 10; empty: leave
+#                     the preset's run.checkpoint_every alone). A later
+#                     --set run.checkpoint_every=N argument wins.
+#   MPFF_REQUEUE      1 (default): when the time-limit/preemption warning arrives
+#                     (USR1 from #SBATCH --signal=B:USR1@120) forward it to the
+#                     ranks, which checkpoint and stop (exit 75), then requeue the
+#                     job; the next attempt continues the same run directory with
+#                     --resume (or starts it over if there was no checkpoint yet)
 #   MPFF_MAX_REQUEUE  give up requeueing after this many restarts (default 3)
 #   MPFF_ARRAY_RUNS / MPFF_ARRAY_DIR   set by jobs/paper_sweep.sh: a ';'-separated
 #                     list "NAME k=v k=v;NAME k=v ..."; array task i trains entry i
@@ -71,15 +77,29 @@ else
   python=python3
 fi
 
-# Restarted (requeued after preemption, a node failure or our own USR1 trap):
+# One torch thread per CPU that SLURM gave the task (torch would otherwise use all
+# cores of the node in every rank). Checkpoints so that a requeued job resumes.
+# Explicit --set arguments come later and win.
+pre=()
+if [ -n "${SLURM_CPUS_PER_TASK:-}" ]; then
+  pre+=(--set "train.threads=$SLURM_CPUS_PER_TASK")
+fi
+if [ -n "${MPFF_CHECKPOINT_EVERY-10}" ]; then
+  pre+=(--set "run.checkpoint_every=${MPFF_CHECKPOINT_EVERY-10}")
+fi
+
+# Restarted (requeued after our own USR1 handling, a node failure or preemption):
 # continue from the newest checkpoint if there is one, else start the run over.
-mode=()
 restarts="${SLURM_RESTART_COUNT:-0}"
+mode=()
 case " $* " in
   *" --resume "* | *" --force "*) ;; # the user decides
   *)
     if [ "$restarts" -gt 0 ] && [ -f "$out/run.json" ]; then
-      if [ -d "$out/checkpoints" ] && [ -n "$(ls -A "$out/checkpoints" 2>/dev/null)" ]; then
+      # The earlier attempt is gone (SLURM ended it before requeueing): its lock
+      # is stale even if it was held on another node.
+      rm -f "$out/.lock"
+      if [ -n "$(ls -A "$out/checkpoints" 2>/dev/null)" ]; then
         mode=(--resume)
       else
         mode=(--force)
@@ -88,62 +108,70 @@ case " $* " in
     ;;
 esac
 
-# One thread per CPU that SLURM gave the task (torch would otherwise use all cores
-# of the node in every rank). An explicit --set train.threads=N wins (comes later).
-threads=()
-if [ -n "${SLURM_CPUS_PER_TASK:-}" ]; then
-  threads=(--set "train.threads=$SLURM_CPUS_PER_TASK")
-fi
+build() { # build the command line into cmd=() for the given --resume/--force mode
+  # (${a[@]+"${a[@]}"}: empty arrays are fine under set -u on old bash too)
+  local train=("$python" -m mpi4py -m mpff train --config "$config" ${pre[@]+"${pre[@]}"}
+    ${sets[@]+"${sets[@]}"} --out "$out" "$@" ${args[@]+"${args[@]}"})
+  case "${MPFF_LAUNCHER:-srun}" in
+    srun)
+      local extra=()
+      read -r -a extra <<<"${MPFF_SRUN_ARGS:-}"
+      cmd=(srun --mpi="${MPFF_SRUN_MPI:-pmi2}" --kill-on-bad-exit=1 ${extra[@]+"${extra[@]}"} "${train[@]}")
+      ;;
+    mpiexec)
+      cmd=("${MPFF_MPIEXEC:-mpiexec}" -n "${SLURM_NTASKS:?}" "${train[@]}")
+      ;;
+    *) die "MPFF_LAUNCHER must be srun or mpiexec, not '${MPFF_LAUNCHER}'" ;;
+  esac
+}
+args=("$@")
+cmd=()
+build ${mode[@]+"${mode[@]}"}
 
-# (${a[@]+"${a[@]}"}: empty arrays are fine under set -u on old bash too)
-train=("$python" -m mpi4py -m mpff train --config "$config" ${threads[@]+"${threads[@]}"}
-  ${sets[@]+"${sets[@]}"} --out "$out" ${mode[@]+"${mode[@]}"} "$@")
-
-launcher="${MPFF_LAUNCHER:-srun}"
-case "$launcher" in
-  srun)
-    read -r -a extra <<<"${MPFF_SRUN_ARGS:-}"
-    cmd=(srun --mpi="${MPFF_SRUN_MPI:-pmi2}" --kill-on-bad-exit=1 ${extra[@]+"${extra[@]}"} "${train[@]}")
-    ;;
-  mpiexec)
-    cmd=("${MPFF_MPIEXEC:-mpiexec}" -n "${SLURM_NTASKS:?}" "${train[@]}")
-    ;;
-  *) die "MPFF_LAUNCHER must be srun or mpiexec, not '$launcher'" ;;
-esac
-
-say "job $job on ${SLURM_JOB_NUM_NODES:-?} node(s) [${SLURM_JOB_NODELIST:-?}], ${SLURM_NTASKS:-?} task(s), GPUs ${SLURM_GPUS_PER_TASK:-${SLURM_GPUS_ON_NODE:-none}} per task, restart $restarts"
-say "run directory $out"
-say "$(printf '%q ' "${cmd[@]}")"
-
-requeued=0
+warned=0
+pid=
 # shellcheck disable=SC2317  # called by the trap below
 on_warning() {
-  say "USR1: the job is about to reach its time limit or be preempted"
-  if [ "${MPFF_REQUEUE:-1}" = 1 ] && [ "$restarts" -lt "${MPFF_MAX_REQUEUE:-3}" ]; then
-    say "requeueing job ${SLURM_JOB_ID} (restart $((restarts + 1)) will continue in $out)"
-    if scontrol requeue "$SLURM_JOB_ID"; then
-      requeued=1
-    else
-      say "scontrol requeue failed; the run continues until SLURM stops it"
-    fi
-  else
-    say "not requeueing (MPFF_REQUEUE=${MPFF_REQUEUE:-1}, restart $restarts of ${MPFF_MAX_REQUEUE:-3})"
-  fi
+  warned=1
+  say "USR1 at $(date +%T): time limit or preemption is near; asking the ranks to checkpoint and stop"
+  [ -z "$pid" ] || kill -USR1 "$pid" 2>/dev/null || true
 }
 trap on_warning USR1
 
+run_step() {
+  say "$(printf '%q ' "${cmd[@]}")"
+  "${cmd[@]}" &
+  pid=$!
+  # `wait` returns early when a trapped signal arrives; keep waiting for the step.
+  while :; do
+    wait "$pid"
+    rc=$?
+    kill -0 "$pid" 2>/dev/null || break
+  done
+  pid=
+}
+
+say "job $job on ${SLURM_JOB_NUM_NODES:-?} node(s) [${SLURM_JOB_NODELIST:-?}], ${SLURM_NTASKS:-?} task(s), GPUs per task: ${SLURM_GPUS_PER_TASK:-none}, restart $restarts"
+say "run directory $out"
 start=$SECONDS
-"${cmd[@]}" &
-pid=$!
-# `wait` returns early when a trapped signal arrives; keep waiting for the step.
-while :; do
-  wait "$pid"
-  rc=$?
-  kill -0 "$pid" 2>/dev/null || break
-done
-if [ "$requeued" = 1 ]; then
-  say "requeued; this attempt ends here (exit $rc after $((SECONDS - start)) s)"
-  exit 0
+rc=0
+run_step
+if [ "$rc" = 2 ] && [ "${mode[*]:-}" = --resume ] && [ "$warned" = 0 ]; then
+  say "could not resume (exit 2); starting the run over"
+  build --force
+  run_step
 fi
 say "mpff train exited with $rc after $((SECONDS - start)) s"
+
+if [ "$warned" = 1 ] && [ "$rc" != 0 ]; then
+  if [ "${MPFF_REQUEUE:-1}" = 1 ] && [ "$restarts" -lt "${MPFF_MAX_REQUEUE:-3}" ]; then
+    say "requeueing job ${SLURM_JOB_ID}; restart $((restarts + 1)) continues in $out"
+    if scontrol requeue "$SLURM_JOB_ID"; then
+      exit 0
+    fi
+    say "scontrol requeue failed; resume by hand: MPFF_OUT=$out sbatch ... --resume"
+  else
+    say "not requeueing (MPFF_REQUEUE=${MPFF_REQUEUE:-1}, restart $restarts of at most ${MPFF_MAX_REQUEUE:-3}); resume by hand: MPFF_OUT=$out sbatch ... --resume"
+  fi
+fi
 exit "$rc"

@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# The test command (README): bash tests/run.sh [pytest arguments]
+#
+# Creates/updates .venv (jobs/setup_env.sh), then runs
+#   .venv/bin/python -m pytest -q tests "$@"
+# ("tests" is left out when an argument names a test file or directory, so
+# `bash tests/run.sh tests/test_slurm.py -k sweep` runs just that).
+# The SLURM tests (marker `slurm`) need a SLURM: `bash .ci/slurm.sh start` (root,
+# apt-get) brings up a throw-away one; without it they skip, or fail under CI=true.
+# Select them with `-m slurm`, leave them out with `-m "not slurm"`.
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$root"
+bash jobs/setup_env.sh
+default=(tests)
+for arg in "$@"; do
+  case "$arg" in
+    -*) ;;
+    *) if [ -e "${arg%%::*}" ]; then default=(); fi ;;
+  esac
+done
+exec "${MPFF_VENV:-$root/.venv}/bin/python" -m pytest -q ${default[@]+"${default[@]}"} "$@"
