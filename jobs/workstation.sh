@@ -36,6 +36,9 @@ case "$np" in
     exit 2
     ;;
 esac
+if [ ! -f "$config" ] && [ -f "$root/$config" ]; then
+  config="$root/$config" # MPFF_CONFIG=configs/tiny.toml from outside the repository
+fi
 if [ ! -f "$config" ]; then
   echo "workstation.sh: no preset '$config' (MPFF_CONFIG); presets are in $root/configs" >&2
   exit 2

@@ -308,12 +308,13 @@ def slurm_log(job_id: str) -> Path:
 
 @pytest.mark.slurm
 def test_single_node_job_as_written(cluster, tmp_path):
-    """The header unchanged: 1 node, 4 tasks, a (pretend) GPU per task; log in outputs/."""
-    run_dir = tmp_path / "run"
-    env = job_env(MPFF_OUT=str(run_dir))
+    """The header unchanged: 1 node, 4 tasks, a (pretend) GPU per task; the log and the run
+    directory where the script says: outputs/slurm-<jobid>.out and outputs/slurm-<jobid>/."""
+    env = job_env()
     job = sbatch(["jobs/slurm_single_node.sbatch", "--set", "run.schedule=all_layers",
                   "--set", "train.threads=1", "--set", "run.device=cpu"], env)
     log = slurm_log(job)
+    run_dir = ROOT / "outputs" / f"slurm-{job}"
     records = wait_for(job, log)
     assert_completed(records, log)
     rec = records[0]
@@ -325,6 +326,7 @@ def test_single_node_job_as_written(cluster, tmp_path):
     assert "srun --mpi=pmi2" in text
     assert re.search(r"^chapter +4/4 ", text, re.M), text  # rank 0's progress lines
     log.unlink()
+    shutil.rmtree(run_dir)
 
 
 @pytest.mark.slurm
