@@ -182,6 +182,9 @@ def _cluster_name() -> str | None:
     """ClusterName of the SLURM that answers, or None if none does."""
     if shutil.which("scontrol") is None:
         return None
+    conf = os.environ.get("SLURM_CONF", "/etc/slurm/slurm.conf")
+    if not os.path.exists(conf) and not os.path.exists("/etc/slurm-llnl/slurm.conf"):
+        return None  # no configuration: scontrol would only time out
     try:
         proc = _run(["scontrol", "show", "config"], timeout=20)
     except subprocess.TimeoutExpired:
@@ -304,6 +307,15 @@ def slurm_log(job_id: str) -> Path:
 
 
 # ----------------------------------------------------------------- jobs under SLURM
+
+
+@pytest.mark.slurm
+@pytest.mark.parametrize("name", sorted(EXPECTED_HEADERS))
+def test_sbatch_accepts_the_header_as_written(cluster, name):
+    """`sbatch --test-only`: SLURM parses the header and could place the job (GPUs included)."""
+    proc = _run(["sbatch", "--test-only", f"jobs/{name}"], cwd=ROOT, env=job_env(), timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert re.search(r"to start at .* using \d+ processors on nodes", proc.stderr), proc.stderr
 
 
 @pytest.mark.slurm
