@@ -343,19 +343,19 @@ def test_single_node_job_as_written(cluster, tmp_path):
 
 @pytest.mark.slurm
 def test_multi_node_job_on_a_cpu_only_request(cluster, tmp_path):
-    """Two nodes (two slurmd), 2 ranks each, no GPUs requested (SBATCH_GPUS_PER_TASK=0)."""
+    """Two nodes (two slurmd), a rank on each, no GPUs requested (SBATCH_GPUS_PER_TASK=0)."""
     run_dir = tmp_path / "run"
     env = job_env(MPFF_OUT=str(run_dir), SBATCH_GPUS_PER_TASK="0")
-    job = sbatch(["--ntasks-per-node=2", "jobs/slurm_multi_node.sbatch",
+    job = sbatch(["--ntasks-per-node=1", "jobs/slurm_multi_node.sbatch",
                   "--set", "run.schedule=all_layers", "--set", "train.threads=1"], env)
     log = slurm_log(job)
     records = wait_for(job, log)
     assert_completed(records, log)
     rec = records[0]
-    assert rec["NumNodes"] == "2" and rec["NumTasks"] == "4", rec
+    assert rec["NumNodes"] == "2" and rec["NumTasks"] == "2", rec
     assert rec["NodeList"] == "n[1-2]", rec
     assert not re.search(r"gpu:[1-9]", rec.get("TresPerTask", "")), rec  # gres:gpu:0 or nothing
-    assert_finished_run(run_dir, 4, "all_layers")
+    assert_finished_run(run_dir, 2, "all_layers")
     assert "on 2 node(s) [n[1-2]]" in log.read_text()
     log.unlink()
 
@@ -382,7 +382,7 @@ def test_mpiexec_fallback_across_nodes(cluster, tmp_path):
 def test_failed_training_fails_the_job(cluster, tmp_path):
     """Bad input: mpff exits 2, and so does the job (FAILED, exit code 2)."""
     env = job_env(MPFF_OUT=str(tmp_path / "run"), SBATCH_GPUS_PER_TASK="0")
-    job = sbatch(["--ntasks-per-node=2", "jobs/slurm_single_node.sbatch",
+    job = sbatch(["--ntasks-per-node=1", "jobs/slurm_single_node.sbatch",
                   "--set", "run.schedule=no_such_schedule"], env)
     log = slurm_log(job)
     rec = wait_for(job, log)[0]
