@@ -18,5 +18,5 @@ if [ ! -x "$venv/bin/python" ]; then
 fi
 echo "mpff: installing mpff and its dependencies (first run only; torch is large)" >&2
 "$venv/bin/python" -m pip install --quiet --disable-pip-version-check \
-  -c "$root/constraints.txt" -e "$root[mpi,test]"
+  -c "$root/constraints.txt" -e "${root}[mpi,test]"
 echo "$want" > "$stamp"
