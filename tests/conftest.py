@@ -1,0 +1,142 @@
+"""Shared test fixtures.
+
+Sections are self-contained; add new ones below rather than editing others.
+"""
+
+from __future__ import annotations
+
+# ----------------------------------------------------------------------------------------------
+# mpff command line runs (tests/test_config.py, test_model_io.py, test_e2e.py, test_mpi.py)
+# ----------------------------------------------------------------------------------------------
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+
+MPFF_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MPFF_PYTHON = sys.executable
+MPFF_MPIEXEC = os.path.join(os.path.dirname(sys.executable), "mpiexec")
+
+#: A network and data set small enough that a run is mostly process start-up.
+MPFF_TINY_SETTINGS = (
+    "model.dims=[784,16,16,16]",
+    "data.train_subset=300",
+    "data.test_subset=200",
+    "run.report=false",
+)
+
+
+def _mpff_register_markers(config) -> None:
+    config.addinivalue_line(
+        "markers", "mpi: launches mpiexec with several ranks (slow; deselect with -m 'not mpi')")
+
+
+def pytest_configure(config):
+    _mpff_register_markers(config)
+
+
+def mpff_env() -> dict[str, str]:
+    """Environment for subprocess runs: MPICH must not busy-wait (more ranks than cores)."""
+    env = dict(os.environ)
+    env["MPIR_CVAR_ENABLE_HEAVY_YIELD"] = "1"
+    env.setdefault("OMP_NUM_THREADS", "1")
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def mpff_command(args, ranks: int = 1, module: tuple[str, ...] = ("-m", "mpff")) -> list[str]:
+    """The command line of ``python -m mpff ARGS`` on ``ranks`` ranks (mpiexec when ranks > 1)."""
+    if ranks == 1:
+        return [MPFF_PYTHON, *module, *args]
+    return [MPFF_MPIEXEC, "-n", str(ranks), MPFF_PYTHON, "-m", "mpi4py", *module, *args]
+
+
+def tiny_train_args(out, *settings: str, config: str = "configs/tiny.toml", force: bool = True,
+                    tiny: bool = True) -> list[str]:
+    """``train`` arguments: the tiny preset, the tiny overrides, then ``settings`` (later wins)."""
+    args = ["train", "--config", config, "--out", str(out), "-q"]
+    for s in (MPFF_TINY_SETTINGS if tiny else ()) + tuple(settings):
+        args += ["--set", s]
+    if force:
+        args.append("--force")
+    return args
+
+
+def start_mpff(args, ranks: int = 1, module: tuple[str, ...] = ("-m", "mpff"),
+               **kwargs) -> subprocess.Popen:
+    """Start mpff (or, with ``module``, a script) in the background, in a session of its own, with
+    text pipes for stdout and stderr; for runs side by side. Finish it with :func:`finish_mpff`."""
+    kwargs.setdefault("start_new_session", True)
+    return subprocess.Popen(mpff_command(args, ranks, module), cwd=MPFF_ROOT, env=mpff_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
+
+
+def finish_mpff(proc: subprocess.Popen, timeout: float = 600) -> subprocess.CompletedProcess:
+    """Wait for a started run; past ``timeout`` kill its whole process group (mpiexec and every
+    rank) and fail the test."""
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        stdout, stderr = proc.communicate()
+        pytest.fail(f"{' '.join(map(str, proc.args))} still running after {timeout} s\n"
+                    f"stdout:\n{stdout[-3000:]}\nstderr:\n{stderr[-3000:]}")
+    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+
+
+def run_mpff(args, ranks: int = 1, timeout: float = 600, check: bool = False) -> subprocess.CompletedProcess:
+    """Run mpff as a subprocess in the repository root; ``check`` fails the test on a non-zero exit."""
+    proc = finish_mpff(start_mpff(args, ranks), timeout)
+    if check and proc.returncode != 0:
+        pytest.fail(f"mpff {' '.join(map(str, args))} on {ranks} rank(s) exited {proc.returncode}\n"
+                    f"stdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-3000:]}")
+    return proc
+
+
+@pytest.fixture(scope="session")
+def mpff_finish():
+    """The :func:`finish_mpff` helper."""
+    return finish_mpff
+
+
+@pytest.fixture(scope="session")
+def mpff_start():
+    """The :func:`start_mpff` helper."""
+    return start_mpff
+
+
+@pytest.fixture(scope="session")
+def mpff_run():
+    """The :func:`run_mpff` helper (conftest modules are not imported by the tests themselves)."""
+    return run_mpff
+
+
+@pytest.fixture(scope="session")
+def mpff_tiny_args():
+    """The :func:`tiny_train_args` helper."""
+    return tiny_train_args
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """A finished single-process run of the tiny network (fixed negatives, softmax head), shared."""
+    out = tmp_path_factory.mktemp("tiny") / "run"
+    run_mpff(tiny_train_args(out, "train.negatives=fixed", "train.classifier=softmax"), check=True)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# SLURM job scripts (tests/test_slurm.py): the `slurm` marker
+# ----------------------------------------------------------------------------------------------
+_pytest_configure_before_slurm = pytest_configure
+
+
+def pytest_configure(config):  # noqa: F811  (chains the hook above)
+    _pytest_configure_before_slurm(config)
+    config.addinivalue_line(
+        "markers", "slurm: submits the jobs/ scripts to a real (throw-away) SLURM; select with -m slurm")
