@@ -8,7 +8,7 @@ state), one thread per rank and the same seed. Each Sequential reference runs on
 Every rank of every launch spends several CPU seconds importing torch, so a default selection
 keeps the launches at 16: adaptive negatives on every (schedule, ranks) pair, fixed, random
 and softmax once or twice; ``MPFF_TEST_FULL_MATRIX=1`` runs the whole cross product
-(36 equivalence launches).
+(38 equivalence launches).
 """
 
 from __future__ import annotations
@@ -80,6 +80,7 @@ def _equivalence_cases() -> list[Case]:
         cases = [Case(s, n, neg) for neg in ("fixed", "random", "adaptive") for s, n in pipelines]
         cases += [Case("federated", n, neg) for neg in ("fixed", "random", "adaptive") for n in (2, 3)]
         cases += [Case(s, n, neg, "softmax") for neg in ("random", "adaptive") for s, n in pipelines]
+        cases += [Case("federated", n, "adaptive", "softmax") for n in (2, 3)]
         return cases
     # adaptive negatives (the demanding policy: negatives travel, made from a whole network) on
     # every pipeline shape; fixed and random once each (the weights-exchange tests below add
