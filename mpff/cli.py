@@ -11,6 +11,7 @@ and every rank exits with the same code, 2.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from .config import ConfigError
@@ -59,11 +60,31 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+class UsageError(Exception):
+    """A command-line mistake; printed once (rank 0) as one line, exit code 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # argparse would print usage on every rank and exit
+        raise UsageError(f"{message} (see {self.prog} --help)")
+
+
+def _rank() -> int:
+    """This process's MPI rank, without initialising MPI when it is not already in use."""
+    mpi = sys.modules.get("mpi4py.MPI")
+    if mpi is not None and mpi.Is_initialized():
+        return mpi.COMM_WORLD.Get_rank()
+    for var in ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK", "SLURM_PROCID"):
+        if os.environ.get(var, "").isdigit():
+            return int(os.environ[var])
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .train import add_arguments
 
-    parser = argparse.ArgumentParser(prog="mpff", description="Pipeline Forward-Forward training over MPI")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = _Parser(prog="mpff", description="Pipeline Forward-Forward training over MPI")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     p = sub.add_parser("train", help="train a network (launch under mpiexec/srun via python -m mpi4py)")
     add_arguments(p)
     sub.add_parser("report", help="timing and bubble report of finished runs (no MPI needed)", add_help=False)
@@ -76,7 +97,13 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["report"]:
         return cmd_report(argv[1:])  # report parses its own arguments, and needs no MPI
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except UsageError as exc:
+        if _rank() == 0:
+            command = argv[0] if argv and argv[0] in ("train", "info") else ""
+            print(f"mpff{' ' + command if command else ''}: error: {exc}", file=sys.stderr)
+        return 2
     try:
         return {"train": cmd_train, "info": cmd_info}[args.command](args)
     except ConfigError as exc:  # user errors raised outside the collective validation

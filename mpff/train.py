@@ -281,7 +281,9 @@ def run(args: argparse.Namespace, mpi_comm=None) -> int:
     # ----- the run directory (rank 0 prepares it; everyone waits) -----
     if rank == 0:
         if args.force:
-            for stale in ("trace", "report", "checkpoints", "model.h5", "failure.txt"):
+            stale_paths = ["trace", "report", "checkpoints", "model.h5"]
+            stale_paths += [n for n in os.listdir(run_dir) if n.startswith(("failure-rank", "trace-before-"))]
+            for stale in stale_paths:
                 path = os.path.join(run_dir, stale)
                 if os.path.isdir(path):
                     shutil.rmtree(path)
@@ -353,7 +355,7 @@ def run(args: argparse.Namespace, mpi_comm=None) -> int:
         tracer.set_attr("bytes_received", result.bytes_received)
         tracer.close("finished")
     except Preempted:
-        return _preempted(comm, tracer, run_dir, rank, cfg)
+        return _preempted(comm, tracer, run_dir, rank, progress)
     except BaseException:
         # leave a note in the run directory, then let mpi4py abort the job
         with open(os.path.join(run_dir, f"failure-rank{rank}.txt"), "w") as fh:
@@ -373,6 +375,7 @@ def run(args: argparse.Namespace, mpi_comm=None) -> int:
             "test_accuracy": final_acc, "wall_time": wall,
             "accuracy_per_chapter": {str(c): a for c, a in sorted(progress.acc.items())},
             "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "ranks": stats,
+            "resumed_from_chapter": None if resume_from is None else resume_from[0] + 1,
             "config": cfg.to_dict(), "versions": versions(), "host": host_facts(),
         }
         previous = read_status(run_dir).get("accuracy_per_chapter", {})
@@ -409,14 +412,18 @@ def _find_resume_point(run_dir: str, cfg: Config) -> tuple:
     return (chapter, world)
 
 
-def _preempted(comm, tracer, run_dir: str, rank: int, cfg: Config) -> int:
+def _preempted(comm, tracer, run_dir: str, rank: int, progress: Progress | None) -> int:
     """Stop requested: every passed chapter is checkpointed; wait (bounded) for the other ranks."""
     tracer.close("preempted")
     if rank == 0:
         done = [c for c, _ in complete_checkpoints(run_dir)]
         state = read_status(run_dir)
+        # keep the accuracy of every chapter evaluated so far (a resumed run carries it on)
+        acc = dict(state.get("accuracy_per_chapter", {}))
+        acc.update({str(c): a for c, a in sorted(progress.acc.items())} if progress else {})
         state.update(status="preempted", signal=_stop_signal[0] if _stop_signal else None,
-                     newest_complete_checkpoint=max(done) + 1 if done else None)
+                     newest_complete_checkpoint=max(done) + 1 if done else None,
+                     accuracy_per_chapter=acc)
         write_json_atomic(os.path.join(run_dir, "run.json"), state)
         RunLock(run_dir).release()
         print(f"mpff: stopped by signal {_stop_signal[0] if _stop_signal else '?'}; "

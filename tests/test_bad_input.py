@@ -130,11 +130,8 @@ CASES = [
     # ----- the command line itself (argparse)
     Case("force-and-resume", ("--force", "--resume"),
          "mpff train: error: argument --resume: not allowed with argument --force", usage=True),
-    Case("unknown-option-2-ranks", ("--epochs", "3"), "unrecognized arguments: --epochs 3", ranks=2,
-         marks=tuple(needs_mpi) + (pytest.mark.xfail(
-             strict=True, reason="bug: command-line (argparse) errors bypass the collective error "
-             "path: under mpiexec -n 2 every rank prints 'usage: ...' and 'mpff: error: unrecognized "
-             "arguments', i.e. 4 lines instead of one 'mpff train: error:' line printed once"),)),
+    Case("unknown-option-2-ranks", ("--epochs", "3"), "mpff train: error: unrecognized arguments: --epochs 3",
+         ranks=2, marks=tuple(needs_mpi)),
 ]
 
 #: The finished run the run-directory cases copy: 2 chapters, a checkpoint after the first.

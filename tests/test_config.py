@@ -260,8 +260,6 @@ def test_force_replaces_a_finished_run(forced_run):
     assert load(str(out / "config.toml")).train.seed == 5
 
 
-@pytest.mark.xfail(strict=True, reason="bug: mpff/train.py --force removes 'failure.txt' but failure "
-                                       "notes are written as 'failure-rank<N>.txt', so they survive")
 def test_force_removes_old_failure_notes(forced_run):
     out, proc, _ = forced_run
     assert proc.returncode == 0

@@ -382,9 +382,6 @@ def test_single_layer_refuses_more_ranks_than_layers(first_runs, work, tmp_path)
     assert tree_digest(run_dir) == before
 
 
-@pytest.mark.xfail(strict=True, reason="bug: a preempted run's run.json keeps accuracy_per_chapter = {} "
-                   "(train._preempted never records the accuracies of the chapters done), so the resumed "
-                   "run's run.json lacks every chapter up to the checkpoint it resumed from")
 def test_resumed_run_keeps_the_accuracy_of_every_chapter(resumed, reference_run):
     """The finished run.json of a stopped-and-resumed run lists the test accuracy of every
     chapter, equal (bit-identical runs) to the uninterrupted run's."""
