@@ -152,21 +152,17 @@ class Engine:
     def _pack(self, b: Buf, full: bool) -> np.ndarray:
         if b.kind == "neg":
             return np.ascontiguousarray(self.neg_labels[b.chapter], dtype=np.int64)
-        module, opt = self._module(b)
-        params = list(module.parameters())
+        module, _ = self._module(b)
         size, _ = self._buf_size(b, full)
         out = np.empty(size, dtype=np.float32)
         flat = torch.from_numpy(out)
         i = 0
-        tensors = [p.detach() for p in params]
-        if full:
-            states = [opt.state[p] for p in params]
-            tensors = tensors + [states[0]["step"].reshape(1)] + [s["exp_avg"] for s in states] \
-                + [s["exp_avg_sq"] for s in states]
-        for tensor in tensors:
-            n = tensor.numel()
-            flat[i:i + n] = tensor.reshape(-1).cpu()  # note: device-to-host copy on GPU
+        for p in module.parameters():
+            n = p.numel()
+            flat[i:i + n] = p.detach().reshape(-1).cpu()  # note: device-to-host copy on GPU
             i += n
+        if full:
+            flat[i:] = torch.from_numpy(self._opt_flat(b))
         return out
 
     def _module(self, b: Buf):
@@ -187,7 +183,8 @@ class Engine:
         rv.unpacked = True
 
     def _load_flat(self, b: Buf, array: np.ndarray, full: bool) -> None:
-        module, opt = self._module(b)
+        """Load a packed buffer: parameters, then (full) step, exp_avg..., exp_avg_sq... as _pack wrote."""
+        module, _ = self._module(b)
         params = list(module.parameters())
         flat = torch.from_numpy(array)
         i = 0
@@ -196,19 +193,8 @@ class Engine:
                 n = p.numel()
                 p.copy_(flat[i:i + n].view_as(p))
                 i += n
-            if full:
-                step = flat[i].clone()
-                i += 1
-                avgs = []
-                for p in params:
-                    n = p.numel()
-                    avgs.append(flat[i:i + n].view_as(p).to(self.device, copy=True))
-                    i += n
-                for p, avg in zip(params, avgs):
-                    n = p.numel()
-                    sq = flat[i:i + n].view_as(p).to(self.device, copy=True)
-                    i += n
-                    opt.state[p] = {"step": step.clone(), "exp_avg": avg, "exp_avg_sq": sq}
+        if full:
+            self._load_opt(b, array[i:])
         self.version[(b.kind, b.index)] = b.chapter
 
     def _load_initial(self, state: dict) -> None:
