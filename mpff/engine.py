@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from .config import Config
-from .ff import cooldown_lr, seed_for, train_epochs
+from .ff import cooldown_lr, make_adam, seed_for, train_epochs
 from .model import FFNet, overlay, random_negatives, train_head
 from .plan import Buf, Plan, Task, Transfer
 from .trace import Tracer
@@ -79,7 +79,7 @@ class Engine:
         self.C = t.epochs_per_chapter
         self.net = FFNet.from_config(cfg).to(device)
         self.opts = [layer.make_optimizer(t.lr) for layer in self.net.layers]
-        self.head_opt = torch.optim.Adam(self.net.head.parameters(), lr=t.head_lr, foreach=False)
+        self.head_opt = make_adam(self.net.head.parameters(), t.head_lr)
         self.version = {("layer", k): -1 for k in range(plan.num_layers)}
         self.version[("head", -1)] = -1
 
@@ -223,7 +223,10 @@ class Engine:
         module, opt = self._module(b)
         params = list(module.parameters())
         flat = torch.from_numpy(flat_np)
-        step, i, avgs = flat[0].clone(), 1, []
+        # fused Adam keeps `step` on the parameters' device, the single-tensor Adam on the CPU
+        fused = any(g.get("fused") for g in opt.param_groups)
+        step = flat[0].clone().to(params[0].device if fused else "cpu")
+        i, avgs = 1, []
         for p in params:
             avgs.append(flat[i:i + p.numel()].view_as(p).to(self.device, copy=True))
             i += p.numel()
