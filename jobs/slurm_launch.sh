@@ -25,7 +25,7 @@
 #                     and the PyPI mpich; use pmix for Open MPI >= 5 / PMIx sites;
 #                     `srun --mpi=list` shows what the site offers)
 #   MPFF_SRUN_ARGS    extra srun arguments, word-split (e.g. "--cpu-bind=cores")
-#   MPFF_CHECKPOINT_EVERY  checkpoint every N chapters (default 10; empty: leave
+#   MPFF_CHECKPOINT_EVERY  checkpoint every N chapters (default 1; empty: leave
 #                     the preset's run.checkpoint_every alone). A later
 #                     --set run.checkpoint_every=N argument wins.
 #   MPFF_REQUEUE      1 (default): when the time-limit/preemption warning arrives
@@ -84,8 +84,8 @@ pre=()
 if [ -n "${SLURM_CPUS_PER_TASK:-}" ]; then
   pre+=(--set "train.threads=$SLURM_CPUS_PER_TASK")
 fi
-if [ -n "${MPFF_CHECKPOINT_EVERY-10}" ]; then
-  pre+=(--set "run.checkpoint_every=${MPFF_CHECKPOINT_EVERY-10}")
+if [ -n "${MPFF_CHECKPOINT_EVERY-1}" ]; then
+  pre+=(--set "run.checkpoint_every=${MPFF_CHECKPOINT_EVERY-1}")
 fi
 
 # Restarted (requeued after our own USR1 handling, a node failure or preemption):
