@@ -45,6 +45,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
+    torch.set_flush_denormal(True)  # as mpff train does, for both loops
     from mpff.ff import FFLayer, train_epochs
 
     g = torch.Generator().manual_seed(0)

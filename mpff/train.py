@@ -250,6 +250,11 @@ def run(args: argparse.Namespace, mpi_comm=None) -> int:
         try:
             if cfg.train.threads:
                 torch.set_num_threads(cfg.train.threads)
+            # Dead ReLU units get exactly-zero gradients, so their Adam moments decay into the
+            # denormal range within an epoch, and x86 arithmetic on denormals is ~10x slower
+            # (measured: 8.9 ms vs 0.85 ms per Adam step for a 1000x1000 layer). Flush them to
+            # zero, as GPUs do; every rank does the same, so results stay reproducible.
+            torch.set_flush_denormal(True)
             local_rank, _ = comm.node_local_rank()
             device = pick_device(cfg, local_rank)
             dataset = load_dataset(cfg.data)
