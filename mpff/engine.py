@@ -55,7 +55,6 @@ class Engine:
                  device: torch.device, *, on_progress: Callable[[np.ndarray], None] | None = None,
                  write_model: Callable[[FFNet], None] | None = None,
                  initial_state: dict | None = None, window: int | None = None,
-                 on_chapter_end: Callable[[int], None] | None = None,
                  checkpoint: Callable[[int, dict, dict, dict], None] | None = None,
                  checkpoint_every: int = 0, should_stop: Callable[[], bool] | None = None) -> None:
         self.cfg = cfg
@@ -66,7 +65,6 @@ class Engine:
         self.device = device
         self.on_progress = on_progress
         self.write_model = write_model
-        self.on_chapter_end = on_chapter_end
         self.checkpoint = checkpoint
         self.checkpoint_every = checkpoint_every
         self.should_stop = should_stop or (lambda: False)
@@ -279,7 +277,7 @@ class Engine:
             for rec in self.comm.poll_progress():
                 self.on_progress(rec)
 
-    def _need(self, b: Buf, trainable: bool, chapter: int, layer: int) -> None:
+    def _need(self, b: Buf, chapter: int, layer: int) -> None:
         """Make buffer ``b`` current in the local model, waiting for it if it is remote."""
         if self.plan.is_initial(b):
             return
@@ -331,8 +329,8 @@ class Engine:
                 self._chapter_end(last_chapter)
             self._pass_boundaries(task.chapter - 1)
             last_chapter = task.chapter
-            for b, trainable in self.plan.inputs(task):
-                self._need(b, trainable, task.chapter, task.layer)
+            for b, _ in self.plan.inputs(task):
+                self._need(b, task.chapter, task.layer)
             getattr(self, f"_do_{task.kind}")(task)
             if self.comm is not None:
                 self._publish(task)
@@ -356,8 +354,6 @@ class Engine:
         return self.result
 
     def _chapter_end(self, chapter: int) -> None:
-        if self.on_chapter_end is not None:
-            self.on_chapter_end(chapter)
         self.tracer.flush()
 
     def _lrs_and_seeds(self, base_lr: float, chapter: int, stream: int, layer: int):
@@ -446,7 +442,7 @@ class Engine:
                 self.write_model(self.net)
 
 
-def wait_all_progress(comm, expected: int, on_progress, tracer: Tracer, poll: float) -> None:
+def wait_all_progress(comm, expected: int, on_progress, poll: float) -> None:
     """Rank 0 after its own tasks: collect the remaining progress records from other ranks."""
     got = 0
     while got < expected:

@@ -155,7 +155,7 @@ class Plan:
                 tasks.append(Task("negatives", c))
             if c == last or (every and (c + 1) % every == 0):
                 tasks.append(Task("eval", c))
-        if self.start_chapter < self.num_chapters or self.start_chapter == 0:
+        if self.start_chapter < self.num_chapters:
             tasks.append(Task("final", last))
         return tasks
 

@@ -51,8 +51,7 @@ class Tracer:
     """Records spans and scalars of one rank. ``enabled=False`` keeps the API but writes nothing."""
 
     def __init__(self, path: str | None, rank: int, meta: dict[str, Any], *,
-                 clock_offset: float = 0.0, t0: float | None = None, enabled: bool = True,
-                 append: bool = False) -> None:
+                 clock_offset: float = 0.0, t0: float | None = None, enabled: bool = True) -> None:
         self.rank = rank
         self.enabled = enabled and path is not None
         self.path = path
@@ -64,22 +63,18 @@ class Tracer:
         if self.enabled:
             os.makedirs(os.path.dirname(path), exist_ok=True)
             # locking=False: users (and `mpff report`) may read a trace while the run writes it
-            if append and os.path.exists(path):
-                self._file = h5py.File(path, "a", locking=False)
-            else:
-                self._file = h5py.File(path, "w", locking=False)
-                self._file.create_dataset("spans", shape=(0,), maxshape=(None,),
-                                          dtype=SPAN_DTYPE, chunks=(4096,))
-                self._file.create_dataset("scalars", shape=(0,), maxshape=(None,),
-                                          dtype=SCALAR_DTYPE, chunks=(1024,))
+            self._file = h5py.File(path, "w", locking=False)
+            self._file.create_dataset("spans", shape=(0,), maxshape=(None,),
+                                      dtype=SPAN_DTYPE, chunks=(4096,))
+            self._file.create_dataset("scalars", shape=(0,), maxshape=(None,),
+                                      dtype=SCALAR_DTYPE, chunks=(1024,))
             attrs = self._file.attrs
             attrs["format"] = FORMAT
             attrs["format_version"] = FORMAT_VERSION
             attrs["rank"] = rank
             attrs["clock_offset"] = clock_offset
             attrs["status"] = "running"
-            if "wall_start" not in attrs:
-                attrs["wall_start"] = self.now()
+            attrs["wall_start"] = self.now()
             attrs["wall_end"] = self.now()
             for key, value in meta.items():
                 attrs[key] = value if isinstance(value, (int, float, str)) else json.dumps(value)

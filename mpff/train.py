@@ -351,8 +351,7 @@ def run(args: argparse.Namespace, mpi_comm=None) -> int:
         result = engine.run()
         if rank == 0 and size > 1:
             with tracer.span("wait", -1, -1):
-                wait_all_progress(comm, progress.expected - progress.received, progress, tracer,
-                                  cfg.run.poll_interval)
+                wait_all_progress(comm, progress.expected - progress.received, progress, cfg.run.poll_interval)
         mem = _peak_memory(device)
         for name, value in mem.items():
             tracer.scalar(name, -1, -1, value)
