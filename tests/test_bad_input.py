@@ -242,7 +242,8 @@ def train_args(case: Case, ws: str, out: str) -> list[str]:
 
 
 # Runs under mpiexec: each rank records its exit code in $MPFF_EXIT_DIR/rank<r> and waits (30 s at
-# most) for the others to do the same, since Hydra tears the job down after a non-zero exit.
+# most) for the others to do the same, so each rank's own code is seen even if Hydra tore the job
+# down (it SIGKILLs the rest when a rank looks crashed, see test_mpi's ranks-leaving-apart test).
 RANK_WRAPPER = """
 "$0" -m mpi4py -m mpff "$@"; rc=$?
 echo $rc > "$MPFF_EXIT_DIR/rank$PMI_RANK"

@@ -16,6 +16,8 @@ from __future__ import annotations
 import json
 import os
 import socket
+import subprocess
+import sys
 import textwrap
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -228,3 +230,30 @@ def test_a_failing_rank_takes_the_job_down(tmp_path, mpff_tiny_args, mpff_start,
     assert "injected failure on rank 1" in (out / "failure-rank1.txt").read_text()
     assert '"status": "finished"' not in (out / "run.json").read_text()
     assert not (out / "model.h5").exists()
+
+
+# Each rank leaves through mpff's own exit path; rank 1's wrapper lingers after its Python is gone
+# (as a job epilogue or a slow exit would). MPICH sends PMI "finalize" from a C atexit hook: a
+# rank that skipped it (os._exit) looked crashed to Hydra, which SIGKILLed the lingering rank
+# and reported signal 9 for a job whose ranks had all exited cleanly (about half the launches).
+LEAVE = textwrap.dedent("""
+    import sys
+    from mpi4py import MPI
+    from mpff.__main__ import _exit
+    MPI.COMM_WORLD.Barrier()
+    _exit(int(sys.argv[1]))
+""")
+LINGER = '"$0" -m mpi4py "$@"; rc=$?; [ "$PMI_RANK" = 1 ] && sleep 0.3; exit $rc'
+
+
+def test_ranks_leaving_apart_keep_their_exit_code(tmp_path):
+    mpiexec = os.path.join(os.path.dirname(sys.executable), "mpiexec")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, MPIR_CVAR_ENABLE_HEAVY_YIELD="1", OMP_NUM_THREADS="1")
+    script = tmp_path / "leave.py"
+    script.write_text(LEAVE)
+    for attempt, code in enumerate([0, 2] * 4):
+        proc = subprocess.run([mpiexec, "-n", "2", "sh", "-c", LINGER, sys.executable, str(script), str(code)],
+                              cwd=root, env=env, capture_output=True, text=True, timeout=120)
+        assert proc.returncode == code, f"launch {attempt}: exit {proc.returncode}\n{proc.stdout}{proc.stderr}"
+        assert "BAD TERMINATION" not in proc.stdout, proc.stdout

@@ -217,7 +217,8 @@ def test_single_run_outputs(tmp_path, capsys):
     assert "| 1 | 75.00 % |" in text            # accuracy per chapter
     assert "| 1 | 3.0 MiB | – |" in text          # peak memory
     assert "| total | 2.0 KiB | 250 B |" in text   # bytes moved: 2 x 1000 sent
-    assert "| 0 | 10.00 | 4.00 (40.0 %) | 1.00 (10.0 %) | 1.50 (15.0 %) | 1.00 (10.0 %) | 2.50 (25.0 %) | 1.50 |" in text
+    assert ("| 0 | 10.00 | 4.00 (40.0 %) | 1.00 (10.0 %) | 1.50 (15.0 %) | 1.00 (10.0 %) | 2.50 (25.0 %) | 1.50 |"
+            in text)
     printed = capsys.readouterr().out
     assert "4.00 (40.0 %)" in printed and "bubble, measured" in printed
 
