@@ -82,6 +82,9 @@ class TrainConfig:
     """Adam learning rate of the FF layers before the cooldown."""
     head_lr: float = 1e-4
     """Adam learning rate of the softmax head before the cooldown."""
+    cooldown_final: str = "hold"
+    """The cooldown 2*lr*(E-e)/E reaches 0 at the last epoch: 'hold' trains it at the previous
+    epoch's rate (the first author's code), 'zero' follows the formula (the epoch changes nothing)."""
     negatives: str = "adaptive"
     """'fixed' (drawn once), 'random' (fresh each chapter) or 'adaptive' (most-predicted wrong label)."""
     adaptive_lag: int = 0
@@ -111,6 +114,7 @@ class TrainConfig:
         if self.lr <= 0 or self.head_lr <= 0:
             raise ConfigError("train.lr and train.head_lr must be positive")
         _choice("train.negatives", self.negatives, NEGATIVES)
+        _choice("train.cooldown_final", self.cooldown_final, ("hold", "zero"))
         _choice("train.adaptive_mode", self.adaptive_mode, ("lag", "newest"))
         _choice("train.classifier", self.classifier, CLASSIFIERS)
         if self.adaptive_lag < 0:

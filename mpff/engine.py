@@ -360,7 +360,7 @@ class Engine:
         t = self.cfg.train
         lrs, seeds = [], []
         for m in range(self.C):
-            lrs.append(cooldown_lr(base_lr, chapter * self.C + m + 1, t.epochs))
+            lrs.append(cooldown_lr(base_lr, chapter * self.C + m + 1, t.epochs, t.cooldown_final))
             seeds.append(seed_for(t.seed, stream, chapter, layer, m))
         return lrs, seeds
 

@@ -32,11 +32,18 @@ def generator(*parts: int) -> torch.Generator:
     return g
 
 
-def cooldown_lr(lr0: float, global_epoch: int, total_epochs: int) -> float:
-    """The paper's learning-rate cooldown: lr0 for the first half, then linear towards 0.
+def cooldown_lr(lr0: float, global_epoch: int, total_epochs: int, final: str = "hold") -> float:
+    """The paper's learning-rate cooldown: lr0 for the first half, then linear towards 0,
+    ``2 * lr0 * (E - e) / E`` for global epoch ``e > E / 2``.
 
-    ``global_epoch`` is 1-based: e = chapter * C + mini_epoch + 1.
+    ``global_epoch`` is 1-based: e = chapter * C + mini_epoch + 1. The formula reaches 0 at the
+    last epoch (e = E). ``final = "hold"`` keeps the rate the epoch before had instead, as the
+    first author's FF code does (it skips setting a rate that is not positive), so the last
+    epoch still trains; ``"zero"`` follows the formula to the letter (the last epoch's Adam
+    steps then change nothing).
     """
+    if final == "hold" and global_epoch >= total_epochs:
+        global_epoch = total_epochs - 1
     if global_epoch > total_epochs / 2:
         return 2.0 * lr0 * (total_epochs - global_epoch) / total_epochs
     return lr0

@@ -116,15 +116,27 @@ def test_seed_for_is_stable_and_distinguishes_parts():
     (10, 1, 1.0), (10, 5, 1.0), (10, 6, 2 * 4 / 10), (10, 9, 2 * 1 / 10), (10, 10, 0.0),
     (5, 2, 1.0), (5, 3, 2 * 2 / 5), (1, 1, 0.0),
 ])
-def test_cooldown_lr(epochs, e, factor):
+def test_cooldown_lr_to_the_letter(epochs, e, factor):
+    assert cooldown_lr(0.01, e, epochs, "zero") == pytest.approx(0.01 * factor, abs=1e-15)
+
+
+@pytest.mark.parametrize("epochs, e, factor", [
+    (100, 50, 1.0), (100, 51, 2 * 49 / 100), (100, 99, 2 * 1 / 100), (100, 100, 2 * 1 / 100),
+    (10, 5, 1.0), (10, 9, 2 * 1 / 10), (10, 10, 2 * 1 / 10),
+    (5, 4, 2 * 1 / 5), (5, 5, 2 * 1 / 5), (2, 1, 1.0), (2, 2, 1.0), (1, 1, 1.0),
+])
+def test_cooldown_lr_holds_the_last_epochs_rate(epochs, e, factor):
+    # the first author's code sets a rate only when it is positive: at e = E the rate of e - 1 stays
     assert cooldown_lr(0.01, e, epochs) == pytest.approx(0.01 * factor, abs=1e-15)
+    assert cooldown_lr(0.01, e, epochs, "hold") == cooldown_lr(0.01, e, epochs)
 
 
 def test_cooldown_exact_values():
     assert cooldown_lr(0.01, 1, 100) == 0.01
     assert cooldown_lr(0.01, 50, 100) == 0.01
     assert cooldown_lr(0.01, 51, 100) == pytest.approx(2 * 0.01 * 49 / 100)
-    assert cooldown_lr(0.01, 100, 100) == 0.0
+    assert cooldown_lr(0.01, 100, 100, "zero") == 0.0
+    assert cooldown_lr(0.01, 100, 100) == cooldown_lr(0.01, 99, 100) > 0
 
 
 # ------------------------------------------------------------------------------ training
@@ -440,3 +452,23 @@ def test_net_initialisation_is_seeded():
         assert not torch.equal(pa, pc)
     # layers differ from one another even with equal shapes
     assert not torch.equal(a.layers[1].weight, a.layers[2].weight)
+
+
+def _final_weights(epochs: int, chapters: int, final: str) -> list[np.ndarray]:
+    cfg = Config().replace(model={"dims": (784, 8, 8)},
+                           train={"epochs": epochs, "chapters": chapters, "negatives": "random",
+                                  "batch_size": 32, "cooldown_final": final})
+    got = {}
+    Engine(cfg, build_plan(cfg, 1), None, 0, _dataset(), Tracer(None, 0, {}, enabled=False),
+           torch.device("cpu"), write_model=lambda net: got.setdefault("net", net)).run()
+    return [p.detach().clone().numpy() for p in got["net"].parameters()]
+
+
+def test_engine_applies_cooldown_final():
+    # one chapter of two epochs: the second runs at 2*lr*(2-2)/2 = 0 to the letter, so its
+    # steps change nothing and the weights equal those of the first epoch alone
+    one = _final_weights(1, 1, "hold")
+    zero = _final_weights(2, 1, "zero")
+    hold = _final_weights(2, 1, "hold")
+    assert all(np.array_equal(a, b) for a, b in zip(one, zero))
+    assert not all(np.array_equal(a, b) for a, b in zip(one, hold))
