@@ -327,9 +327,10 @@ def accuracy_by_chapter(run: Run) -> dict[int, float]:
 def task_durations(run: Run) -> dict[tuple[str, int, int], float]:
     """Measured task times for the task-graph model.
 
-    ("train", c, k): train + forward spans of chapter c, layer k on the rank that trained
-    (c, k); ("head"|"negatives"|"eval", c, -1): that kind's spans of chapter c, on the rank
-    with the most of it (a task runs on one rank).
+    ("train", c, k) and ("forward", c, k): the train spans of chapter c, layer k, and the
+    forward passes that made its inputs, on the rank that trained (c, k);
+    ("head"|"negatives"|"eval", c, -1): that kind's spans of chapter c, on the rank with the
+    most of it (a task runs on one rank).
     """
     per_rank: list[dict[tuple[str, int, int], float]] = []
     trained: dict[tuple[int, int], list[int]] = {}
@@ -340,7 +341,7 @@ def task_durations(run: Run) -> dict[tuple[str, int, int], float]:
                                           rt.spans["end"].tolist()):
             dur = max(end - start, 0.0)
             if kind in ("train", "forward") and c >= 0 and k >= 0:
-                key = ("train", c, k)
+                key = (kind, c, k)
                 if kind == "train":
                     trained.setdefault((c, k), [])
                     if rt.rank not in trained[(c, k)]:
@@ -354,9 +355,11 @@ def task_durations(run: Run) -> dict[tuple[str, int, int], float]:
     durations: dict[tuple[str, int, int], float] = {}
     for (c, k), ranks in trained.items():
         durations[("train", c, k)] = max(per_rank[r].get(("train", c, k), 0.0) for r in ranks)
+        if any(("forward", c, k) in per_rank[r] for r in ranks):
+            durations[("forward", c, k)] = max(per_rank[r].get(("forward", c, k), 0.0) for r in ranks)
     for acc in per_rank:
         for key, value in acc.items():
-            if key[0] != "train":
+            if key[0] not in ("train", "forward"):
                 durations[key] = max(durations.get(key, 0.0), value)
     return durations
 

@@ -256,3 +256,17 @@ def test_simulate_latency_delays_cross_rank_inputs():
     # layer 1 of chapter 0 waits for layer 0 (1.0) plus the latency
     assert sim.finish[Task("train", 0, 1)] == pytest.approx(2.5)
     assert sim.makespan == pytest.approx(3 + 1 + 0.5)
+
+
+def test_simulate_forward_passes_fill_the_wait_for_the_layers_own_state():
+    # All Layers, 2 layers on 2 ranks: train(c, 0) 4 s, the forward through layer 0 2 s,
+    # train(c, 1) 6 s. Worked by hand: the forward of chapter c runs while the rank waits for
+    # layer 1 of chapter c-1, so train(c, 1) ends at 12, 18, 24, 30.
+    plan = build_plan(make_cfg("all_layers", layers=2, chapters=4), 2)
+    durations = {}
+    for c in range(4):
+        durations.update({("train", c, 0): 4.0, ("forward", c, 1): 2.0, ("train", c, 1): 6.0})
+    sim = plan.simulate(durations)
+    assert [sim.finish[Task("train", c, 1)] for c in range(4)] == pytest.approx([12.0, 18.0, 24.0, 30.0])
+    assert sim.busy == pytest.approx([24.0, 24.0])
+    assert sim.makespan == pytest.approx(30.0) and sim.bubble == pytest.approx(0.2)

@@ -161,7 +161,7 @@ def test_task_durations_count_forward_only_on_the_training_rank(tmp_path):
     rank1 = [("forward", 0, 1, 0.0, 0.25), ("train", 0, 1, 1.5, 3.5), ("eval", 0, -1, 3.5, 4.0)]
     run = report.load_run(make_run(tmp_path / "run", [rank0, rank1]))
     assert report.task_durations(run) == pytest.approx({
-        ("train", 0, 0): 1.0, ("train", 0, 1): 2.25,
+        ("train", 0, 0): 1.0, ("train", 0, 1): 2.0, ("forward", 0, 1): 0.25,
         ("negatives", 0, -1): 0.2, ("eval", 0, -1): 0.5})
 
 
