@@ -329,18 +329,17 @@ class Engine:
                 self._chapter_end(last_chapter)
             self._pass_boundaries(task.chapter - 1)
             last_chapter = task.chapter
-            inputs = [b for b, _ in self.plan.inputs(task)]
+            # What the task reads comes first; the state it trains (from chapter c-1) is waited
+            # for last, so a train task's forward passes through the layers below fill that wait.
+            inputs = self.plan.inputs(task)
+            for b, trainable in inputs:
+                if not trainable:
+                    self._need(b, task.chapter, task.layer)
             if task.kind == "train":
-                # The layers below are pushed through first: only then wait for the layer's own
-                # state from chapter c-1, so the forward passes fill that wait (All Layers).
-                own = Buf("layer", task.layer, task.chapter - 1)
-                for b in inputs:
-                    if b != own:
-                        self._need(b, task.chapter, task.layer)
                 self._inputs(task.chapter, task.layer)
-                inputs = [own]
-            for b in inputs:
-                self._need(b, task.chapter, task.layer)
+            for b, trainable in inputs:
+                if trainable:
+                    self._need(b, task.chapter, task.layer)
             getattr(self, f"_do_{task.kind}")(task)
             if self.comm is not None:
                 self._publish(task)

@@ -248,35 +248,24 @@ class Plan:
         """List-schedule the graph: each rank runs its tasks in order, a task starts when its rank
         is free and every input has been produced (+ ``latency`` when it crosses ranks).
 
-        A train task runs as the engine runs it: its forward passes (``("forward", c, k)``, the
-        layers below applied to the chapter's data; 0 when absent) start once those layers are
-        there, and the training itself (``("train", c, k)``) once the layer's own state from
-        chapter c-1 is there too."""
+        A task runs as the engine runs it: first what it reads, then, for a train task, its
+        forward passes (``("forward", c, k)``, the layers below applied to the chapter's data; 0
+        when absent), and only then the state it trains (from chapter c-1) must be there."""
         free = [0.0] * self.world_size
         busy = [0.0] * self.world_size
         finish: dict[Task, float] = {}
-
-        def arrival(b: Buf, r: int) -> float:
-            if self.is_initial(b):
-                return 0.0
-            p = self.producer[b]
-            return finish[p] + (latency if self.rank_of[p] != r else 0.0)
-
         for t in self.tasks:  # the global order is a valid order for every rank
             r = self.rank_of[t]
-            ready = free[r]
+            reads, trains = [free[r]], []
+            for b, trainable in self.inputs(t):
+                if not self.is_initial(b):
+                    p = self.producer[b]
+                    (trains if trainable else reads).append(
+                        finish[p] + (latency if self.rank_of[p] != r else 0.0))
+            fwd = float(durations.get(("forward", t.chapter, t.layer), 0.0)) if t.kind == "train" else 0.0
+            ready = max([max(reads) + fwd] + trains)
             d = float(durations.get((t.kind, t.chapter, t.layer), 0.0))
-            if t.kind == "train":
-                own = Buf("layer", t.layer, t.chapter - 1)
-                for b, _ in self.inputs(t):
-                    if b != own:
-                        ready = max(ready, arrival(b, r))
-                fwd = float(durations.get(("forward", t.chapter, t.layer), 0.0))
-                ready = max(ready + fwd, arrival(own, r))
-                busy[r] += fwd
-            else:
-                for b, _ in self.inputs(t):
-                    ready = max(ready, arrival(b, r))
+            busy[r] += fwd
             finish[t] = ready + d
             free[r] = finish[t]
             busy[r] += d

@@ -12,6 +12,7 @@ import os
 import signal
 import subprocess
 import sys
+import types
 
 import pytest
 
@@ -108,6 +109,13 @@ def mpff_finish():
 def mpff_start():
     """The :func:`start_mpff` helper."""
     return start_mpff
+
+
+@pytest.fixture(scope="session")
+def mpff_launch():
+    """What a test needs to launch its own command line: mpiexec, python, the repository root and
+    the environment mpff runs get."""
+    return types.SimpleNamespace(mpiexec=MPFF_MPIEXEC, python=MPFF_PYTHON, root=MPFF_ROOT, env=mpff_env())
 
 
 @pytest.fixture(scope="session")

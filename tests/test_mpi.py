@@ -17,7 +17,6 @@ import json
 import os
 import socket
 import subprocess
-import sys
 import textwrap
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -246,14 +245,12 @@ LEAVE = textwrap.dedent("""
 LINGER = '"$0" -m mpi4py "$@"; rc=$?; [ "$PMI_RANK" = 1 ] && sleep 0.3; exit $rc'
 
 
-def test_ranks_leaving_apart_keep_their_exit_code(tmp_path):
-    mpiexec = os.path.join(os.path.dirname(sys.executable), "mpiexec")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, MPIR_CVAR_ENABLE_HEAVY_YIELD="1", OMP_NUM_THREADS="1")
+def test_ranks_leaving_apart_keep_their_exit_code(tmp_path, mpff_launch):
     script = tmp_path / "leave.py"
     script.write_text(LEAVE)
     for attempt, code in enumerate([0, 2] * 4):
-        proc = subprocess.run([mpiexec, "-n", "2", "sh", "-c", LINGER, sys.executable, str(script), str(code)],
-                              cwd=root, env=env, capture_output=True, text=True, timeout=120)
+        proc = subprocess.run([mpff_launch.mpiexec, "-n", "2", "sh", "-c", LINGER, mpff_launch.python, str(script),
+                               str(code)], cwd=mpff_launch.root, env=mpff_launch.env, capture_output=True,
+                              text=True, timeout=120)
         assert proc.returncode == code, f"launch {attempt}: exit {proc.returncode}\n{proc.stdout}{proc.stderr}"
         assert "BAD TERMINATION" not in proc.stdout, proc.stdout
