@@ -96,8 +96,10 @@ def assign(schedule: str, task: Task, num_layers: int, num_chapters: int, world_
 class Plan:
     """The task graph of one run and its assignment to ``world_size`` ranks."""
 
-    def __init__(self, cfg: Config, world_size: int, start_chapter: int = 0) -> None:
+    def __init__(self, cfg: Config, world_size: int, start_chapter: int = 0,
+                 n_train: int | None = None) -> None:
         self.cfg = cfg
+        self.n_train = n_train  # training samples: sizes the negatives buffers (None: unknown)
         self.world_size = world_size
         self.schedule = cfg.run.schedule
         self.num_layers = cfg.model.num_layers
@@ -231,6 +233,32 @@ class Plan:
     def data_shard(self, chapter: int) -> int:
         return chapter % self.shards
 
+    def shard_len(self, shard: int) -> int:
+        """Samples in ``shard`` (np.array_split of the training set into ``shards`` parts)."""
+        if self.n_train is None:
+            raise ValueError("the plan was built without n_train: negatives buffers have no size")
+        base, extra = divmod(self.n_train, self.shards)
+        return base + (1 if shard < extra else 0)
+
+    def buffer_spec(self, b: Buf, full: bool) -> tuple[int, type]:
+        """(elements, dtype) of buffer ``b`` as it travels and is checkpointed: a layer or the head
+        is its parameters (weight then bias) and, when ``full``, Adam's step, exp_avg and exp_avg_sq;
+        negatives are one int64 label per sample of the chapter's shard."""
+        if b.kind == "neg":
+            return self.shard_len(self.data_shard(b.chapter)), np.int64
+        dims = self.cfg.model.dims
+        if b.kind == "layer":
+            n = dims[b.index] * dims[b.index + 1] + dims[b.index + 1]
+        elif b.kind == "head":
+            n = 10 * (sum(dims[2:]) if len(dims) > 2 else dims[-1])
+        else:  # pragma: no cover - internal invariant
+            raise AssertionError(f"unknown buffer kind {b.kind!r}")
+        return n + (1 + 2 * n if full else 0), np.float32
+
+    def buffer_bytes(self, b: Buf, full: bool) -> int:
+        n, dtype = self.buffer_spec(b, full)
+        return n * np.dtype(dtype).itemsize
+
     def describe(self) -> str:
         """A few human-readable lines: who runs what."""
         lines = []
@@ -272,8 +300,8 @@ class Plan:
         return SimResult(makespan=max(free) if free else 0.0, busy=busy, finish=finish)
 
 
-def build_plan(cfg: Config, world_size: int, start_chapter: int = 0) -> Plan:
-    return Plan(cfg, world_size, start_chapter)
+def build_plan(cfg: Config, world_size: int, start_chapter: int = 0, n_train: int | None = None) -> Plan:
+    return Plan(cfg, world_size, start_chapter, n_train)
 
 
 def pipeline_bubble(num_chapters: int, num_stages: int) -> float:
