@@ -4,8 +4,11 @@
     python -m mpff report RUN_DIR [RUN_DIR ...] [--baseline RUN_DIR]
     mpiexec -n 2 python -m mpi4py -m mpff info
 
-A registry of subcommands, each ``fn(args, comm)``; user errors print one line (rank 0 only)
-and every rank exits with the same code, 2.
+A registry of subcommands, each ``fn(comm, args)`` as in mpi4py's own ``bench.py``: the
+communicator is made once, here at the entry point (``COMM_WORLD``), and handed in, so tests can
+run a command on ``COMM_SELF`` or a ``Dup()``. Commands that need no MPI (``report``) get
+``None`` and never initialise MPI. User errors print one line (rank 0 only) and every rank
+exits with the same code, 2.
 """
 
 from __future__ import annotations
@@ -17,19 +20,19 @@ import sys
 from .config import ConfigError
 
 
-def cmd_train(args: argparse.Namespace) -> int:
+def cmd_train(comm, args: argparse.Namespace) -> int:
     from .train import run
 
-    return run(args)
+    return run(comm, args)
 
 
-def cmd_report(argv: list[str]) -> int:
+def cmd_report(comm, argv: list[str]) -> int:  # noqa: ARG001 (no MPI: runs on a login node)
     from . import report
 
     return int(report.main(argv) or 0)
 
 
-def cmd_info(args: argparse.Namespace) -> int:
+def cmd_info(comm, args: argparse.Namespace) -> int:  # noqa: ARG001
     import h5py
     import numpy
     import torch
@@ -37,7 +40,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     from . import __version__
     from .comm import Comm, mpi_info
 
-    comm = Comm()
+    comm = Comm(comm)
     local_rank, local_size = comm.node_local_rank()
     if torch.cuda.is_available():
         n = torch.cuda.device_count()
@@ -92,20 +95,30 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+#: name -> (command, whether it runs under MPI); commands that parse their own arguments get argv
+COMMANDS = {"train": (cmd_train, True), "info": (cmd_info, True)}
+RAW_COMMANDS = {"report": cmd_report}
+
+
+def main(argv: list[str] | None = None, comm=None) -> int:
+    """Parse ``argv`` and run the command on ``comm`` (default: the job's COMM_WORLD)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["report"]:
-        return cmd_report(argv[1:])  # report parses its own arguments, and needs no MPI
+    if argv[:1] and argv[0] in RAW_COMMANDS:
+        return RAW_COMMANDS[argv[0]](None, argv[1:])  # parses its own arguments, needs no MPI
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
     except UsageError as exc:
         if _rank() == 0:
-            command = argv[0] if argv and argv[0] in ("train", "info") else ""
+            command = argv[0] if argv and argv[0] in COMMANDS else ""
             print(f"mpff{' ' + command if command else ''}: error: {exc}", file=sys.stderr)
         return 2
+    fn, needs_mpi = COMMANDS[args.command]
+    if needs_mpi and comm is None:
+        from .comm import world
+        comm = world()
     try:
-        return {"train": cmd_train, "info": cmd_info}[args.command](args)
+        return fn(comm, args)
     except ConfigError as exc:  # user errors raised outside the collective validation
         print(f"mpff {args.command}: error: {exc}", file=sys.stderr)
         return 2

@@ -2,7 +2,8 @@
 
 Wraps a communicator handed in by the caller (``COMM_WORLD``, ``COMM_SELF`` or a ``Dup()``),
 never fetched from a global inside the library, so tests can run the same code on any
-communicator. Waiting is done by polling ``Test`` with a short sleep: MPICH busy-waits
+communicator; :func:`world` is the one place that names ``COMM_WORLD`` (the command-line entry
+point calls it once). Waiting is done by polling ``Test`` with a short sleep: MPICH busy-waits
 inside ``Wait``, which would steal the core a working rank needs when ranks outnumber cores.
 """
 
@@ -21,9 +22,19 @@ from mpi4py import MPI
 PROGRESS_TAG = 7
 
 
+def world() -> Any:
+    """The job's communicator, for the entry point to hand to a command."""
+    return MPI.COMM_WORLD
+
+
+def self_comm() -> Any:
+    """A communicator of this process alone (one-process runs and tests)."""
+    return MPI.COMM_SELF
+
+
 class Comm:
-    def __init__(self, comm: Any = None, poll_interval: float = 0.001) -> None:
-        self.world = comm if comm is not None else MPI.COMM_WORLD
+    def __init__(self, comm: Any, poll_interval: float = 0.001) -> None:
+        self.world = comm
         self.data = self.world.Dup()      # weight, head and negatives buffers
         self.progress = self.world.Dup()  # small records for rank 0's progress lines
         self.rank = self.world.Get_rank()
@@ -105,14 +116,15 @@ class Comm:
     def send_progress(self, record: np.ndarray) -> Any:
         return self.progress.Isend(record, dest=0, tag=PROGRESS_TAG)
 
-    def poll_progress(self) -> list[np.ndarray]:
-        """Rank 0: every progress record that has arrived."""
+    def poll_progress(self) -> list[tuple[int, np.ndarray]]:
+        """Rank 0: (source rank, record) of every progress record that has arrived."""
         out = []
         status = MPI.Status()
         while self.progress.Iprobe(source=MPI.ANY_SOURCE, tag=PROGRESS_TAG, status=status):
             rec = np.empty(status.Get_count(MPI.DOUBLE), dtype=np.float64)
-            self.progress.Recv(rec, source=status.Get_source(), tag=PROGRESS_TAG)
-            out.append(rec)
+            source = status.Get_source()
+            self.progress.Recv(rec, source=source, tag=PROGRESS_TAG)
+            out.append((source, rec))
         return out
 
     def abort(self, code: int) -> None:

@@ -147,8 +147,6 @@ class DataConfig:
         _choice("data.dataset", self.dataset, ("mnist", "idx", "cifar10", "npz"))
         if self.dataset != "mnist" and not self.path:
             raise ConfigError(f"data.path must name the {self.dataset} data to read")
-        if self.path and not os.path.exists(self.path):
-            raise ConfigError(f"data.path {self.path!r} does not exist; point it at the data set")
         if self.train_subset < 0 or self.test_subset < 0 or self.shards < 0:
             raise ConfigError("data.train_subset, data.test_subset and data.shards must be >= 0")
 
@@ -170,13 +168,17 @@ class RunConfig:
     """Write the report (Markdown, PNG, trace-viewer JSON) at the end of the run."""
     checkpoint_every: int = 0
     """Checkpoint every this many chapters (0: never)."""
+    stall_timeout: float = 0.0
+    """Seconds a rank may wait for one message (a peer's buffer, or rank 0 for the other ranks'
+    progress) before the job is aborted as stalled, naming the peer and the buffer; 0: wait
+    forever. Set it well above the longest task (a chapter of the largest layer)."""
 
     def __post_init__(self) -> None:
         _choice("run.schedule", self.schedule, SCHEDULES)
         _choice("run.exchange", self.exchange, ("weights", "full"))
         _choice("run.device", self.device, ("auto", "cpu", "cuda"))
-        if self.poll_interval < 0 or self.checkpoint_every < 0:
-            raise ConfigError("run.poll_interval and run.checkpoint_every must be >= 0")
+        if self.poll_interval < 0 or self.checkpoint_every < 0 or self.stall_timeout < 0:
+            raise ConfigError("run.poll_interval, run.checkpoint_every and run.stall_timeout must be >= 0")
 
 
 SECTIONS = {"model": ModelConfig, "train": TrainConfig, "data": DataConfig, "run": RunConfig}

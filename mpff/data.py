@@ -524,7 +524,10 @@ def _subset(x: np.ndarray, y: np.ndarray, n: int, key: str, what: str, source: s
 
 
 def load_dataset(cfg: DataConfig) -> Dataset:
-    """Read the data set cfg names, keep the first train_subset/test_subset samples, normalise."""
+    """Read the data set cfg names, keep the first train_subset/test_subset samples, normalise.
+    Files are checked here, where they are opened (the configuration checks values only)."""
+    if cfg.path and not os.path.exists(cfg.path):
+        raise ConfigError(f"data.path {cfg.path!r} does not exist; point it at the data set")
     if cfg.dataset == "mnist":
         raw, method, name = _raw_idx(cfg.path or embedded_mnist_dir()), "mnist", "mnist"
     elif cfg.dataset == "idx":

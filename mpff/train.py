@@ -1,4 +1,4 @@
-"""``mpff train``: set up a run (validate, pick devices, load data, plan), run this rank's tasks, finish.
+"""``mpff train``: prepare (collective validation) -> run (this rank's tasks) -> finish.
 
 Run it under MPI through mpi4py, so an exception on any rank aborts the whole job instead
 of leaving the others blocked in a receive::
@@ -13,18 +13,16 @@ first problem is printed once (by rank 0) as one line and every rank exits with 
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import shutil
-import socket
 import sys
 import time
 import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
 
-import numpy as np
 import torch
 
-from .checkpoint import complete_checkpoints, load_checkpoint
 from .config import Config, ConfigError, load
 
 EXIT_USAGE = 2
@@ -36,7 +34,7 @@ _stop_signal: list[int] = []
 
 def _install_signal_handlers() -> None:
     """SLURM sends SIGUSR1 (with --signal) or SIGTERM before a time limit or preemption; mpiexec
-    forwards both. The handler only sets a flag: the engine stops between tasks or while waiting."""
+    forwards both. The handler only sets a flag: the executor stops between tasks or while waiting."""
     import signal
 
     def handler(signum, frame):  # noqa: ARG001
@@ -48,43 +46,6 @@ def _install_signal_handlers() -> None:
 
 def stop_requested() -> bool:
     return bool(_stop_signal)
-
-
-class RunLock:
-    """RUN_DIR/.lock holds 'host pid' of the job using the directory; a lock whose process is
-    gone (on this host) is stale and taken over."""
-
-    def __init__(self, run_dir: str) -> None:
-        self.path = os.path.join(run_dir, ".lock")
-
-    def holder(self) -> str | None:
-        try:
-            with open(self.path) as fh:
-                host, pid = fh.read().split()[:2]
-        except (OSError, ValueError):
-            return None
-        if host == socket.gethostname():
-            try:
-                os.kill(int(pid), 0)
-            except (ProcessLookupError, ValueError):
-                return None  # stale: that process is gone
-            except PermissionError:
-                pass
-        return f"pid {pid} on {host}"
-
-    def acquire(self) -> None:
-        holder = self.holder()
-        if holder is not None:
-            raise ConfigError(f"run directory {os.path.dirname(self.path)!r} is in use by another job "
-                              f"({holder}); wait for it, or remove {self.path!r} if that job is gone")
-        with open(self.path, "w") as fh:
-            fh.write(f"{socket.gethostname()} {os.getpid()}\n")
-
-    def release(self) -> None:
-        try:
-            os.unlink(self.path)
-        except OSError:
-            pass
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -112,300 +73,143 @@ def default_run_dir(cfg: Config, world_size: int) -> str:
     return os.path.join("outputs", f"{cfg.name}-{cfg.run.schedule}-n{world_size}-{stamp}")
 
 
-def read_status(run_dir: str) -> dict:
+def configure_torch(cfg: Config) -> None:
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    # Dead ReLU units get exactly-zero gradients, so their Adam moments decay into the
+    # denormal range within an epoch, and x86 arithmetic on denormals is ~10x slower
+    # (measured: 8.9 ms vs 0.85 ms per Adam step for a 1000x1000 layer). Flush them to
+    # zero, as GPUs do; every rank does the same, so results stay reproducible.
+    torch.set_flush_denormal(True)
+
+
+# ------------------------------------------------------------------------------ prepare
+
+
+@dataclass
+class Setup:
+    """Everything a rank needs to run, agreed on by all ranks."""
+    comm: Any
+    args: argparse.Namespace
+    cfg: Config
+    plan: Any
+    rundir: Any
+    dataset: Any
+    device: torch.device
+    snapshot: dict | None = None          # checkpoint state to start from
+    resume: tuple[int, int] | None = None  # (chapters done, world size that wrote the checkpoint)
+    start: float = field(default_factory=time.perf_counter)
+    board: Any = None                      # rank 0's progress board, once the run started
+
+
+def _collectively(comm, step: Callable[[], Any]) -> tuple[Any, str | None]:
+    """Run ``step`` on every rank; every rank learns the first user error of any rank."""
+    result, error = None, None
     try:
-        with open(os.path.join(run_dir, "run.json")) as fh:
-            return json.load(fh)
-    except (OSError, ValueError):
-        return {}
-
-
-def write_json_atomic(path: str, data: dict) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as fh:
-        json.dump(data, fh, indent=2, sort_keys=True)
-        fh.write("\n")
-    os.replace(tmp, path)
-
-
-def check_run_dir(run_dir: str, force: bool, resume: bool) -> None:
-    """Rank 0: refuse to overwrite a finished run, to resume nothing, or to share a directory."""
-    status = read_status(run_dir).get("status")
-    if os.path.isdir(run_dir) and RunLock(run_dir).holder() is not None:
-        RunLock(run_dir).acquire()  # raises: in use
-    if os.path.exists(run_dir) and not os.path.isdir(run_dir):
-        raise ConfigError(f"--out {run_dir!r} is a file, not a directory; choose another --out")
-    if status == "finished" and not (force or resume):
-        raise ConfigError(f"{run_dir!r} already holds a finished run; pass --force to replace it "
-                          "or choose another --out")
-    parent = os.path.dirname(os.path.abspath(run_dir))
-    probe = run_dir if os.path.isdir(run_dir) else parent
-    while not os.path.exists(probe):
-        probe = os.path.dirname(probe)
-    if not os.access(probe, os.W_OK):
-        raise ConfigError(f"cannot write to {run_dir!r} (no permission on {probe!r}); choose another --out")
-
-
-class Progress:
-    """Rank 0: collects (loss, accuracy) records from all ranks and prints one line per chapter."""
-
-    def __init__(self, cfg: Config, plan, start: float, quiet: bool = False) -> None:
-        self.cfg = cfg
-        self.num_layers = plan.num_layers
-        self.num_chapters = plan.num_chapters
-        self.first = plan.start_chapter
-        self.evals = {t.chapter for t in plan.tasks if t.kind == "eval"}
-        self.expected = sum(1 for t in plan.tasks if t.kind in ("train", "head", "eval"))
-        self.received = 0
-        self.losses: dict[int, dict[int, float]] = {}
-        self.acc: dict[int, float] = {}
-        self.next_to_print = plan.start_chapter
-        self.start = start
-        self.quiet = quiet
-
-    def __call__(self, rec: np.ndarray) -> None:
-        from .engine import REC_ACC, REC_LOSS
-        code, chapter, layer, value = float(rec[0]), int(rec[1]), int(rec[2]), float(rec[3])
-        self.received += 1
-        if code == REC_LOSS:
-            self.losses.setdefault(chapter, {})[layer] = value
-        elif code == REC_ACC:
-            self.acc[chapter] = value
-        self._print_ready()
-
-    def _print_ready(self) -> None:
-        while self.next_to_print < self.num_chapters:
-            c = self.next_to_print
-            if len(self.losses.get(c, {})) < self.num_layers or (c in self.evals and c not in self.acc):
-                return
-            elapsed = time.perf_counter() - self.start
-            done = c + 1 - self.first
-            eta = elapsed / done * (self.num_chapters - c - 1)
-            losses = " ".join(f"{self.losses[c][k]:.4f}" for k in range(self.num_layers))
-            acc = f"  test acc {100 * self.acc[c]:6.2f}%" if c in self.acc else ""
-            if not self.quiet:
-                print(f"chapter {c + 1:>4}/{self.num_chapters}  loss {losses}{acc}  "
-                      f"elapsed {elapsed:7.1f}s  eta {eta:7.1f}s", flush=True)
-            self.next_to_print += 1
-
-
-def run(args: argparse.Namespace, mpi_comm=None) -> int:
-    from .checkpoint import load_checkpoint, write_rank_checkpoint
-    from .comm import Comm, mpi_info
-    from .data import load_dataset
-    from .engine import Engine, Preempted, wait_all_progress
-    from .modelfile import host_facts, save_model, versions
-    from .plan import build_plan
-    from .trace import Tracer, trace_path
-
-    _install_signal_handlers()  # first: a signal during start-up must not kill the rank
-    comm = Comm(mpi_comm)
-    rank, size = comm.rank, comm.size
-
-    # ----- validation, identical on every rank; the first error is printed once -----
-    error = None
-    cfg = plan = None
-    run_dir = args.out
-    resume_from = None  # (chapter, world size that wrote it)
-    try:
-        config_path = args.config
-        if args.resume and not config_path:
-            if not run_dir:
-                raise ConfigError("--resume needs --out RUN_DIR (the run to continue)")
-            config_path = os.path.join(run_dir, "config.toml")
-        cfg = load(config_path, args.overrides)
-        comm.poll_interval = cfg.run.poll_interval
-        plan = build_plan(cfg, size)
+        result = step()
     except ConfigError as exc:
         error = str(exc)
-    error = comm.first_error(error)
+    return result, comm.first_error(error)
+
+
+def _on_root(comm, step: Callable[[], Any]) -> tuple[Any, str | None]:
+    """Run ``step`` on rank 0 only; every rank gets its result or its user error."""
+    result, error = None, None
+    if comm.rank == 0:
+        try:
+            result = step()
+        except ConfigError as exc:
+            error = str(exc)
+    return comm.bcast((result, error))
+
+
+def prepare(comm, args: argparse.Namespace) -> Setup | int:
+    """Validate everything on every rank, in phases; the first user error ends the run with exit
+    code 2 before anything is written. Returns the Setup, or the exit code."""
+    loaded, error = _collectively(comm, lambda: _load_config(comm, args))
     if error is None:
-        if rank == 0:
-            try:
-                run_dir = run_dir or default_run_dir(cfg, size)
-                check_run_dir(run_dir, args.force, args.resume)
-                if args.resume:
-                    resume_from = _find_resume_point(run_dir, cfg)
-            except ConfigError as exc:
-                error = str(exc)
-        error, run_dir, resume_from = comm.bcast((error, run_dir, resume_from))
-    if error is None and resume_from is not None:
-        try:
-            if resume_from[0] == "finished":
-                plan = None
-            else:
-                plan = build_plan(cfg, size, start_chapter=resume_from[0] + 1)
-        except ConfigError as exc:
-            error = str(exc)
-        error = comm.first_error(error)
-    if error is None and plan is None:  # --resume of a finished run: nothing to do
-        if rank == 0:
-            print(f"mpff: {run_dir} already finished; nothing to resume", flush=True)
-        comm.free()
-        return 0
-    initial_state = None
-    dataset = None
-    device = None
+        cfg, plan = loaded
+        comm.poll_interval = cfg.run.poll_interval
+        checked, error = _on_root(comm, lambda: _check_run_dir(cfg, args, comm.size))
     if error is None:
-        try:
-            if cfg.train.threads:
-                torch.set_num_threads(cfg.train.threads)
-            # Dead ReLU units get exactly-zero gradients, so their Adam moments decay into the
-            # denormal range within an epoch, and x86 arithmetic on denormals is ~10x slower
-            # (measured: 8.9 ms vs 0.85 ms per Adam step for a 1000x1000 layer). Flush them to
-            # zero, as GPUs do; every rank does the same, so results stay reproducible.
-            torch.set_flush_denormal(True)
-            local_rank, _ = comm.node_local_rank()
-            device = pick_device(cfg, local_rank)
-            dataset = load_dataset(cfg.data)
-            if dataset.input_dim != cfg.model.dims[0]:
-                raise ConfigError(f"the data has {dataset.input_dim} inputs but model.dims[0] = "
-                                  f"{cfg.model.dims[0]}; set model.dims[0] = {dataset.input_dim}")
-            if cfg.resolved_shards(size) > dataset.x_train.shape[0]:
-                raise ConfigError("more data shards than training samples; use fewer ranks or more data")
-            if resume_from is not None:
-                initial_state = load_checkpoint(run_dir, resume_from[0], rank, size)
-        except ConfigError as exc:
-            error = str(exc)
-        error = comm.first_error(error)
-    if error is None and rank == 0:
-        try:
-            os.makedirs(run_dir, exist_ok=True)
-            RunLock(run_dir).acquire()
-        except ConfigError as exc:
-            error = str(exc)
-        except OSError as exc:
-            error = f"cannot create {run_dir!r} ({exc.strerror}); choose another --out"
-    error = comm.bcast(error)
+        rundir, resume = checked
+        if resume == "finished":  # --resume of a finished run: nothing to do
+            if comm.rank == 0:
+                print(f"mpff: {rundir.path} already finished; nothing to resume", flush=True)
+            return 0
+        ready, error = _collectively(comm, lambda: _load_data(comm, cfg, rundir, resume))
+    if error is None:
+        device, dataset, plan, snapshot = ready
+        _, error = _on_root(comm, lambda: _take_run_dir(rundir))
     if error is not None:
-        if rank == 0:
+        if comm.rank == 0:
             print(f"mpff train: error: {error}", file=sys.stderr, flush=True)
-        comm.free()
         return EXIT_USAGE
+    return Setup(comm=comm, args=args, cfg=cfg, plan=plan, rundir=rundir, dataset=dataset, device=device,
+                 snapshot=snapshot, resume=resume)
 
-    # ----- the run directory (rank 0 prepares it; everyone waits) -----
-    if rank == 0:
-        if args.force:
-            stale_paths = ["trace", "report", "checkpoints", "model.h5"]
-            stale_paths += [n for n in os.listdir(run_dir) if n.startswith(("failure-rank", "trace-before-"))]
-            for stale in stale_paths:
-                path = os.path.join(run_dir, stale)
-                if os.path.isdir(path):
-                    shutil.rmtree(path)
-                elif os.path.exists(path):
-                    os.unlink(path)
-        if resume_from is None:
-            with open(os.path.join(run_dir, "config.toml"), "w") as fh:
-                fh.write(cfg.to_toml())
-        else:  # keep the interrupted attempt's traces beside the new ones
-            old = os.path.join(run_dir, "trace")
-            if os.path.isdir(old):
-                os.replace(old, os.path.join(run_dir, f"trace-before-c{resume_from[0] + 1:05d}-{int(time.time())}"))
-        previous = read_status(run_dir)
-        write_json_atomic(os.path.join(run_dir, "run.json"), {
-            "status": "running", "world_size": size, "schedule": cfg.run.schedule,
-            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "config": cfg.to_dict(),
-            "resumed_from_chapter": None if resume_from is None else resume_from[0] + 1,
-            "accuracy_per_chapter": previous.get("accuracy_per_chapter", {}) if resume_from else {}})
-    comm.barrier()
 
-    offset, t0 = comm.clock_offset()
-    meta = {"world_size": size, "host": socket.gethostname(), "device": str(device),
-            "schedule": cfg.run.schedule, "config": cfg.to_json(), "versions": versions(),
-            "mpi": mpi_info(), "torch_threads": torch.get_num_threads()}
-    tracer = Tracer(trace_path(run_dir, rank), rank, meta, clock_offset=offset, t0=t0,
-                    enabled=cfg.run.trace)
-    start = time.perf_counter()
-    if rank == 0:
-        mode = {"sequential": "sequential plan on rank 0"}.get(cfg.run.schedule, cfg.run.schedule)
-        print(f"mpff: {cfg.name}: {mode}, {size} rank(s), dims {list(cfg.model.dims)}, "
-              f"E={cfg.train.epochs} S={cfg.train.chapters}, {cfg.train.negatives} negatives, "
-              f"{cfg.train.classifier} classifier, {dataset.x_train.shape[0]} train / "
-              f"{dataset.x_test.shape[0]} test samples, device {device}", flush=True)
-        print(f"mpff: writing {run_dir}", flush=True)
-        if resume_from is not None:
-            note = ""
-            if resume_from[1] != size and cfg.run.exchange == "weights" and cfg.run.schedule != "single_layer":
-                note = (" (note: different rank count with exchange = 'weights': each layer continues "
-                        "with its last trainer's optimizer state, so results differ from an "
-                        "uninterrupted run)")
-            print(f"mpff: resuming after chapter {resume_from[0] + 1} from a {resume_from[1]}-rank "
-                  f"checkpoint{note}", flush=True)
-    progress = Progress(cfg, plan, start, quiet=args.quiet) if rank == 0 else None
+def _load_config(comm, args: argparse.Namespace):
+    from .plan import build_plan
 
-    def write_model(net) -> None:
-        acc = engine.result.test_accuracy.get(cfg.train.chapters - 1)
-        save_model(os.path.join(run_dir, "model.h5"), net, cfg, input_mean=dataset.input_mean,
-                   input_std=dataset.input_std, input_scale=dataset.input_scale, test_accuracy=acc,
-                   extra={"world_size": size, "schedule": cfg.run.schedule})
+    config_path = args.config
+    if args.resume and not config_path:
+        if not args.out:
+            raise ConfigError("--resume needs --out RUN_DIR (the run to continue)")
+        config_path = os.path.join(args.out, "config.toml")
+    cfg = load(config_path, args.overrides)
+    return cfg, build_plan(cfg, comm.size)
 
-    def checkpoint(chapter, buffers, negatives, local_opt):
-        write_rank_checkpoint(run_dir, chapter, rank, size, cfg.to_json(), buffers, negatives, local_opt)
 
+def _check_run_dir(cfg: Config, args: argparse.Namespace, world_size: int):
+    from .rundir import RunDir
+
+    rundir = RunDir(args.out or default_run_dir(cfg, world_size))
+    rundir.check(args.force, args.resume)
+    return rundir, (_find_resume_point(rundir, cfg) if args.resume else None)
+
+
+def _load_data(comm, cfg: Config, rundir, resume):
+    from .checkpoint import load_checkpoint
+    from .data import load_dataset
+    from .plan import build_plan
+
+    configure_torch(cfg)
+    device = pick_device(cfg, comm.node_local_rank()[0])
+    dataset = load_dataset(cfg.data)
+    if dataset.input_dim != cfg.model.dims[0]:
+        raise ConfigError(f"the data has {dataset.input_dim} inputs but model.dims[0] = "
+                          f"{cfg.model.dims[0]}; set model.dims[0] = {dataset.input_dim}")
+    if cfg.resolved_shards(comm.size) > dataset.x_train.shape[0]:
+        raise ConfigError("more data shards than training samples; use fewer ranks or more data")
+    plan = build_plan(cfg, comm.size, start_chapter=resume[0] if resume else 0,
+                      n_train=dataset.x_train.shape[0])
+    snapshot = load_checkpoint(rundir.path, resume[0], comm.rank, comm.size) if resume else None
+    return device, dataset, plan, snapshot
+
+
+def _take_run_dir(rundir) -> None:
     try:
-        with tracer.span("setup"):  # model, optimizers (torch imports lazily here), data on device
-            engine = Engine(cfg, plan, comm if size > 1 else None, rank, dataset, tracer, device,
-                            on_progress=progress, write_model=write_model, initial_state=initial_state,
-                            checkpoint=checkpoint, checkpoint_every=cfg.run.checkpoint_every,
-                            should_stop=stop_requested)
-        result = engine.run()
-        if rank == 0 and size > 1:
-            with tracer.span("wait", -1, -1):
-                wait_all_progress(comm, progress.expected - progress.received, progress, cfg.run.poll_interval)
-        mem = _peak_memory(device)
-        for name, value in mem.items():
-            tracer.scalar(name, -1, -1, value)
-        tracer.set_attr("bytes_sent", result.bytes_sent)
-        tracer.set_attr("bytes_received", result.bytes_received)
-        tracer.close("finished")
-    except Preempted:
-        return _preempted(comm, tracer, run_dir, rank, progress)
-    except BaseException:
-        # leave a note in the run directory, then let mpi4py abort the job
-        with open(os.path.join(run_dir, f"failure-rank{rank}.txt"), "w") as fh:
-            fh.write(traceback.format_exc())
-        tracer.close("failed")
-        raise
-    wall = time.perf_counter() - start
-    stats = comm.gather({"rank": rank, "host": socket.gethostname(), "device": str(device),
-                         "bytes_sent": result.bytes_sent, "bytes_received": result.bytes_received,
-                         **mem})
-    comm.barrier()
-    code = 0
-    if rank == 0:
-        final_acc = progress.acc.get(cfg.train.chapters - 1)
-        summary = {
-            "status": "finished", "world_size": size, "schedule": cfg.run.schedule,
-            "test_accuracy": final_acc, "wall_time": wall,
-            "accuracy_per_chapter": {str(c): a for c, a in sorted(progress.acc.items())},
-            "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "ranks": stats,
-            "resumed_from_chapter": None if resume_from is None else resume_from[0] + 1,
-            "config": cfg.to_dict(), "versions": versions(), "host": host_facts(),
-        }
-        previous = read_status(run_dir).get("accuracy_per_chapter", {})
-        summary["accuracy_per_chapter"] = {**previous, **summary["accuracy_per_chapter"]}
-        write_json_atomic(os.path.join(run_dir, "run.json"), summary)
-        RunLock(run_dir).release()
-        acc_text = f"{100 * final_acc:.2f}%" if final_acc is not None else "n/a"
-        print(f"mpff: done in {wall:.1f}s: test accuracy {acc_text} ({cfg.train.classifier} classifier), "
-              f"model {os.path.join(run_dir, 'model.h5')}", flush=True)
-        if cfg.run.report and cfg.run.trace:
-            code = _write_report(run_dir)
-    comm.free()
-    return code
+        rundir.acquire()
+    except OSError as exc:
+        raise ConfigError(f"cannot create {rundir.path!r} ({exc.strerror}); choose another --out") from None
 
 
-def _find_resume_point(run_dir: str, cfg: Config) -> tuple:
-    """Rank 0: the newest complete checkpoint of run_dir, checked against the configuration."""
-    status = read_status(run_dir).get("status")
-    if status == "finished":
-        return ("finished", 0)
-    found = complete_checkpoints(run_dir)
+def _find_resume_point(rundir, cfg: Config) -> tuple[int, int] | str:
+    """Rank 0: (chapters done, world size) of the newest complete checkpoint, checked against the
+    configuration; "finished" when the run has nothing left to do."""
+    import json
+
+    from .checkpoint import complete_checkpoints, load_checkpoint
+
+    if rundir.status == "finished":
+        return "finished"
+    found = complete_checkpoints(rundir.path)
     if not found:
-        raise ConfigError(f"no complete checkpoint in {run_dir!r} to resume from (checkpoints are "
+        raise ConfigError(f"no complete checkpoint in {rundir.path!r} to resume from (checkpoints are "
                           "written with run.checkpoint_every > 0); run without --resume")
-    chapter, world = found[0]
-    state = load_checkpoint(run_dir, chapter, 0, world)  # validates every rank file
+    done, world = found[0]
+    state = load_checkpoint(rundir.path, done, 0, world)  # validates every rank file
     old = json.loads(state["config"])
     new = cfg.to_dict()
     for section in ("model", "train", "data"):
@@ -413,25 +217,173 @@ def _find_resume_point(run_dir: str, cfg: Config) -> tuple:
             diff = sorted(k for k in new[section] if old[section].get(k) != new[section][k])
             raise ConfigError(f"the checkpoint was made with different [{section}] settings "
                               f"({', '.join(diff)}); resume with the run's own config.toml")
-    return (chapter, world)
+    return (done, state.get("world_size", world))
 
 
-def _preempted(comm, tracer, run_dir: str, rank: int, progress: Progress | None) -> int:
-    """Stop requested: every passed chapter is checkpointed; wait (bounded) for the other ranks."""
-    tracer.close("preempted")
+# ------------------------------------------------------------------------------ run
+
+
+@dataclass
+class Outcome:
+    status: str                      # finished | preempted
+    result: Any = None               # the executor's ExecResult
+    memory: dict = field(default_factory=dict)
+
+
+def execute(setup: Setup, quiet: bool = False) -> Outcome:
+    """This rank's part of the run: the run directory prepared by rank 0, the tracer, the rank
+    state, the executor; the model written by the rank that runs the final task."""
+    from .comm import mpi_info
+    from .executor import Executor, Preempted
+    from .ffstate import FFState
+    from .modelfile import save_model, versions
+    from .progress import Board, Reporter
+    from .trace import Tracer, trace_path
+
+    comm, cfg, plan, rundir = setup.comm, setup.cfg, setup.plan, setup.rundir
+    rank, size = comm.rank, comm.size
     if rank == 0:
-        done = [c for c, _ in complete_checkpoints(run_dir)]
-        state = read_status(run_dir)
-        # keep the accuracy of every chapter evaluated so far (a resumed run carries it on)
-        acc = dict(state.get("accuracy_per_chapter", {}))
-        acc.update({str(c): a for c, a in sorted(progress.acc.items())} if progress else {})
-        state.update(status="preempted", signal=_stop_signal[0] if _stop_signal else None,
-                     newest_complete_checkpoint=max(done) + 1 if done else None,
-                     accuracy_per_chapter=acc)
-        write_json_atomic(os.path.join(run_dir, "run.json"), state)
-        RunLock(run_dir).release()
-        print(f"mpff: stopped by signal {_stop_signal[0] if _stop_signal else '?'}; "
-              + (f"resume with --resume from after chapter {max(done) + 1}" if done else
+        rundir.prepare(cfg, force=setup.args.force, resume_after=setup.resume[0] if setup.resume else None,
+                       world_size=size)
+    comm.barrier()
+    offset, t0 = comm.clock_offset()
+    meta = {"world_size": size, "host": mpi_info()["host"], "device": str(setup.device),
+            "schedule": cfg.run.schedule, "config": cfg.to_json(), "versions": versions(),
+            "mpi": mpi_info(), "torch_threads": torch.get_num_threads()}
+    tracer = Tracer(trace_path(rundir.path, rank), rank, meta, clock_offset=offset, t0=t0,
+                    enabled=cfg.run.trace)
+    if rank == 0:
+        _banner(setup)
+    board = setup.board = Board(plan, setup.start, quiet=quiet) if rank == 0 else None
+    try:
+        with tracer.span("setup"):  # model, optimizers and data on the device
+            state = FFState(cfg, plan, setup.dataset, tracer, setup.device, rank=rank, should_stop=stop_requested)
+            if setup.snapshot:
+                state.restore(setup.snapshot)
+        executor = Executor(plan, comm, state, tracer, reporter=Reporter(comm, board),
+                            should_stop=stop_requested, checkpointer=_Checkpointer(setup, rank),
+                            stall_timeout=cfg.run.stall_timeout)
+        result = executor.run()
+        if rank == plan.final_rank() and plan.tasks:
+            with tracer.span("io", plan.num_chapters - 1, -1):
+                acc = state.test_accuracy.get(plan.num_chapters - 1)
+                save_model(rundir.model_path, state.net, cfg, input_mean=setup.dataset.input_mean,
+                           input_std=setup.dataset.input_std, input_scale=setup.dataset.input_scale,
+                           test_accuracy=acc, extra={"world_size": size, "schedule": cfg.run.schedule})
+        if rank == 0:
+            with tracer.span("wait", -1, -1):
+                executor.reporter.collect(timeout=cfg.run.stall_timeout, on_idle=executor._check_stop)
+        memory = _peak_memory(setup.device)
+        for name, value in memory.items():
+            tracer.scalar(name, -1, -1, value)
+        tracer.set_attr("bytes_sent", result.bytes_sent)
+        tracer.set_attr("bytes_received", result.bytes_received)
+        tracer.set_attr("train_start", result.train_start)
+        tracer.set_attr("train_end", result.train_end)
+        tracer.close("finished")
+    except Preempted:
+        tracer.close("preempted")
+        return Outcome("preempted")
+    except BaseException:
+        # leave a note in the run directory, then let mpi4py abort the job
+        rundir.write_failure_note(rank, traceback.format_exc())
+        tracer.close("failed")
+        raise
+    return Outcome("finished", result, memory)
+
+
+class _Checkpointer:
+    """The run's checkpoint policy (``run.checkpoint_every``) and where this rank writes."""
+
+    def __init__(self, setup: Setup, rank: int) -> None:
+        self.setup, self.rank = setup, rank
+        self.every = setup.cfg.run.checkpoint_every
+
+    def due(self, chapter: int) -> bool:
+        # the last chapter is never checkpointed: the model is written right after it
+        return bool(self.every) and chapter < self.setup.plan.num_chapters - 1 and (chapter + 1) % self.every == 0
+
+    def write(self, chapter: int, snapshot: dict) -> None:
+        from .checkpoint import write_rank_checkpoint
+        s = self.setup
+        write_rank_checkpoint(s.rundir.path, chapter, self.rank, s.comm.size, s.cfg.to_json(), snapshot)
+
+
+def _banner(setup: Setup) -> None:
+    cfg, size, ds = setup.cfg, setup.comm.size, setup.dataset
+    mode = {"sequential": "sequential plan on rank 0"}.get(cfg.run.schedule, cfg.run.schedule)
+    print(f"mpff: {cfg.name}: {mode}, {size} rank(s), dims {list(cfg.model.dims)}, "
+          f"E={cfg.train.epochs} S={cfg.train.chapters}, {cfg.train.negatives} negatives, "
+          f"{cfg.train.classifier} classifier, {ds.x_train.shape[0]} train / "
+          f"{ds.x_test.shape[0]} test samples, device {setup.device}", flush=True)
+    print(f"mpff: writing {setup.rundir.path}", flush=True)
+    if setup.resume is not None:
+        done, old_world = setup.resume
+        note = ""
+        if old_world != size and cfg.run.exchange == "weights" and cfg.run.schedule != "single_layer":
+            note = (" (note: different rank count with exchange = 'weights': each layer continues "
+                    "with its last trainer's optimizer state, so results differ from an "
+                    "uninterrupted run)")
+        print(f"mpff: resuming after chapter {done} from a {old_world}-rank checkpoint{note}", flush=True)
+
+
+# ------------------------------------------------------------------------------ finish
+
+
+def finish(setup: Setup, outcome: Outcome) -> int:
+    """After the tasks: run.json (rank 0), the summary line, the report."""
+    if outcome.status == "preempted":
+        return _preempted(setup)
+    comm, cfg, rundir = setup.comm, setup.cfg, setup.rundir
+    result = outcome.result
+    stats = comm.gather({"rank": comm.rank, "host": __import__("socket").gethostname(),
+                         "device": str(setup.device), "bytes_sent": result.bytes_sent,
+                         "bytes_received": result.bytes_received,
+                         "train_start": result.train_start, "train_end": result.train_end, **outcome.memory})
+    comm.barrier()
+    code = 0
+    if comm.rank == 0:
+        from .modelfile import host_facts, versions
+        board = setup.board
+        wall = time.perf_counter() - setup.start
+        last = cfg.train.chapters - 1
+        final_acc = board.acc.get(last)
+        previous = rundir.read().get("accuracy_per_chapter", {})
+        accuracy = {**previous, **{str(c + 1): a for c, a in sorted(board.acc.items())}}
+        training = max(s["train_end"] for s in stats) - min(s["train_start"] for s in stats)
+        for s in stats:
+            del s["train_start"], s["train_end"]
+        rundir.end_attempt("finished", test_accuracy=final_acc, wall_time=wall, training_seconds=training,
+                           accuracy_per_chapter=accuracy, chapters_done=cfg.train.chapters, ranks=stats,
+                           versions=versions(), host=host_facts(), exit_code=0)
+        rundir.clear_failure_notes()
+        rundir.release()
+        acc_text = f"{100 * final_acc:.2f}%" if final_acc is not None else "n/a"
+        print(f"mpff: done in {wall:.1f}s: test accuracy {acc_text} ({cfg.train.classifier} classifier), "
+              f"model {rundir.model_path}", flush=True)
+        if cfg.run.report and cfg.run.trace:
+            code = _write_report(rundir.path)
+    return code
+
+
+def _preempted(setup: Setup) -> int:
+    """Stop requested: every passed chapter is checkpointed; wait (bounded) for the other ranks."""
+    from .checkpoint import complete_checkpoints
+
+    comm, rundir = setup.comm, setup.rundir
+    if comm.rank == 0:
+        done = [c for c, _ in complete_checkpoints(rundir.path)]
+        board = setup.board
+        acc = dict(rundir.read().get("accuracy_per_chapter", {}))
+        if board is not None:
+            acc.update({str(c + 1): a for c, a in sorted(board.acc.items())})
+        sig = _stop_signal[0] if _stop_signal else None
+        rundir.end_attempt("preempted", signal=sig, newest_complete_checkpoint=max(done) if done else None,
+                           chapters_done=max(done) if done else 0, accuracy_per_chapter=acc,
+                           exit_code=EXIT_PREEMPTED, reason=f"stopped by signal {sig}")
+        rundir.release()
+        print(f"mpff: stopped by signal {sig if sig is not None else '?'}; "
+              + (f"resume with --resume from after chapter {max(done)}" if done else
                  "no complete checkpoint yet (set run.checkpoint_every)"), flush=True)
     # all ranks got the signal (SLURM and mpiexec signal every rank); give them time to reach
     # this point, then leave. A rank that never comes is taken down by MPI_Abort.
@@ -442,6 +394,22 @@ def _preempted(comm, tracer, run_dir: str, rank: int, progress: Progress | None)
             comm.abort(EXIT_PREEMPTED)
         time.sleep(0.01)
     return EXIT_PREEMPTED
+
+
+def run(comm, args: argparse.Namespace) -> int:
+    """``mpff train`` on communicator ``comm`` (an mpi4py communicator)."""
+    from .comm import Comm
+
+    _install_signal_handlers()  # first: a signal during start-up must not kill the rank
+    mpff_comm = Comm(comm)
+    try:
+        setup = prepare(mpff_comm, args)
+        if isinstance(setup, int):
+            return setup
+        board_quiet = args.quiet
+        return finish(setup, execute(setup, quiet=board_quiet))
+    finally:
+        mpff_comm.free()
 
 
 def _write_report(run_dir: str) -> int:
@@ -463,3 +431,26 @@ def _peak_memory(device: torch.device) -> dict[str, float]:
     if device.type == "cuda":
         out["peak_gpu_mem"] = float(torch.cuda.max_memory_allocated(device))
     return out
+
+
+# ------------------------------------------------------------------------------ in one process
+
+
+def train_local(cfg: Config, dataset, *, tracer=None, device: torch.device | None = None):
+    """Train ``cfg`` on ``dataset`` in this process (one rank on COMM_SELF, no run directory,
+    no files): for tests and notebooks. Returns the rank state (``.net`` is the network)."""
+    from .comm import Comm, self_comm
+    from .executor import Executor
+    from .ffstate import FFState
+    from .plan import build_plan
+    from .trace import Tracer
+
+    comm = Comm(self_comm(), poll_interval=cfg.run.poll_interval)
+    try:
+        plan = build_plan(cfg, 1, n_train=dataset.x_train.shape[0])
+        tracer = tracer or Tracer(None, 0, {}, enabled=False)
+        state = FFState(cfg, plan, dataset, tracer, device or torch.device("cpu"))
+        Executor(plan, comm, state, tracer).run()
+        return state
+    finally:
+        comm.free()

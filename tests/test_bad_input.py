@@ -120,7 +120,7 @@ CASES = [
     Case("resume-without-checkpoints", ("--resume",), "no complete checkpoint in '{out}' to resume from",
          out="preempted-no-checkpoints", config=False),
     Case("resume-corrupt-checkpoint", ("--resume",),
-         "checkpoint file '{out}/checkpoints/c00000/rank0000.h5' is corrupt or unreadable",
+         "checkpoint file '{out}/checkpoints/c00001/rank0000.h5' is corrupt or unreadable",
          out="preempted-corrupt", config=False),
     Case("resume-nothing-there", ("--resume",), "config file '{out}/config.toml' not found",
          config=False),
@@ -224,7 +224,7 @@ def prepare(case: Case, ws: str, finished: str) -> tuple[str, str]:
         if kind == "preempted-no-checkpoints":
             shutil.rmtree(os.path.join(out, "checkpoints"))
         if kind == "preempted-corrupt":
-            path = os.path.join(out, "checkpoints", "c00000", "rank0000.h5")
+            path = os.path.join(out, "checkpoints", "c00001", "rank0000.h5")
             with open(path, "r+b") as fh:
                 fh.truncate(os.path.getsize(path) // 3)
     else:
@@ -343,7 +343,7 @@ def finished_run(tmp_path_factory):
                           cwd=ROOT, env=ENV, stdin=subprocess.DEVNULL, capture_output=True, text=True,
                           timeout=TIMEOUT)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert os.path.exists(os.path.join(out, "checkpoints", "c00000", "rank0000.h5"))
+    assert os.path.exists(os.path.join(out, "checkpoints", "c00001", "rank0000.h5"))
     assert not os.path.exists(os.path.join(out, ".lock"))
     return out
 

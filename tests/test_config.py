@@ -71,8 +71,6 @@ def test_toml_round_trip(tmp_path):
     ({"train": {"chapters": 0}}, "train.chapters must be at least 1"),
     ({"data": {"dataset": "idx"}}, "data.path must name the idx data to read"),
     ({"data": {"dataset": "cifar10"}}, "data.path must name the cifar10 data to read"),
-    ({"data": {"dataset": "idx", "path": "/nonexistent/mpff"}},
-     "data.path '/nonexistent/mpff' does not exist; point it at the data set"),
     ({"run": {"schedule": "pipeline"}},
      "run.schedule = 'pipeline' is not one of sequential, single_layer, all_layers, federated"),
     ({"train": {"negatives": "hard"}}, "train.negatives = 'hard' is not one of fixed, random, adaptive"),
@@ -85,6 +83,17 @@ def test_validation_messages(data, message):
     with pytest.raises(ConfigError) as info:
         from_dict(data)
     assert message in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_a_missing_data_path_is_reported_where_the_data_is_opened():
+    """Validation checks values only (a config naming data that is not here is still a config);
+    the data reader says the path does not exist, as one line."""
+    from mpff.data import load_dataset
+    cfg = from_dict({"data": {"dataset": "idx", "path": "/nonexistent/mpff"}})
+    with pytest.raises(ConfigError) as info:
+        load_dataset(cfg.data)
+    assert "data.path '/nonexistent/mpff' does not exist; point it at the data set" in str(info.value)
     assert "\n" not in str(info.value)
 
 

@@ -9,13 +9,16 @@ import numpy as np
 import pytest
 import torch
 
+from mpff.comm import Comm, self_comm
 from mpff.config import Config
 from mpff.data import Dataset
-from mpff.engine import Engine
+from mpff.executor import Executor
 from mpff.ff import FFLayer, cooldown_lr, seed_for, train_epochs
+from mpff.ffstate import FFState
 from mpff.model import NUM_CLASSES, FFNet, hardest_wrong_label, label_slice, overlay, random_negatives
 from mpff.plan import build_plan
 from mpff.trace import Tracer
+from mpff.train import train_local
 
 
 def softplus(v: float) -> float:
@@ -329,9 +332,18 @@ def _engine(negatives, classifier="goodness", shards=0, lag=0, chapters=4, dims=
                "classifier": classifier, "batch_size": 32},
         data={"shards": shards},
     )
-    plan = build_plan(cfg, 1)
-    return Engine(cfg, plan, None, 0, _dataset(), Tracer(None, 0, {}, enabled=False),
-                  torch.device("cpu"))
+    dataset = _dataset()
+    plan = build_plan(cfg, 1, n_train=dataset.x_train.shape[0])
+    return FFState(cfg, plan, dataset, Tracer(None, 0, {}, enabled=False), torch.device("cpu"))
+
+
+def _run(state: FFState) -> None:
+    """Run the state's plan in this process, on COMM_SELF, as a one-rank job does."""
+    comm = Comm(self_comm())
+    try:
+        Executor(state.plan, comm, state, state.tracer).run()
+    finally:
+        comm.free()
 
 
 @pytest.mark.parametrize("negatives", ["fixed", "random"])
@@ -355,7 +367,7 @@ def test_engine_negatives_never_the_true_label(negatives, shards):
                                                      ("goodness", 1, 0), ("softmax", 1, 2)])
 def test_engine_adaptive_negatives_never_the_true_label(classifier, lag, shards):
     eng = _engine("adaptive", classifier=classifier, lag=lag, shards=shards)
-    eng.run()
+    _run(eng)
     # negatives were made for every chapter after the lag, by the network of chapter c-1-lag
     assert sorted(eng.neg_labels) == list(range(1 + lag, 4))
     for c in range(4):
@@ -383,7 +395,7 @@ def test_engine_adaptive_negatives_are_the_networks_hardest_wrong_label():
         seen[task.chapter] = hardest_wrong_label(scores, sh["y"]).numpy()
 
     eng._do_negatives = spy
-    eng.run()
+    _run(eng)
     assert np.array_equal(eng.neg_labels[1], seen[0])
 
 
@@ -458,10 +470,8 @@ def _final_weights(epochs: int, chapters: int, final: str) -> list[np.ndarray]:
     cfg = Config().replace(model={"dims": (784, 8, 8)},
                            train={"epochs": epochs, "chapters": chapters, "negatives": "random",
                                   "batch_size": 32, "cooldown_final": final})
-    got = {}
-    Engine(cfg, build_plan(cfg, 1), None, 0, _dataset(), Tracer(None, 0, {}, enabled=False),
-           torch.device("cpu"), write_model=lambda net: got.setdefault("net", net)).run()
-    return [p.detach().clone().numpy() for p in got["net"].parameters()]
+    state = train_local(cfg, _dataset())
+    return [p.detach().clone().numpy() for p in state.net.parameters()]
 
 
 def test_engine_applies_cooldown_final():

@@ -13,10 +13,8 @@ import torch
 import mpff
 from mpff.config import ConfigError, load
 from mpff.data import embedded_mnist_dir, load_dataset, read_idx
-from mpff.engine import Engine
 from mpff.modelfile import FORMAT, atomic_h5, save_model, weights_of
-from mpff.plan import build_plan
-from mpff.trace import Tracer
+from mpff.train import train_local
 
 N_TEST = 500
 
@@ -38,22 +36,15 @@ def trained(tmp_path_factory):
         "train.classifier=softmax", "train.negatives=random", "train.eval_every=0"])
     dataset = load_dataset(cfg.data)
     path = str(tmp_path_factory.mktemp("model") / "model.h5")
-    saved = {}
-
-    def write_model(net):
-        save_model(path, net, cfg, input_mean=dataset.input_mean, input_std=dataset.input_std,
-                   input_scale=dataset.input_scale, test_accuracy=0.5, extra={"schedule": "sequential"})
-        saved["net"] = net
-
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        engine = Engine(cfg, build_plan(cfg, 1), None, 0, dataset, Tracer(None, 0, {}, enabled=False),
-                        torch.device("cpu"), write_model=write_model)
-        engine.run()
+        net = train_local(cfg, dataset).net
     finally:
         torch.set_num_threads(threads)
-    return path, saved["net"], cfg, dataset
+    save_model(path, net, cfg, input_mean=dataset.input_mean, input_std=dataset.input_std,
+               input_scale=dataset.input_scale, test_accuracy=0.5, extra={"schedule": "sequential"})
+    return path, net, cfg, dataset
 
 
 def _normalise(raw, dataset) -> torch.Tensor:

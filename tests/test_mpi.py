@@ -190,10 +190,10 @@ def test_info_lists_every_rank(mpff_run):
 FAILING = textwrap.dedent("""
     import sys, time
 
-    import mpff.engine
+    import mpff.ffstate
     import mpff.train  # noqa: F401  (the real training code, patched below)
 
-    _original = mpff.engine.Engine._do_train
+    _original = mpff.ffstate.FFState._do_train
 
     def _do_train(self, task):
         if self.rank == 1 and task.chapter == 1:
@@ -202,7 +202,7 @@ FAILING = textwrap.dedent("""
             raise RuntimeError("injected failure on rank 1")
         return _original(self, task)
 
-    mpff.engine.Engine._do_train = _do_train
+    mpff.ffstate.FFState._do_train = _do_train
 
     import mpff.cli
 
@@ -254,3 +254,16 @@ def test_ranks_leaving_apart_keep_their_exit_code(tmp_path, mpff_launch):
                               text=True, timeout=120)
         assert proc.returncode == code, f"launch {attempt}: exit {proc.returncode}\n{proc.stdout}{proc.stderr}"
         assert "BAD TERMINATION" not in proc.stdout, proc.stdout
+
+
+@pytest.mark.parametrize("ranks", [2, 3])
+def test_executor_suite_at_several_sizes(ranks, mpff_launch):
+    """tests/test_executor.py, whose bodies hold at any size, run under mpiexec as mpi4py runs its
+    own suite at several -n (in this process it runs on one rank)."""
+    proc = subprocess.run([mpff_launch.mpiexec, "-n", str(ranks), mpff_launch.python, "-m", "pytest", "-q",
+                           "-p", "no:cacheprovider", "tests/test_executor.py"], cwd=mpff_launch.root,
+                          env=mpff_launch.env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    summaries = [line for line in proc.stdout.splitlines() if " passed" in line]
+    assert len(summaries) == ranks, proc.stdout[-4000:]  # every rank ran the suite
+    assert all("failed" not in s and "error" not in s for s in summaries), summaries

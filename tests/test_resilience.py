@@ -10,7 +10,7 @@ Each process pays seconds of CPU for importing torch, so the runs go in two batc
 at a time (a small machine finishes a batch sooner than its runs one after another):
 
 1. ``first_runs``: the reference; per schedule a run that gets SIGTERM as soon as its checkpoint
-   c00001 is complete; an all_layers run whose rank 1 gets SIGKILL once c00000 is complete.
+   c00002 (two chapters done) is complete; an all_layers run whose rank 1 gets SIGKILL once c00001 is complete.
 2. ``resumed``: copies of those runs resumed (one after a simulated interrupted checkpoint
    write, on 1 rank; the killed one on 3 ranks).
 
@@ -264,12 +264,12 @@ def run_batch(specs: dict[str, Spec], logs: str) -> dict[str, Job]:
 
 @pytest.fixture(scope="module")
 def first_runs(work) -> dict[str, Job]:
-    """Keys: the schedules (stopped by SIGTERM after c00001), "killed", "reference"."""
+    """Keys: the schedules (stopped by SIGTERM after c00002), "killed", "reference"."""
     specs = {"killed": Spec(2, os.path.join(work, "killed"), *BASE, "--set", "run.schedule=all_layers",
-                            chapter=0, act=sigkill_rank_1)}
+                            chapter=1, act=sigkill_rank_1)}
     for schedule, ranks in reversed(SCHEDULES):
         specs[schedule] = Spec(ranks, os.path.join(work, f"stopped-{schedule}"), *BASE,
-                               "--set", f"run.schedule={schedule}", chapter=1, act=sigterm)
+                               "--set", f"run.schedule={schedule}", chapter=2, act=sigterm)
     specs["reference"] = Spec(1, os.path.join(work, "reference"), *BASE)
     return run_batch(specs, work)
 
@@ -332,9 +332,10 @@ def same_as_reference(reference, work):
 
 
 def assert_resumed_to_the_end(job: Job, chapter: int, old_world: int) -> None:
-    """The resumed job ran to the end, starting after checkpoint ``chapter`` (0-based)."""
+    """The resumed job ran to the end, starting after checkpoint ``chapter`` (chapters done,
+    counted from 1 as the checkpoint directories are)."""
     assert job.proc.returncode == 0, job.output()
-    assert (f"mpff: resuming after chapter {chapter + 1} from a {old_world}-rank checkpoint"
+    assert (f"mpff: resuming after chapter {chapter} from a {old_world}-rank checkpoint"
             in job.stdout), job.output()
     state = run_json(job.out)
     assert state["status"] == "finished", state
@@ -355,11 +356,11 @@ def test_sigterm_stops_the_run(schedule, ranks, first_runs):
     assert state["status"] == "preempted", state
     assert state["signal"] == signal.SIGTERM, state
     newest = newest_complete(job.out)
-    assert newest >= 1 and state["newest_complete_checkpoint"] == newest + 1, state
-    assert newest < CHAPTERS - 1 and not os.path.exists(os.path.join(job.out, "model.h5")), \
+    assert newest >= 2 and state["newest_complete_checkpoint"] == newest, state
+    assert newest < CHAPTERS and not os.path.exists(os.path.join(job.out, "model.h5")), \
         f"the run was not stopped mid-run; make BASE bigger\n{job.output()}"
     assert (f"mpff: stopped by signal {int(signal.SIGTERM)}; resume with --resume from after chapter "
-            f"{newest + 1}") in job.stdout, job.output()
+            f"{newest}") in job.stdout, job.output()
     assert not os.path.exists(os.path.join(job.out, ".lock")), "a stopped run keeps its lock"
     assert job.stderr.strip() == "", job.output()
 

@@ -1,0 +1,264 @@
+"""Runs one rank's tasks from the plan: task order, messages, waits, checkpoints at boundaries.
+
+The executor knows tasks, buffers and messages, and nothing of torch: what a task computes,
+and how a buffer is packed into a flat array and loaded back, is the rank state's business
+(:class:`RankState`; :class:`mpff.ffstate.FFState` for Forward-Forward). It always runs on a
+communicator (one process runs on ``COMM_SELF``: the plan then has no messages), so there is
+one code path.
+
+Receives are posted early (a window of tasks ahead), sends as soon as a task's output exists,
+and a send buffer is kept alive until its request completes. A rank blocks only when its next
+task needs a buffer that has not arrived; that wait is traced as a ``wait`` span (a bubble).
+There is no blocking collective inside the loop. While it waits, a rank polls: stop requests
+(:class:`Preempted`), completed sends, progress records (rank 0), and the stall deadline
+(:class:`Stalled`).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+
+from .plan import Buf, Plan, Task, Transfer
+from .progress import Record, Reporter
+
+#: Buffers of requests abandoned when a rank leaves early (see Executor.abandon).
+_KEEP_ALIVE: list = []
+
+
+class Preempted(Exception):
+    """A stop was requested (SIGTERM / SIGUSR1 / SIGINT); checkpoints of passed chapters are on disk."""
+
+
+class Stalled(RuntimeError):
+    """A rank waited longer than ``run.stall_timeout`` for a message; the text names peer and buffer."""
+
+
+class RankState(Protocol):
+    """The model side of a rank, as the executor drives it (see mpff.ffstate.FFState)."""
+
+    def holds(self, buf: Buf) -> bool:
+        """Is this version of ``buf`` current here (produced here, loaded, or restored)?"""
+
+    def pack(self, buf: Buf, full: bool) -> np.ndarray:
+        """``buf`` as one flat array of ``plan.buffer_spec(buf, full)``: for messages and checkpoints."""
+
+    def load(self, buf: Buf, array: np.ndarray, full: bool) -> None:
+        """The inverse of :meth:`pack`."""
+
+    def prepare(self, task: Task) -> None:
+        """Work that needs only the task's non-trainable inputs (FF: forward passes below a layer)."""
+
+    def run(self, task: Task) -> list[Record]:
+        """Run one task; the progress records it produced."""
+
+    def checkpoint(self, chapter: int, owned: list[Buf]) -> dict:
+        """What this rank saves at the boundary after ``chapter`` (``owned``: the buffers it produced)."""
+
+
+class Checkpointer(Protocol):
+    def due(self, chapter: int) -> bool:
+        """Is a checkpoint due at the boundary after ``chapter`` (0-based)?"""
+
+    def write(self, chapter: int, snapshot: dict) -> None:
+        """Write this rank's snapshot of that boundary."""
+
+
+@dataclass
+class _Recv:
+    transfer: Transfer
+    array: np.ndarray
+    req: Any
+    unpacked: bool = False
+
+
+@dataclass
+class ExecResult:
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    train_start: float = 0.0   # the tracer's clock: when the first task began
+    train_end: float = 0.0     # and when the last one (and the drain) ended
+
+
+class Executor:
+    """Executes the tasks of ``comm.rank`` in ``plan`` on ``state``."""
+
+    def __init__(self, plan: Plan, comm, state: RankState, tracer, *, reporter: Reporter | None = None,
+                 should_stop: Callable[[], bool] | None = None, checkpointer: Checkpointer | None = None,
+                 window: int | None = None, stall_timeout: float = 0.0) -> None:
+        self.plan = plan
+        self.comm = comm
+        self.rank = comm.rank
+        self.state = state
+        self.tracer = tracer
+        self.reporter = reporter or Reporter(comm)
+        self.should_stop = should_stop or (lambda: False)
+        self.checkpointer = checkpointer
+        self.stall_timeout = stall_timeout
+        self.tasks = plan.rank_tasks(self.rank)
+        # enough tasks ahead that a buffer's receive is posted before its producer sends it
+        self.window = window if window is not None else 2 * plan.num_layers + 6
+        self.result = ExecResult()
+        self._boundary = plan.start_chapter - 1  # newest chapter boundary this rank has passed
+        self._recvs: dict[Buf, _Recv] = {}
+        self._recv_queue = list(plan.recvs[self.rank])
+        self._task_pos = {task: i for i, task in enumerate(self.tasks)}
+        self._sends: list[tuple[Any, np.ndarray]] = []
+
+    # ------------------------------------------------------------------ the loop
+    def run(self) -> ExecResult:
+        try:
+            return self._run()
+        except BaseException:
+            self.abandon()
+            raise
+
+    def abandon(self) -> None:
+        """Leaving early (a stop, a stall, an error): cancel the receives still posted and keep
+        every buffer MPI may still read or write alive until the process ends -- freeing one
+        under a pending request corrupts the heap when the message lands."""
+        for rv in self._recvs.values():
+            if not rv.unpacked:
+                try:
+                    rv.req.Cancel()
+                except Exception:  # pragma: no cover - already complete or finalized
+                    pass
+        _KEEP_ALIVE.extend(rv.array for rv in self._recvs.values())
+        _KEEP_ALIVE.extend(a for _, a in self._sends)
+        _KEEP_ALIVE.extend(self.reporter.buffers())
+        self._recvs.clear()
+        self._sends.clear()
+
+    def _run(self) -> ExecResult:
+        self.result.train_start = self.tracer.now()
+        last_chapter = None
+        for pos, task in enumerate(self.tasks):
+            self._check_stop()
+            self._post_recvs(pos + self.window)
+            if last_chapter is not None and task.chapter != last_chapter:
+                self.tracer.flush()  # chapter end: buffered spans go to the file
+            self._pass_boundaries(task.chapter - 1)
+            last_chapter = task.chapter
+            # What the task reads comes first; the state it trains (from chapter c-1) is waited
+            # for last, so a train task's forward passes through the layers below fill that wait.
+            inputs = self.plan.inputs(task)
+            for b, trainable in inputs:
+                if not trainable:
+                    self._need(b, task)
+            if self.plan.newest and task.kind == "train":
+                self._take_arrived("neg")  # the paper's Single Layer: newest negatives, never wait
+            self.state.prepare(task)
+            for b, trainable in inputs:
+                if trainable:
+                    self._need(b, task)
+            for rec in self.state.run(task) or ():  # None: nothing to report
+                self.reporter.report(rec)
+            self._publish(task)
+            self._idle()
+        if last_chapter is not None:
+            self.tracer.flush()
+        self._pass_boundaries(self.plan.num_chapters - 1)
+        self._drain()
+        self.reporter.report(Record("done", -1, -1))
+        for req in self.reporter.pending():
+            self._wait(req, "its progress records to reach rank 0", peer=0)
+        self.result.train_end = self.tracer.now()
+        return self.result
+
+    def _drain(self) -> None:
+        """Every send must complete before its buffer goes away, and every posted receive
+        (newest-mode negatives may never have been needed) must be matched."""
+        self._post_recvs(len(self.tasks) + 1)
+        for b, rv in list(self._recvs.items()):
+            if not rv.unpacked:
+                self._wait(rv.req, f"{_name(b)} from rank {rv.transfer.peer}", peer=rv.transfer.peer)
+        for req, _ in self._sends:
+            self._wait(req, "a send to complete")
+        self._sends.clear()
+
+    # ------------------------------------------------------------------ messages
+    def _post_recvs(self, upto: int) -> None:
+        """Post receives for every buffer first needed by a task at position <= upto."""
+        while self._recv_queue and self._task_pos[self._recv_queue[0][0]] <= upto:
+            _, tr = self._recv_queue.pop(0)
+            count, dtype = self.plan.buffer_spec(tr.buf, tr.full)
+            array = np.empty(count, dtype=dtype)
+            self._recvs[tr.buf] = _Recv(tr, array, self.comm.irecv(array, tr.peer, tr.tag))
+
+    def _need(self, b: Buf, task: Task) -> None:
+        """Make buffer ``b`` current in the local state, waiting for it if it is remote."""
+        if self.plan.is_initial(b) or self.state.holds(b):
+            return
+        rv = self._recvs.get(b)
+        if rv is None:
+            raise AssertionError(f"rank {self.rank}: no receive posted for {b}")  # plan invariant
+        if not self.comm.test(rv.req):
+            with self.tracer.span("wait", task.chapter, task.layer, peer=rv.transfer.peer):
+                self._wait(rv.req, f"{_name(b)} from rank {rv.transfer.peer}", peer=rv.transfer.peer)
+        self._unpack(b)
+
+    def _take_arrived(self, kind: str) -> None:
+        for b, rv in list(self._recvs.items()):
+            if b.kind == kind and not rv.unpacked and self.comm.test(rv.req):
+                self._unpack(b)
+
+    def _unpack(self, b: Buf) -> None:
+        rv = self._recvs.pop(b)  # the state holds the values now: the receive buffer can go
+        with self.tracer.span("recv", b.chapter, b.index, peer=rv.transfer.peer, nbytes=rv.array.nbytes):
+            self.state.load(b, rv.array, rv.transfer.full)
+        self.result.bytes_received += rv.array.nbytes
+        rv.unpacked = True
+
+    def _publish(self, task: Task) -> None:
+        for tr in self.plan.sends[task]:
+            start = self.tracer.now()
+            array = self.state.pack(tr.buf, tr.full)
+            req = self.comm.isend(array, tr.peer, tr.tag)
+            self.tracer.add_span("send", tr.buf.chapter, tr.buf.index, start, self.tracer.now(),
+                                 array.nbytes, tr.peer)
+            self._sends.append((req, array))  # keep the buffer alive until the send completes
+            self.result.bytes_sent += array.nbytes
+
+    def _wait(self, req: Any, what: str, peer: int = -1) -> None:
+        """Wait for ``req``, polling; past the stall deadline the job cannot go on."""
+        start = time.monotonic()
+        while not self.comm.test(req):
+            self._idle()
+            if self.stall_timeout and time.monotonic() - start > self.stall_timeout:
+                raise Stalled(f"rank {self.rank} waited {self.stall_timeout:g} s for {what} "
+                              f"(run.stall_timeout); rank {peer if peer >= 0 else '?'} is stuck or "
+                              "far slower than its peers")
+            time.sleep(self.comm.poll_interval)
+
+    def _idle(self) -> None:
+        self._check_stop()
+        if self._sends:
+            self._sends = [(r, a) for r, a in self._sends if not self.comm.test(r)]
+        self.reporter.poll()
+
+    def _check_stop(self) -> None:
+        if self.should_stop():
+            raise Preempted()
+
+    # ------------------------------------------------------------------ checkpoints
+    def _pass_boundaries(self, upto: int) -> None:
+        """This rank has finished every task of chapters <= upto: write the checkpoints due."""
+        while self._boundary < upto:
+            self._boundary += 1
+            b = self._boundary
+            if self.checkpointer is None or not self.checkpointer.due(b):
+                continue
+            owned = [buf for buf in self.plan.network(b)
+                     if buf in self.plan.producer and self.plan.rank_of[self.plan.producer[buf]] == self.rank]
+            with self.tracer.span("checkpoint", b, -1):
+                self.checkpointer.write(b, self.state.checkpoint(b, owned))
+
+
+def _name(b: Buf) -> str:
+    what = {"layer": f"layer {b.index + 1}", "head": "the softmax head", "neg": "the negatives"}.get(
+        b.kind, f"{b.kind} {b.index}")
+    return f"{what} of chapter {b.chapter + 1}"

@@ -1,0 +1,280 @@
+"""The model side of one Forward-Forward rank: network, optimizers, data shards, negatives.
+
+:class:`FFState` runs one task of the plan (:meth:`FFState.run`), and is the one serialiser
+of its state: :meth:`pack` and :meth:`load` turn a buffer (a layer or the head after some
+chapter, with or without Adam's state; the negative labels of a chapter) into one flat array
+and back, for messages and checkpoints alike. Buffer sizes come from
+:meth:`mpff.plan.Plan.buffer_spec`. No MPI here: the executor (:mod:`mpff.executor`) moves
+the arrays.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import torch
+
+from .config import Config
+from .ff import cooldown_lr, make_adam, seed_for, train_epochs
+from .model import FFNet, overlay, random_negatives, train_head
+from .plan import Buf, Plan, Task
+from .progress import Record
+
+FIXED_STREAM, RANDOM_STREAM, SHUFFLE_STREAM, HEAD_STREAM = 0xF1, 0xA4, 0x5F, 0x4E
+
+
+class FFState:
+    """One rank's FF network and data, as the executor drives it."""
+
+    def __init__(self, cfg: Config, plan: Plan, dataset, tracer, device: torch.device, *, rank: int = 0,
+                 should_stop: Callable[[], bool] | None = None) -> None:
+        self.cfg = cfg
+        self.rank = rank
+        self.plan = plan
+        self.tracer = tracer
+        self.device = device
+        self.should_stop = should_stop
+        t = cfg.train
+        self.C = t.epochs_per_chapter
+        self.net = FFNet.from_config(cfg).to(device)
+        self.opts = [layer.make_optimizer(t.lr) for layer in self.net.layers]
+        self.head_opt = make_adam(self.net.head.parameters(), t.head_lr)
+        #: (kind, index) -> the chapter whose version the local model holds (-1: initial)
+        self.version = {("layer", k): -1 for k in range(plan.num_layers)}
+        self.version[("head", -1)] = -1
+
+        # ----- data: only the shards this rank's tasks touch are moved to the device -----
+        n = dataset.x_train.shape[0]
+        self.n_train = n
+        self.shard_index = np.array_split(np.arange(n), plan.shards)
+        self.y_train = dataset.y_train
+        self._shards: dict[int, dict] = {}
+        self.x_test = torch.from_numpy(dataset.x_test).to(device)
+        self.y_test = torch.from_numpy(dataset.y_test).to(device)
+        self._x_train_np = dataset.x_train
+        self.neg_labels: dict[int, np.ndarray] = {}   # chapter -> labels for that chapter's shard
+        self._cache: tuple | None = None              # (chapter, last layer applied, h_pos, h_neg)
+        self.test_accuracy: dict[int, float] = {}     # chapter -> accuracy, of the evals run here
+
+    # ------------------------------------------------------------------ data
+    def shard(self, s: int) -> dict:
+        if s not in self._shards:
+            idx = self.shard_index[s]
+            x = torch.from_numpy(np.ascontiguousarray(self._x_train_np[idx])).to(self.device)
+            y = torch.from_numpy(self.y_train[idx]).to(self.device)
+            m = self.cfg.model
+            self._shards[s] = {
+                "index": idx, "x": x, "y": y,
+                "x_pos": overlay(x, y, m.label_position),
+                "x_neg": torch.empty_like(x), "neg_chapter": None,
+            }
+        return self._shards[s]
+
+    def negatives_for(self, chapter: int) -> np.ndarray:
+        """Wrong labels used in ``chapter`` for the samples of that chapter's shard."""
+        t = self.cfg.train
+        s = self.plan.data_shard(chapter)
+        idx = self.shard_index[s]
+        y = self.y_train[idx]
+        if t.negatives == "random":
+            return random_negatives(y, idx, self.n_train, t.seed, RANDOM_STREAM, chapter)
+        if t.negatives == "adaptive":
+            if self.plan.newest:
+                newest = [c for c in self.neg_labels if c <= chapter and self.plan.data_shard(c) == s]
+                if newest:
+                    return self.neg_labels[max(newest)]
+            elif chapter > t.adaptive_lag:
+                return self.neg_labels[chapter]
+        return random_negatives(y, idx, self.n_train, t.seed, FIXED_STREAM)
+
+    # ------------------------------------------------------------------ the serialiser
+    def holds(self, b: Buf) -> bool:
+        if b.kind == "neg":
+            return b.chapter in self.neg_labels
+        return self.version[(b.kind, b.index)] == b.chapter
+
+    def _module(self, b: Buf):
+        if b.kind == "layer":
+            return self.net.layers[b.index], self.opts[b.index]
+        return self.net.head, self.head_opt
+
+    def pack(self, b: Buf, full: bool) -> np.ndarray:
+        """Layer or head: parameters (weight, bias), then with ``full`` Adam's step, every
+        exp_avg, every exp_avg_sq. Negatives: the int64 labels."""
+        if b.kind == "neg":
+            return np.ascontiguousarray(self.neg_labels[b.chapter], dtype=np.int64)
+        module, _ = self._module(b)
+        size, dtype = self.plan.buffer_spec(b, full)
+        out = np.empty(size, dtype=dtype)
+        flat = torch.from_numpy(out)
+        i = 0
+        for p in module.parameters():
+            n = p.numel()
+            flat[i:i + n] = p.detach().reshape(-1).cpu()  # note: device-to-host copy on GPU
+            i += n
+        if full:
+            flat[i:] = torch.from_numpy(self.optimizer_state(b))
+        return out
+
+    def load(self, b: Buf, array: np.ndarray, full: bool) -> None:
+        if b.kind == "neg":
+            self.neg_labels[b.chapter] = array
+            return
+        module, _ = self._module(b)
+        flat = torch.from_numpy(array)
+        i = 0
+        with torch.no_grad():
+            for p in module.parameters():
+                n = p.numel()
+                p.copy_(flat[i:i + n].view_as(p))
+                i += n
+        if full:
+            self.load_optimizer_state(b, array[i:])
+        self.version[(b.kind, b.index)] = b.chapter
+
+    def optimizer_state(self, b: Buf) -> np.ndarray | None:
+        """This rank's own Adam state of a layer (or the head) as one flat array, if it has any."""
+        module, opt = self._module(b)
+        params = list(module.parameters())
+        if not all(p in opt.state and opt.state[p] for p in params):
+            return None
+        st = [opt.state[p] for p in params]
+        parts = [st[0]["step"].reshape(1).cpu()] + [x["exp_avg"].reshape(-1).cpu() for x in st] \
+            + [x["exp_avg_sq"].reshape(-1).cpu() for x in st]
+        return torch.cat(parts).numpy()
+
+    def load_optimizer_state(self, b: Buf, flat_np: np.ndarray) -> None:
+        module, opt = self._module(b)
+        params = list(module.parameters())
+        flat = torch.from_numpy(flat_np)
+        # fused Adam keeps `step` on the parameters' device, the single-tensor Adam on the CPU
+        fused = any(g.get("fused") for g in opt.param_groups)
+        step = flat[0].clone().to(params[0].device if fused else "cpu")
+        i, avgs = 1, []
+        for p in params:
+            avgs.append(flat[i:i + p.numel()].view_as(p).to(self.device, copy=True))
+            i += p.numel()
+        for p, avg in zip(params, avgs):
+            sq = flat[i:i + p.numel()].view_as(p).to(self.device, copy=True)
+            i += p.numel()
+            opt.state[p] = {"step": step.clone(), "exp_avg": avg, "exp_avg_sq": sq}
+
+    # ------------------------------------------------------------------ checkpoints
+    def checkpoint(self, chapter: int, owned: list[Buf]) -> dict:
+        """The state after ``chapter`` that this rank saves: the buffers it produced (with Adam's
+        state), the negatives it holds for later chapters, and with ``exchange = "weights"`` its
+        own optimizer states (what it would use for a layer it receives)."""
+        buffers = {b: (self.pack(b, True), True) for b in owned}
+        for c in sorted(self.neg_labels):
+            if c > chapter:
+                b = Buf("neg", -1, c)
+                buffers[b] = (self.pack(b, False), False)
+        local = {}
+        if not self.plan.full_exchange:
+            for b in self.plan.network(chapter):
+                flat = self.optimizer_state(b)
+                if flat is not None:
+                    local[b.index] = flat
+        return {"buffers": buffers, "local_optimizer": local}
+
+    def restore(self, snapshot: dict) -> None:
+        """State from a checkpoint ({"buffers": {Buf: (flat, full)}, "local_optimizer": {index:
+        flat}}). With exchange = "weights" a rank keeps its own optimizer state (when the
+        checkpoint has it: same world size), else the producer's."""
+        local = snapshot.get("local_optimizer", {})
+        for b, (array, full) in snapshot.get("buffers", {}).items():
+            self.load(b, array, full)
+            if b.kind != "neg" and not self.plan.full_exchange and b.index in local:
+                self.load_optimizer_state(b, local[b.index])
+
+    # ------------------------------------------------------------------ tasks
+    def prepare(self, task: Task) -> None:
+        if task.kind == "train":
+            self._inputs(task.chapter, task.layer)
+
+    def run(self, task: Task) -> list[Record]:
+        return getattr(self, f"_do_{task.kind}")(task)
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # note: sync point so spans measure GPU work
+
+    def _lrs_and_seeds(self, base_lr: float, chapter: int, stream: int, layer: int):
+        t = self.cfg.train
+        lrs, seeds = [], []
+        for m in range(self.C):
+            lrs.append(cooldown_lr(base_lr, chapter * self.C + m + 1, t.epochs, t.cooldown_final))
+            seeds.append(seed_for(t.seed, stream, chapter, layer, m))
+        return lrs, seeds
+
+    def _inputs(self, chapter: int, layer: int):
+        """Inputs of ``layer`` in ``chapter``: this chapter's positives and negatives pushed through
+        layers 0..layer-1 as trained in this chapter (recomputed when not cached here)."""
+        sh = self.shard(self.plan.data_shard(chapter))
+        if self._cache is not None and self._cache[0] == chapter and self._cache[1] < layer:
+            _, j, h_pos, h_neg = self._cache
+        else:
+            if sh["neg_chapter"] != chapter:
+                labels = torch.from_numpy(self.negatives_for(chapter)).to(self.device)
+                overlay(sh["x"], labels, self.cfg.model.label_position, out=sh["x_neg"])
+                sh["neg_chapter"] = chapter
+            j, h_pos, h_neg = -1, sh["x_pos"], sh["x_neg"]
+        for k in range(j + 1, layer):
+            with self.tracer.span("forward", chapter, layer):
+                layer_k = self.net.layers[k]
+                h_pos, h_neg = layer_k.forward_all(h_pos), layer_k.forward_all(h_neg)
+                self._sync()
+            self._cache = (chapter, k, h_pos, h_neg)
+        return h_pos, h_neg
+
+    def _do_train(self, task: Task) -> list[Record]:
+        c, k = task.chapter, task.layer
+        h_pos, h_neg = self._inputs(c, k)
+        layer = self.net.layers[k]
+        with self.tracer.span("train", c, k):
+            xn_pos, xn_neg = layer.normalize_all(h_pos), layer.normalize_all(h_neg)
+            lrs, seeds = self._lrs_and_seeds(self.cfg.train.lr, c, SHUFFLE_STREAM, k)
+            loss = train_epochs(layer, self.opts[k], xn_pos, xn_neg, batch_size=self.cfg.train.batch_size,
+                                lrs=lrs, seeds=seeds)
+            del xn_pos, xn_neg
+            self._sync()
+        self.version[("layer", k)] = c
+        self.tracer.scalar("loss", c, k, loss)
+        return [Record("loss", c, k, loss)]
+
+    def _do_head(self, task: Task) -> list[Record]:
+        c = task.chapter
+        sh = self.shard(self.plan.data_shard(c))
+        with self.tracer.span("head", c, -1):
+            feats = self.net.head_features(sh["x"])
+            lrs, seeds = self._lrs_and_seeds(self.cfg.train.head_lr, c, HEAD_STREAM, -1)
+            loss = train_head(self.net, self.head_opt, feats, sh["y"], batch_size=self.cfg.train.batch_size,
+                              lrs=lrs, seeds=seeds)
+            del feats
+            self._sync()
+        self.version[("head", -1)] = c
+        self.tracer.scalar("head_loss", c, -1, loss)
+        return [Record("head_loss", c, -1, loss)]
+
+    def _do_negatives(self, task: Task) -> list[Record]:
+        target = task.chapter + 1 + self.plan.lag
+        sh = self.shard(self.plan.data_shard(target))
+        with self.tracer.span("negatives", task.chapter, -1):
+            labels = self.net.adaptive_negatives(sh["x"], sh["y"], self.cfg.train.classifier)
+            self.neg_labels[target] = labels.cpu().numpy().astype(np.int64)
+        prev = self.neg_labels.get(target - 1)
+        if prev is None or len(prev) != len(self.neg_labels[target]):
+            prev = np.full(len(self.neg_labels[target]), -1)
+        self.tracer.scalar("negatives_changed", task.chapter, -1, float(np.mean(self.neg_labels[target] != prev)))
+        return []
+
+    def _do_eval(self, task: Task) -> list[Record]:
+        with self.tracer.span("eval", task.chapter, -1):
+            acc = self.net.accuracy(self.x_test, self.y_test, self.cfg.train.classifier)
+        self.test_accuracy[task.chapter] = acc
+        self.tracer.scalar("test_accuracy", task.chapter, -1, acc)
+        return [Record("accuracy", task.chapter, -1, acc)]
+
+    def _do_final(self, task: Task) -> list[Record]:
+        return []  # the network is complete here; the run directory writes the model

@@ -1,0 +1,291 @@
+"""The run directory: the one owner of run.json, config.toml, the lock and failure notes.
+
+Layout (``docs/traces.md`` documents each file)::
+
+    RUN_DIR/config.toml        the resolved configuration (a resume reads it back)
+    RUN_DIR/run.json           status and results, one schema (:data:`RUN_FIELDS`), written
+                               atomically (temporary file + rename) by rank 0 only
+    RUN_DIR/.lock              "host pid" of the job using the directory
+    RUN_DIR/model.h5           the final model
+    RUN_DIR/trace/rank<r>.h5   per-rank traces (a resume moves older ones to trace-before-c<N>-<t>/)
+    RUN_DIR/checkpoints/c<N>/  per-rank checkpoints after N chapters
+    RUN_DIR/failure-rank<r>.txt  what went wrong on a rank (removed when a later attempt finishes)
+    RUN_DIR/report/            the report
+
+Chapters in run.json are counted from 1, as in the progress lines and the report.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+import socket
+import time
+from typing import Any
+
+from .config import Config, ConfigError
+
+RUN_FORMAT = "mpff-run"
+RUN_FORMAT_VERSION = 2
+
+#: Every key of run.json with its value before anything is known. Statuses: running, finished,
+#: preempted (stopped by a signal; resumable), failed (an error, see "reason"), diverged
+#: (non-finite loss or weights).
+RUN_FIELDS: dict[str, Any] = {
+    "format": RUN_FORMAT,
+    "format_version": RUN_FORMAT_VERSION,
+    "status": None,
+    "reason": None,                    # one line: why the run is not running or finished
+    "exit_code": None,
+    "signal": None,                    # the signal that stopped a preempted run
+    "name": None,
+    "algorithm": "ff",
+    "schedule": None,
+    "world_size": None,
+    "started": None,                   # ISO 8601, the first attempt
+    "ended": None,                     # ISO 8601, the latest attempt's end
+    "wall_time": None,                 # seconds, the latest attempt (process start of rank 0 to end)
+    "training_seconds": None,          # seconds in the training phase (setup apart), latest attempt
+    "test_accuracy": None,             # after the last chapter
+    "accuracy_per_chapter": {},        # {"<chapter, from 1>": accuracy}, every attempt
+    "chapters_done": 0,
+    "newest_complete_checkpoint": None,  # chapters done at the newest complete checkpoint
+    "resumed_after_chapter": None,     # the latest attempt resumed after this many chapters
+    "attempts": [],                    # [{started, ended, status, world_size, resumed_after_chapter}]
+    "ranks": [],                       # per rank: host, device, bytes sent/received, memory
+    "config": {},
+    "versions": {},
+    "host": {},
+    "provenance": {},
+}
+
+
+def now_iso() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
+
+
+def write_json_atomic(path: str, data: dict) -> None:
+    """Write ``data`` as JSON to a temporary file beside ``path``, then rename it over ``path``:
+    readers see the old file or the new one, never a half-written one."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        with open(tmp, "w") as fh:
+            json.dump(data, fh, indent=2, sort_keys=True)
+            fh.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+class RunDir:
+    """One run's directory. Only rank 0 writes run.json, config.toml and the lock."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    # ----- paths -----
+    def file(self, *parts: str) -> str:
+        return os.path.join(self.path, *parts)
+
+    @property
+    def run_json(self) -> str:
+        return self.file("run.json")
+
+    @property
+    def config_toml(self) -> str:
+        return self.file("config.toml")
+
+    @property
+    def lock_path(self) -> str:
+        return self.file(".lock")
+
+    @property
+    def model_path(self) -> str:
+        return self.file("model.h5")
+
+    def failure_note(self, rank: int) -> str:
+        return self.file(f"failure-rank{rank}.txt")
+
+    # ----- run.json -----
+    def read(self) -> dict:
+        """run.json as stored ({} when missing or unreadable)."""
+        try:
+            with open(self.run_json) as fh:
+                data = json.load(fh)
+        except (OSError, ValueError):
+            return {}
+        return data if isinstance(data, dict) else {}
+
+    @property
+    def status(self) -> str | None:
+        return self.read().get("status")
+
+    def update(self, **fields: Any) -> dict:
+        """Merge ``fields`` into run.json (unknown keys are a bug) and write it atomically."""
+        unknown = set(fields) - set(RUN_FIELDS)
+        if unknown:
+            raise AssertionError(f"run.json has no field(s) {sorted(unknown)}")  # internal invariant
+        data = {**RUN_FIELDS, **{k: v for k, v in self.read().items() if k in RUN_FIELDS}}
+        data.update(fields)
+        data["format"], data["format_version"] = RUN_FORMAT, RUN_FORMAT_VERSION
+        write_json_atomic(self.run_json, data)
+        return data
+
+    # ----- checks before a run (rank 0) -----
+    def check(self, force: bool, resume: bool) -> None:
+        """Refuse to overwrite a run's results, to resume nothing, or to share a directory."""
+        if os.path.isdir(self.path):
+            holder = self.lock_holder()
+            if holder is not None:
+                raise self._in_use(holder)
+        if os.path.exists(self.path) and not os.path.isdir(self.path):
+            raise ConfigError(f"--out {self.path!r} is a file, not a directory; choose another --out")
+        status = self.status
+        if status == "finished" and not (force or resume):
+            raise ConfigError(f"{self.path!r} already holds a finished run; pass --force to replace it "
+                              "or choose another --out")
+        if status is not None and status != "finished" and not (force or resume):
+            raise ConfigError(f"{self.path!r} holds an unfinished run (status {status!r}); pass --resume "
+                              "to continue it, --force to start over, or choose another --out")
+        parent = os.path.dirname(os.path.abspath(self.path))
+        probe = self.path if os.path.isdir(self.path) else parent
+        while not os.path.exists(probe):
+            probe = os.path.dirname(probe)
+        if not os.access(probe, os.W_OK):
+            raise ConfigError(f"cannot write to {self.path!r} (no permission on {probe!r}); choose another --out")
+
+    # ----- the lock -----
+    def lock_holder(self) -> str | None:
+        """'pid P on HOST' of a live job holding the lock; None when free or stale (its process
+        is gone on this host)."""
+        try:
+            with open(self.lock_path) as fh:
+                host, pid = fh.read().split()[:2]
+        except (OSError, ValueError):
+            return None
+        if host == socket.gethostname():
+            try:
+                os.kill(int(pid), 0)
+            except (ProcessLookupError, ValueError):
+                return None  # stale: that process is gone
+            except PermissionError:
+                pass
+        return f"pid {pid} on {host}"
+
+    def _in_use(self, holder: str) -> ConfigError:
+        return ConfigError(f"run directory {self.path!r} is in use by another job ({holder}); wait for it, "
+                           f"or remove {self.lock_path!r} if that job is gone")
+
+    def acquire(self) -> None:
+        """Take the lock atomically (O_EXCL): of two jobs started at once, one gets it. A stale
+        lock (its process gone on this host) is taken over."""
+        os.makedirs(self.path, exist_ok=True)
+        for _ in range(2):
+            try:
+                fd = os.open(self.lock_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            except FileExistsError:
+                holder = self.lock_holder()
+                if holder is not None:
+                    raise self._in_use(holder) from None
+                # stale: take it over by renaming a fresh lock over it (atomic), then check
+                # that ours is the one that stayed (another job may have done the same)
+                mine = f"{self.lock_path}.{os.getpid()}"
+                with open(mine, "w") as fh:
+                    fh.write(f"{socket.gethostname()} {os.getpid()}\n")
+                os.replace(mine, self.lock_path)
+                if self._lock_is_mine():
+                    return
+                raise self._in_use(self.lock_holder() or "another job") from None
+            with os.fdopen(fd, "w") as fh:
+                fh.write(f"{socket.gethostname()} {os.getpid()}\n")
+            return
+
+    def _lock_is_mine(self) -> bool:
+        try:
+            with open(self.lock_path) as fh:
+                return fh.read().split()[:2] == [socket.gethostname(), str(os.getpid())]
+        except OSError:
+            return False
+
+    def release(self) -> None:
+        if self._lock_is_mine():
+            try:
+                os.unlink(self.lock_path)
+            except OSError:
+                pass
+
+    # ----- preparing and finishing (rank 0) -----
+    def prepare(self, cfg: Config, *, force: bool, resume_after: int | None, world_size: int,
+                provenance: dict | None = None) -> None:
+        """Before the first task: clear what --force replaces, write config.toml (a new run) or
+        keep the interrupted attempt's traces (a resume), and mark the run running."""
+        if force:
+            for name in ["trace", "report", "checkpoints", "model.h5", "run.json"] + [
+                    n for n in os.listdir(self.path) if n.startswith(("failure-rank", "trace-before-"))]:
+                path = self.file(name)
+                if os.path.isdir(path):
+                    shutil.rmtree(path)
+                elif os.path.exists(path):
+                    os.unlink(path)
+        previous = self.read() if resume_after is not None else {}
+        if resume_after is None:
+            write_text_atomic(self.config_toml, cfg.to_toml())
+        else:
+            old = self.file("trace")
+            if os.path.isdir(old):
+                os.replace(old, self.file(f"trace-before-c{resume_after + 1:05d}-{int(time.time())}"))
+        started = now_iso()
+        attempts = list(previous.get("attempts", [])) + [{
+            "started": started, "ended": None, "status": "running", "world_size": world_size,
+            "resumed_after_chapter": resume_after}]
+        self.update(status="running", reason=None, exit_code=None, signal=None, name=cfg.name,
+                    algorithm=getattr(cfg.train, "algorithm", "ff"), schedule=cfg.run.schedule,
+                    world_size=world_size, started=previous.get("started") or started, ended=None,
+                    config=cfg.to_dict(), resumed_after_chapter=resume_after, attempts=attempts,
+                    accuracy_per_chapter=previous.get("accuracy_per_chapter", {}),
+                    chapters_done=resume_after or 0, provenance=provenance or {})
+
+    def end_attempt(self, status: str, **fields: Any) -> dict:
+        """Record how this attempt ended (status and whatever else is known)."""
+        data = self.read()
+        attempts = list(data.get("attempts", []))
+        ended = now_iso()
+        if attempts:
+            attempts[-1] = {**attempts[-1], "ended": ended, "status": status}
+        return self.update(status=status, ended=ended, attempts=attempts, **fields)
+
+    def clear_failure_notes(self) -> None:
+        for name in os.listdir(self.path):
+            if name.startswith("failure-rank"):
+                try:
+                    os.unlink(self.file(name))
+                except OSError:
+                    pass
+
+    def write_failure_note(self, rank: int, text: str) -> None:
+        """Best effort: a failure note must not raise on a full disk."""
+        try:
+            write_text_atomic(self.failure_note(rank), text)
+        except OSError as exc:
+            if exc.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS):
+                raise
+
+
+def write_text_atomic(path: str, text: str) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        with open(tmp, "w") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
