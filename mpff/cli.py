@@ -105,6 +105,9 @@ def main(argv: list[str] | None = None, comm=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] and argv[0] in RAW_COMMANDS:
         return RAW_COMMANDS[argv[0]](None, argv[1:])  # parses its own arguments, needs no MPI
+    if argv[:1] == ["train"]:
+        from .halt import install_signal_handlers
+        install_signal_handlers()  # before torch and MPI load: a stop during start-up is a stop (75)
     parser = build_parser()
     try:
         args = parser.parse_args(argv)

@@ -18,8 +18,9 @@ import numpy as np
 from mpi4py import MPI
 
 #: Progress records (loss, accuracy, ...) travel to rank 0 on a communicator of their own,
-#: so their tags can never match a weight buffer's receive.
+#: so their tags can never match a weight buffer's receive; halt notices on a third one.
 PROGRESS_TAG = 7
+HALT_TAG = 11
 
 
 def world() -> Any:
@@ -37,6 +38,8 @@ class Comm:
         self.world = comm
         self.data = self.world.Dup()      # weight, head and negatives buffers
         self.progress = self.world.Dup()  # small records for rank 0's progress lines
+        self.control = self.world.Dup()   # halt notices: a stop, a divergence, an I/O error
+        self._notices: list[Any] = []     # their send requests (mpi4py keeps the pickles alive)
         self.rank = self.world.Get_rank()
         self.size = self.world.Get_size()
         self.poll_interval = poll_interval
@@ -127,11 +130,35 @@ class Comm:
             out.append((source, rec))
         return out
 
+    # ----- halts: any rank tells every other one -----
+    def notify_halt(self, notice: tuple) -> None:
+        """Tell every other rank that the run halts (``notice``: a small picklable tuple)."""
+        for r in range(self.size):
+            if r != self.rank:
+                self._notices.append(self.control.isend(notice, dest=r, tag=HALT_TAG))
+
+    def halt_notice(self) -> Any:
+        """A halt notice another rank sent, or None (does not wait)."""
+        status = MPI.Status()
+        if self.control.iprobe(source=MPI.ANY_SOURCE, tag=HALT_TAG, status=status):
+            return self.control.recv(source=status.Get_source(), tag=HALT_TAG)
+        return None
+
+    def bounded_barrier(self, seconds: float) -> bool:
+        """A barrier that gives up after ``seconds``; True when every rank arrived."""
+        req = self.world.Ibarrier()
+        deadline = time.monotonic() + seconds
+        while not req.Test():
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(self.poll_interval or 0.001)
+        return True
+
     def abort(self, code: int) -> None:
         self.world.Abort(code)
 
     def free(self) -> None:
-        for c in (self.data, self.progress):
+        for c in (self.data, self.progress, self.control):
             try:
                 c.Free()
             except Exception:  # pragma: no cover - already finalized

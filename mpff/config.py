@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import sys
 from dataclasses import dataclass, field, fields
@@ -257,6 +258,8 @@ def _coerce(section: str, key: str, value: Any, annotation: str) -> Any:
         raise ConfigError(f"{where} must be an integer, not {value!r}")
     if annotation == "float":
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(value):
+                raise ConfigError(f"{where} must be a finite number, not {value!r}")
             return float(value)
         raise ConfigError(f"{where} must be a number, not {value!r}")
     if annotation == "str":
@@ -322,6 +325,11 @@ def load(path: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -
                 data = tomllib.load(fh)
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"config file {path!r} is not valid TOML: {exc}") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"config file {path!r} is not a text file (TOML is UTF-8 text); "
+                              "give a preset such as configs/tiny.toml") from None
+        except OSError as exc:
+            raise ConfigError(f"config file {path!r} cannot be read ({exc.strerror})") from None
         name = os.path.splitext(os.path.basename(path))[0]
     for text in overrides:
         section, key, value = parse_override(text)

@@ -23,19 +23,14 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from .halt import IOFailure, Preempted, Stalled, Watch, io_reason
 from .plan import Buf, Plan, Task, Transfer
 from .progress import Record, Reporter
 
+__all__ = ["Executor", "ExecResult", "Preempted", "RankState", "Stalled"]
+
 #: Buffers of requests abandoned when a rank leaves early (see Executor.abandon).
 _KEEP_ALIVE: list = []
-
-
-class Preempted(Exception):
-    """A stop was requested (SIGTERM / SIGUSR1 / SIGINT); checkpoints of passed chapters are on disk."""
-
-
-class Stalled(RuntimeError):
-    """A rank waited longer than ``run.stall_timeout`` for a message; the text names peer and buffer."""
 
 
 class RankState(Protocol):
@@ -88,15 +83,17 @@ class Executor:
     """Executes the tasks of ``comm.rank`` in ``plan`` on ``state``."""
 
     def __init__(self, plan: Plan, comm, state: RankState, tracer, *, reporter: Reporter | None = None,
-                 should_stop: Callable[[], bool] | None = None, checkpointer: Checkpointer | None = None,
-                 window: int | None = None, stall_timeout: float = 0.0) -> None:
+                 should_stop: Callable[[], bool] | None = None, watch: Watch | None = None,
+                 checkpointer: Checkpointer | None = None, window: int | None = None,
+                 stall_timeout: float = 0.0) -> None:
         self.plan = plan
         self.comm = comm
         self.rank = comm.rank
         self.state = state
         self.tracer = tracer
         self.reporter = reporter or Reporter(comm)
-        self.should_stop = should_stop or (lambda: False)
+        #: raises a halt: a stop signal, ``should_stop()``, or another rank's halt notice
+        self.watch = watch or Watch(comm, should_stop)
         self.checkpointer = checkpointer
         self.stall_timeout = stall_timeout
         self.tasks = plan.rank_tasks(self.rank)
@@ -140,7 +137,7 @@ class Executor:
             self._check_stop()
             self._post_recvs(pos + self.window)
             if last_chapter is not None and task.chapter != last_chapter:
-                self.tracer.flush()  # chapter end: buffered spans go to the file
+                self._flush()  # chapter end: buffered spans go to the file
             self._pass_boundaries(task.chapter - 1)
             last_chapter = task.chapter
             # What the task reads comes first; the state it trains (from chapter c-1) is waited
@@ -160,7 +157,7 @@ class Executor:
             self._publish(task)
             self._idle()
         if last_chapter is not None:
-            self.tracer.flush()
+            self._flush()
         self._pass_boundaries(self.plan.num_chapters - 1)
         self._drain()
         self.reporter.report(Record("done", -1, -1))
@@ -168,6 +165,12 @@ class Executor:
             self._wait(req, "its progress records to reach rank 0", peer=0)
         self.result.train_end = self.tracer.now()
         return self.result
+
+    def _flush(self) -> None:
+        try:
+            self.tracer.flush()
+        except OSError as exc:
+            raise IOFailure(io_reason(f"the trace {self.tracer.path}", exc)) from None
 
     def _drain(self) -> None:
         """Every send must complete before its buffer goes away, and every posted receive
@@ -231,7 +234,7 @@ class Executor:
             if self.stall_timeout and time.monotonic() - start > self.stall_timeout:
                 raise Stalled(f"rank {self.rank} waited {self.stall_timeout:g} s for {what} "
                               f"(run.stall_timeout); rank {peer if peer >= 0 else '?'} is stuck or "
-                              "far slower than its peers")
+                              "far slower than its peers", peer=peer)
             time.sleep(self.comm.poll_interval)
 
     def _idle(self) -> None:
@@ -241,8 +244,7 @@ class Executor:
         self.reporter.poll()
 
     def _check_stop(self) -> None:
-        if self.should_stop():
-            raise Preempted()
+        self.watch.check()
 
     # ------------------------------------------------------------------ checkpoints
     def _pass_boundaries(self, upto: int) -> None:

@@ -8,6 +8,7 @@ already expressed) is passed on. No gradient ever crosses layers.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -82,11 +83,15 @@ class FFLayer(nn.Module):
         return F.softplus(torch.cat([self.threshold - g_pos, g_neg - self.threshold])).mean()
 
     @torch.no_grad()
-    def forward_all(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-        """This layer's detached output for a whole data set, in fixed-size chunks."""
+    def forward_all(self, x: torch.Tensor, out: torch.Tensor | None = None,
+                    check: Callable[[], None] | None = None) -> torch.Tensor:
+        """This layer's detached output for a whole data set, in fixed-size chunks (``check``
+        runs before each: it raises to stop the run)."""
         if out is None:
             out = torch.empty(x.shape[0], self.out_features, dtype=x.dtype, device=x.device)
         for i in range(0, x.shape[0], FORWARD_CHUNK):
+            if check is not None:
+                check()
             out[i:i + FORWARD_CHUNK] = self(x[i:i + FORWARD_CHUNK])
         return out
 
@@ -114,13 +119,15 @@ def make_adam(params, lr: float) -> torch.optim.Adam:
 
 def train_epochs(layer: FFLayer, opt: torch.optim.Optimizer, x_pos: torch.Tensor,
                  x_neg: torch.Tensor, *, batch_size: int, lrs: list[float],
-                 seeds: list[int]) -> float:
+                 seeds: list[int], check: Callable[[], None] | None = None) -> float:
     """Train ``layer`` for len(lrs) epochs on (x_pos, x_neg); returns the last epoch's mean loss.
 
     ``x_pos`` and ``x_neg`` are the layer's inputs for the whole chapter, *already normalised*
     (normalisation is row-wise, so doing it once per chapter equals doing it per batch).
     Positives and negatives of a batch go through one matrix product; the batch buffer is
     allocated once; the loss is accumulated on the device (no host sync per batch).
+    ``check`` runs before every step (about a microsecond): it raises to stop the run, so a stop
+    takes effect within a step however many epochs the task has.
     """
     n = x_pos.shape[0]
     device = x_pos.device
@@ -139,6 +146,8 @@ def train_epochs(layer: FFLayer, opt: torch.optim.Optimizer, x_pos: torch.Tensor
         total.zero_()
         steps = 0
         for i in range(0, n, batch_size):
+            if check is not None:
+                check()
             idx = perm[i:i + batch_size]
             b = idx.shape[0]
             xb = buf[:2 * b]

@@ -10,6 +10,7 @@ the arrays.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import numpy as np
@@ -17,6 +18,7 @@ import torch
 
 from .config import Config
 from .ff import cooldown_lr, make_adam, seed_for, train_epochs
+from .halt import Diverged
 from .model import FFNet, overlay, random_negatives, train_head
 from .plan import Buf, Plan, Task
 from .progress import Record
@@ -28,13 +30,14 @@ class FFState:
     """One rank's FF network and data, as the executor drives it."""
 
     def __init__(self, cfg: Config, plan: Plan, dataset, tracer, device: torch.device, *, rank: int = 0,
-                 should_stop: Callable[[], bool] | None = None) -> None:
+                 check: Callable[[], None] | None = None) -> None:
         self.cfg = cfg
         self.rank = rank
         self.plan = plan
         self.tracer = tracer
         self.device = device
-        self.should_stop = should_stop
+        #: raises to halt the run (a stop signal, another rank's halt); called at every step
+        self.check = check
         t = cfg.train
         self.C = t.epochs_per_chapter
         self.net = FFNet.from_config(cfg).to(device)
@@ -200,6 +203,16 @@ class FFState:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)  # note: sync point so spans measure GPU work
 
+    def _check_finite(self, what: str, chapter: int, loss: float, params, setting: str, lr: float) -> None:
+        """A NaN or infinite loss or weight ends the run as diverged (every later result would be
+        meaningless, and a model of NaNs predicts one class for everything)."""
+        bad = "loss" if not math.isfinite(loss) else None
+        if bad is None and not all(bool(torch.isfinite(p).all()) for p in params):  # one sync per task
+            bad = "weights"
+        if bad is not None:
+            raise Diverged(f"the {bad} of {what} became {'NaN or infinite' if bad == 'weights' else loss} "
+                           f"in chapter {chapter + 1}; lower {setting} (now {lr:g}) and start again")
+
     def _lrs_and_seeds(self, base_lr: float, chapter: int, stream: int, layer: int):
         t = self.cfg.train
         lrs, seeds = [], []
@@ -223,7 +236,8 @@ class FFState:
         for k in range(j + 1, layer):
             with self.tracer.span("forward", chapter, layer):
                 layer_k = self.net.layers[k]
-                h_pos, h_neg = layer_k.forward_all(h_pos), layer_k.forward_all(h_neg)
+                h_pos = layer_k.forward_all(h_pos, check=self.check)
+                h_neg = layer_k.forward_all(h_neg, check=self.check)
                 self._sync()
             self._cache = (chapter, k, h_pos, h_neg)
         return h_pos, h_neg
@@ -236,9 +250,10 @@ class FFState:
             xn_pos, xn_neg = layer.normalize_all(h_pos), layer.normalize_all(h_neg)
             lrs, seeds = self._lrs_and_seeds(self.cfg.train.lr, c, SHUFFLE_STREAM, k)
             loss = train_epochs(layer, self.opts[k], xn_pos, xn_neg, batch_size=self.cfg.train.batch_size,
-                                lrs=lrs, seeds=seeds)
+                                lrs=lrs, seeds=seeds, check=self.check)
             del xn_pos, xn_neg
             self._sync()
+        self._check_finite(f"layer {k + 1}", c, loss, layer.parameters(), "train.lr", self.cfg.train.lr)
         self.version[("layer", k)] = c
         self.tracer.scalar("loss", c, k, loss)
         return [Record("loss", c, k, loss)]
@@ -247,12 +262,14 @@ class FFState:
         c = task.chapter
         sh = self.shard(self.plan.data_shard(c))
         with self.tracer.span("head", c, -1):
-            feats = self.net.head_features(sh["x"])
+            feats = self.net.head_features(sh["x"], check=self.check)
             lrs, seeds = self._lrs_and_seeds(self.cfg.train.head_lr, c, HEAD_STREAM, -1)
             loss = train_head(self.net, self.head_opt, feats, sh["y"], batch_size=self.cfg.train.batch_size,
-                              lrs=lrs, seeds=seeds)
+                              lrs=lrs, seeds=seeds, check=self.check)
             del feats
             self._sync()
+        self._check_finite("the softmax head", c, loss, self.net.head.parameters(), "train.head_lr",
+                           self.cfg.train.head_lr)
         self.version[("head", -1)] = c
         self.tracer.scalar("head_loss", c, -1, loss)
         return [Record("head_loss", c, -1, loss)]
@@ -261,7 +278,7 @@ class FFState:
         target = task.chapter + 1 + self.plan.lag
         sh = self.shard(self.plan.data_shard(target))
         with self.tracer.span("negatives", task.chapter, -1):
-            labels = self.net.adaptive_negatives(sh["x"], sh["y"], self.cfg.train.classifier)
+            labels = self.net.adaptive_negatives(sh["x"], sh["y"], self.cfg.train.classifier, check=self.check)
             self.neg_labels[target] = labels.cpu().numpy().astype(np.int64)
         prev = self.neg_labels.get(target - 1)
         if prev is None or len(prev) != len(self.neg_labels[target]):
@@ -271,7 +288,7 @@ class FFState:
 
     def _do_eval(self, task: Task) -> list[Record]:
         with self.tracer.span("eval", task.chapter, -1):
-            acc = self.net.accuracy(self.x_test, self.y_test, self.cfg.train.classifier)
+            acc = self.net.accuracy(self.x_test, self.y_test, self.cfg.train.classifier, check=self.check)
         self.test_accuracy[task.chapter] = acc
         self.tracer.scalar("test_accuracy", task.chapter, -1, acc)
         return [Record("accuracy", task.chapter, -1, acc)]

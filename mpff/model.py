@@ -7,7 +7,7 @@ paper's author code) or the first 10 (Hinton, loeweX); a neutral sample has 0.1 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -108,14 +108,17 @@ class FFNet(nn.Module):
         return acts
 
     @torch.no_grad()
-    def goodness_scores(self, x: torch.Tensor) -> torch.Tensor:
-        """(n, 10): summed goodness of the classifier layers with each label overlaid."""
+    def goodness_scores(self, x: torch.Tensor, check: Callable[[], None] | None = None) -> torch.Tensor:
+        """(n, 10): summed goodness of the classifier layers with each label overlaid. ``check``
+        runs before each chunk and label (it raises to stop the run)."""
         n = x.shape[0]
         scores = torch.empty(n, NUM_CLASSES, dtype=torch.float32, device=x.device)
         for i in range(0, n, FORWARD_CHUNK):
             xc = x[i:i + FORWARD_CHUNK]
             buf = torch.empty_like(xc)
             for label in range(NUM_CLASSES):
+                if check is not None:
+                    check()
                 labels = torch.full((xc.shape[0],), label, dtype=torch.long, device=x.device)
                 acts = self.activations(overlay(xc, labels, self.label_position, out=buf))
                 scores[i:i + FORWARD_CHUNK, label] = sum(
@@ -123,41 +126,47 @@ class FFNet(nn.Module):
         return scores
 
     @torch.no_grad()
-    def head_features(self, x: torch.Tensor) -> torch.Tensor:
+    def head_features(self, x: torch.Tensor, check: Callable[[], None] | None = None) -> torch.Tensor:
         """Concatenated activity of the classifier layers on neutral samples."""
         n = x.shape[0]
         feats = torch.empty(n, self.head.in_features, dtype=torch.float32, device=x.device)
         for i in range(0, n, FORWARD_CHUNK):
+            if check is not None:
+                check()
             xc = overlay(x[i:i + FORWARD_CHUNK], None, self.label_position, self.neutral_value)
             acts = self.activations(xc)
             feats[i:i + FORWARD_CHUNK] = torch.cat([acts[k] for k in self.classifier_layers], dim=1)
         return feats
 
     @torch.no_grad()
-    def scores(self, x: torch.Tensor, method: str) -> torch.Tensor:
+    def scores(self, x: torch.Tensor, method: str, check: Callable[[], None] | None = None) -> torch.Tensor:
         if method == "goodness":
-            return self.goodness_scores(x)
+            return self.goodness_scores(x, check)
         if method == "softmax":
-            return self.head(self.head_features(x))
+            return self.head(self.head_features(x, check))
         raise ValueError(f"unknown classifier {method!r}: use 'goodness' or 'softmax'")
 
     @torch.no_grad()
-    def predict(self, x: torch.Tensor, method: str = "goodness") -> torch.Tensor:
+    def predict(self, x: torch.Tensor, method: str = "goodness",
+                check: Callable[[], None] | None = None) -> torch.Tensor:
         """Class predictions for *normalised* inputs (n, input_dim) with no label written in."""
-        return self.scores(x, method).argmax(dim=1)
+        return self.scores(x, method, check).argmax(dim=1)
 
     @torch.no_grad()
-    def accuracy(self, x: torch.Tensor, y: torch.Tensor, method: str) -> float:
-        return float((self.predict(x, method) == y.to(x.device)).float().mean().item())
+    def accuracy(self, x: torch.Tensor, y: torch.Tensor, method: str,
+                 check: Callable[[], None] | None = None) -> float:
+        return float((self.predict(x, method, check) == y.to(x.device)).float().mean().item())
 
     @torch.no_grad()
-    def adaptive_negatives(self, x: torch.Tensor, y: torch.Tensor, method: str) -> torch.Tensor:
+    def adaptive_negatives(self, x: torch.Tensor, y: torch.Tensor, method: str,
+                           check: Callable[[], None] | None = None) -> torch.Tensor:
         """The most-predicted wrong label of each sample under the current network."""
-        return hardest_wrong_label(self.scores(x, method), y.to(x.device))
+        return hardest_wrong_label(self.scores(x, method, check), y.to(x.device))
 
 
 def train_head(net: FFNet, opt: torch.optim.Optimizer, feats: torch.Tensor, y: torch.Tensor, *,
-               batch_size: int, lrs: list[float], seeds: list[int]) -> float:
+               batch_size: int, lrs: list[float], seeds: list[int],
+               check: Callable[[], None] | None = None) -> float:
     """Train the softmax head (FF layers frozen: ``feats`` are detached) with cross-entropy."""
     n = feats.shape[0]
     y = y.to(feats.device)
@@ -170,6 +179,8 @@ def train_head(net: FFNet, opt: torch.optim.Optimizer, feats: torch.Tensor, y: t
         total.zero_()
         steps = 0
         for i in range(0, n, batch_size):
+            if check is not None:
+                check()
             idx = perm[i:i + batch_size]
             loss = F.cross_entropy(net.head(feats[idx]), y[idx])
             opt.zero_grad(set_to_none=True)

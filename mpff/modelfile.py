@@ -66,17 +66,32 @@ def atomic_h5(path: str):
             os.makedirs(d, exist_ok=True)
             fd, self.tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".h5", dir=d)
             os.close(fd)
-            self.f = h5py.File(self.tmp, "w")
+            try:
+                self.f = h5py.File(self.tmp, "w")
+            except BaseException:
+                _unlink(self.tmp)  # a full disk or an I/O error must not leave the temporary file
+                raise
             return self.f
 
         def __exit__(self, exc_type, exc, tb):
-            self.f.close()
-            if exc_type is None:
-                os.replace(self.tmp, path)
-            else:
-                os.unlink(self.tmp)
+            try:
+                self.f.close()  # flushes: on a full disk this is where the write fails
+                if exc_type is None:
+                    os.replace(self.tmp, path)
+            except BaseException:
+                _unlink(self.tmp)
+                raise
+            if exc_type is not None:
+                _unlink(self.tmp)
             return False
     return _Atomic()
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
 
 
 def save_model(path: str, net: FFNet, cfg, *, input_mean: np.ndarray, input_std: np.ndarray,
@@ -131,17 +146,46 @@ class FFModel(nn.Module):
         self.attrs = attrs
 
     def normalize(self, images) -> torch.Tensor:
-        x = torch.as_tensor(np.asarray(images) if not torch.is_tensor(images) else images)
-        x = x.reshape(x.shape[0], -1).to(torch.float32) / self.input_scale
-        if x.shape[1] != self.input_mean.shape[0]:
-            raise ValueError(f"expected {self.input_mean.shape[0]} values per sample, got {x.shape[1]}")
-        return (x - self.input_mean) / self.input_std
+        """Raw images -> the network's normalised inputs; anything that would give silently wrong
+        labels (a wrong size, NaN or infinity, values outside the data's range, images already
+        scaled to 0..1) is a ValueError with one line that says what to pass instead."""
+        dim = self.input_mean.shape[0]
+        try:
+            x = torch.as_tensor(np.asarray(images) if not torch.is_tensor(images) else images)
+        except (TypeError, ValueError, RuntimeError):
+            raise ValueError(f"images must be an array of numbers ({dim} per sample)") from None
+        if x.ndim == 0:
+            raise ValueError(f"images must be an array of samples ({dim} values each), not a scalar")
+        if x.dtype == torch.bool or x.is_complex():
+            raise ValueError(f"images have dtype {x.dtype}; pass numbers (uint8 pixels 0..255)")
+        n = x.shape[0]
+        if x.numel() != n * dim or (n == 0 and x.ndim > 1 and int(np.prod(x.shape[1:])) != dim):
+            raise ValueError(f"expected {dim} values per sample, got an array of shape {tuple(x.shape)}")
+        x = x.reshape(n, dim).to(torch.float32)
+        if n == 0:
+            return x
+        if not bool(torch.isfinite(x).all()):
+            raise ValueError("images contain NaN or infinity; pass finite pixel values")
+        if self.input_scale == 255.0:  # a data set of 8-bit pixels
+            lo, hi = float(x.min()), float(x.max())
+            if lo < 0 or hi > 255:
+                raise ValueError(f"pixel values must lie in 0..255 (raw images), found {lo:g}..{hi:g}")
+            floating = torch.is_tensor(images) and images.is_floating_point() or (
+                not torch.is_tensor(images) and np.issubdtype(np.asarray(images).dtype, np.floating))
+            if floating and 0 < hi <= 1.0:
+                raise ValueError("the images look scaled to 0..1; pass raw 0..255 pixel values "
+                                 "(multiply by 255)")
+        return (x / self.input_scale - self.input_mean) / self.input_std
 
     @torch.no_grad()
     def predict(self, images, method: str | None = None) -> torch.Tensor:
         """Labels for raw images (0..255 pixel values, or the raw floats of a float data set);
-        method 'goodness' or 'softmax' (default: the classifier the model was trained with)."""
-        return self.net.predict(self.normalize(images), method or self.classifier)
+        method 'goodness' or 'softmax' (default: the classifier the model was trained with).
+        No images give no labels (an empty int64 tensor)."""
+        x = self.normalize(images)
+        if x.shape[0] == 0:
+            return torch.empty(0, dtype=torch.int64, device=x.device)
+        return self.net.predict(x, method or self.classifier)
 
     def forward(self, images) -> torch.Tensor:
         return self.net.scores(self.normalize(images), self.classifier)

@@ -109,6 +109,10 @@ class RunDir:
     def model_path(self) -> str:
         return self.file("model.h5")
 
+    @property
+    def reserve_path(self) -> str:
+        return self.file(".reserve")
+
     def failure_note(self, rank: int) -> str:
         return self.file(f"failure-rank{rank}.txt")
 
@@ -147,12 +151,15 @@ class RunDir:
         if os.path.exists(self.path) and not os.path.isdir(self.path):
             raise ConfigError(f"--out {self.path!r} is a file, not a directory; choose another --out")
         status = self.status
+        if status is None and os.path.exists(self.run_json):
+            status = "unreadable run.json"
         if status == "finished" and not (force or resume):
             raise ConfigError(f"{self.path!r} already holds a finished run; pass --force to replace it "
                               "or choose another --out")
         if status is not None and status != "finished" and not (force or resume):
             raise ConfigError(f"{self.path!r} holds an unfinished run (status {status!r}); pass --resume "
-                              "to continue it, --force to start over, or choose another --out")
+                              "to continue it from its newest checkpoint, --force to start over, or "
+                              "choose another --out")
         parent = os.path.dirname(os.path.abspath(self.path))
         probe = self.path if os.path.isdir(self.path) else parent
         while not os.path.exists(probe):
@@ -226,7 +233,7 @@ class RunDir:
         """Before the first task: clear what --force replaces, write config.toml (a new run) or
         keep the interrupted attempt's traces (a resume), and mark the run running."""
         if force:
-            for name in ["trace", "report", "checkpoints", "model.h5", "run.json"] + [
+            for name in ["trace", "report", "checkpoints", "model.h5", "run.json", ".reserve"] + [
                     n for n in os.listdir(self.path) if n.startswith(("failure-rank", "trace-before-"))]:
                 path = self.file(name)
                 if os.path.isdir(path):
@@ -240,6 +247,7 @@ class RunDir:
             old = self.file("trace")
             if os.path.isdir(old):
                 os.replace(old, self.file(f"trace-before-c{resume_after + 1:05d}-{int(time.time())}"))
+        self._make_reserve()
         started = now_iso()
         attempts = list(previous.get("attempts", [])) + [{
             "started": started, "ended": None, "status": "running", "world_size": world_size,
@@ -251,8 +259,27 @@ class RunDir:
                     accuracy_per_chapter=previous.get("accuracy_per_chapter", {}),
                     chapters_done=resume_after or 0, provenance=provenance or {})
 
+    #: Bytes set aside at the start of a run, freed before run.json is written at its end: on a
+    #: full disk the final status (failed, and why) still fits.
+    RESERVE_BYTES = 256 * 1024
+
+    def _make_reserve(self) -> None:
+        try:
+            with open(self.reserve_path, "wb") as fh:
+                fh.write(b"\0" * self.RESERVE_BYTES)
+        except OSError:
+            self.free_reserve()
+            raise
+
+    def free_reserve(self) -> None:
+        try:
+            os.unlink(self.reserve_path)
+        except OSError:
+            pass
+
     def end_attempt(self, status: str, **fields: Any) -> dict:
         """Record how this attempt ended (status and whatever else is known)."""
+        self.free_reserve()
         data = self.read()
         attempts = list(data.get("attempts", []))
         ended = now_iso()

@@ -24,28 +24,21 @@ from typing import Any
 import torch
 
 from .config import Config, ConfigError, load
+from .halt import (
+    EXIT_PREEMPTED,
+    EXIT_USAGE,
+    Halt,
+    IOFailure,
+    Preempted,
+    Stalled,
+    Watch,
+    install_signal_handlers,
+    io_reason,
+    stop_signal,
+)
 
-EXIT_USAGE = 2
-#: Exit code of a run stopped by SIGTERM/SIGUSR1 after checkpointing (EX_TEMPFAIL: try again).
-EXIT_PREEMPTED = 75
-
-_stop_signal: list[int] = []
-
-
-def _install_signal_handlers() -> None:
-    """SLURM sends SIGUSR1 (with --signal) or SIGTERM before a time limit or preemption; mpiexec
-    forwards both. The handler only sets a flag: the executor stops between tasks or while waiting."""
-    import signal
-
-    def handler(signum, frame):  # noqa: ARG001
-        _stop_signal.append(signum)
-
-    for sig in (signal.SIGTERM, signal.SIGUSR1):
-        signal.signal(sig, handler)
-
-
-def stop_requested() -> bool:
-    return bool(_stop_signal)
+#: what ``_collectively`` reports when a rank got a stop signal during start-up
+_STOP = "\0stop"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -103,12 +96,15 @@ class Setup:
 
 
 def _collectively(comm, step: Callable[[], Any]) -> tuple[Any, str | None]:
-    """Run ``step`` on every rank; every rank learns the first user error of any rank."""
+    """Run ``step`` on every rank; every rank learns the first user error of any rank (or that a
+    rank got a stop signal: ``_STOP``)."""
     result, error = None, None
     try:
         result = step()
     except ConfigError as exc:
         error = str(exc)
+    if error is None and stop_signal() is not None:
+        error = _STOP
     return result, comm.first_error(error)
 
 
@@ -120,7 +116,10 @@ def _on_root(comm, step: Callable[[], Any]) -> tuple[Any, str | None]:
             result = step()
         except ConfigError as exc:
             error = str(exc)
-    return comm.bcast((result, error))
+    result, error = comm.bcast((result, error))
+    if error is None:  # a stop signal on any rank ends the start-up too
+        _, error = _collectively(comm, lambda: None)
+    return result, error
 
 
 def prepare(comm, args: argparse.Namespace) -> Setup | int:
@@ -141,6 +140,11 @@ def prepare(comm, args: argparse.Namespace) -> Setup | int:
     if error is None:
         device, dataset, plan, snapshot = ready
         _, error = _on_root(comm, lambda: _take_run_dir(rundir))
+    if error == _STOP:
+        if comm.rank == 0:
+            print(f"mpff: stopped by signal {stop_signal() or '(on another rank)'} during start-up; "
+                  "nothing was written", flush=True)
+        return EXIT_PREEMPTED
     if error is not None:
         if comm.rank == 0:
             print(f"mpff train: error: {error}", file=sys.stderr, flush=True)
@@ -225,71 +229,123 @@ def _find_resume_point(rundir, cfg: Config) -> tuple[int, int] | str:
 
 @dataclass
 class Outcome:
-    status: str                      # finished | preempted
+    status: str                      # finished | preempted | failed | diverged
     result: Any = None               # the executor's ExecResult
     memory: dict = field(default_factory=dict)
+    halt: Halt | None = None
 
 
 def execute(setup: Setup, quiet: bool = False) -> Outcome:
     """This rank's part of the run: the run directory prepared by rank 0, the tracer, the rank
-    state, the executor; the model written by the rank that runs the final task."""
+    state, the executor; the model written by the rank that runs the final task. A halt (a stop
+    signal, divergence, an I/O error, a stall) on any rank ends it on every rank."""
     from .comm import mpi_info
-    from .executor import Executor, Preempted
+    from .executor import Executor
     from .ffstate import FFState
-    from .modelfile import save_model, versions
+    from .modelfile import versions
     from .progress import Board, Reporter
     from .trace import Tracer, trace_path
 
     comm, cfg, plan, rundir = setup.comm, setup.cfg, setup.plan, setup.rundir
     rank, size = comm.rank, comm.size
+    reason = None
     if rank == 0:
-        rundir.prepare(cfg, force=setup.args.force, resume_after=setup.resume[0] if setup.resume else None,
-                       world_size=size)
-    comm.barrier()
+        try:
+            rundir.prepare(cfg, force=setup.args.force, resume_after=setup.resume[0] if setup.resume else None,
+                           world_size=size)
+        except OSError as exc:
+            reason = io_reason(f"the run directory {rundir.path}", exc)
+    reason = comm.bcast(reason)
+    if reason is not None:
+        return Outcome("failed", halt=IOFailure(reason, origin=0))
     offset, t0 = comm.clock_offset()
     meta = {"world_size": size, "host": mpi_info()["host"], "device": str(setup.device),
             "schedule": cfg.run.schedule, "config": cfg.to_json(), "versions": versions(),
             "mpi": mpi_info(), "torch_threads": torch.get_num_threads()}
-    tracer = Tracer(trace_path(rundir.path, rank), rank, meta, clock_offset=offset, t0=t0,
-                    enabled=cfg.run.trace)
-    if rank == 0:
-        _banner(setup)
-    board = setup.board = Board(plan, setup.start, quiet=quiet) if rank == 0 else None
+    watch = Watch(comm)
+    tracer = None
     try:
+        try:
+            tracer = Tracer(trace_path(rundir.path, rank), rank, meta, clock_offset=offset, t0=t0,
+                            enabled=cfg.run.trace)
+        except OSError as exc:
+            raise IOFailure(io_reason(f"the trace {trace_path(rundir.path, rank)}", exc)) from None
+        if rank == 0:
+            _banner(setup)
+        board = setup.board = Board(plan, setup.start, quiet=quiet) if rank == 0 else None
         with tracer.span("setup"):  # model, optimizers and data on the device
-            state = FFState(cfg, plan, setup.dataset, tracer, setup.device, rank=rank, should_stop=stop_requested)
+            state = FFState(cfg, plan, setup.dataset, tracer, setup.device, rank=rank, check=watch.check)
             if setup.snapshot:
                 state.restore(setup.snapshot)
-        executor = Executor(plan, comm, state, tracer, reporter=Reporter(comm, board),
-                            should_stop=stop_requested, checkpointer=_Checkpointer(setup, rank),
-                            stall_timeout=cfg.run.stall_timeout)
+        executor = Executor(plan, comm, state, tracer, reporter=Reporter(comm, board), watch=watch,
+                            checkpointer=_Checkpointer(setup, rank), stall_timeout=cfg.run.stall_timeout)
         result = executor.run()
         if rank == plan.final_rank() and plan.tasks:
             with tracer.span("io", plan.num_chapters - 1, -1):
-                acc = state.test_accuracy.get(plan.num_chapters - 1)
-                save_model(rundir.model_path, state.net, cfg, input_mean=setup.dataset.input_mean,
-                           input_std=setup.dataset.input_std, input_scale=setup.dataset.input_scale,
-                           test_accuracy=acc, extra={"world_size": size, "schedule": cfg.run.schedule})
+                _write_model(setup, state)
         if rank == 0:
             with tracer.span("wait", -1, -1):
-                executor.reporter.collect(timeout=cfg.run.stall_timeout, on_idle=executor._check_stop)
+                executor.reporter.collect(timeout=cfg.run.stall_timeout, on_idle=watch.check)
         memory = _peak_memory(setup.device)
         for name, value in memory.items():
             tracer.scalar(name, -1, -1, value)
-        tracer.set_attr("bytes_sent", result.bytes_sent)
-        tracer.set_attr("bytes_received", result.bytes_received)
-        tracer.set_attr("train_start", result.train_start)
-        tracer.set_attr("train_end", result.train_end)
-        tracer.close("finished")
-    except Preempted:
-        tracer.close("preempted")
-        return Outcome("preempted")
-    except BaseException:
-        # leave a note in the run directory, then let mpi4py abort the job
+        for key in ("bytes_sent", "bytes_received", "train_start", "train_end"):
+            tracer.set_attr(key, getattr(result, key))
+        try:
+            tracer.close("finished")
+        except OSError as exc:
+            raise IOFailure(io_reason(f"the trace {tracer.path}", exc)) from None
+    except Halt as halt:
+        if not halt.received and size > 1:
+            comm.notify_halt(halt.notice(rank))  # the others stop at their next check
+        _close_quietly(tracer, halt.status)
+        return Outcome(halt.status, halt=halt)
+    except BaseException as exc:
+        # a bug: leave a note in the run directory, then let mpi4py abort the job
         rundir.write_failure_note(rank, traceback.format_exc())
-        tracer.close("failed")
+        _record_bug(rundir, rank, exc)
+        _close_quietly(tracer, "failed")
         raise
     return Outcome("finished", result, memory)
+
+
+def _write_model(setup: Setup, state) -> None:
+    from .modelfile import save_model
+
+    cfg, ds = setup.cfg, setup.dataset
+    try:
+        save_model(setup.rundir.model_path, state.net, cfg, input_mean=ds.input_mean, input_std=ds.input_std,
+                   input_scale=ds.input_scale, test_accuracy=state.test_accuracy.get(cfg.train.chapters - 1),
+                   extra={"world_size": setup.comm.size, "schedule": cfg.run.schedule})
+    except OSError as exc:
+        raise IOFailure(io_reason(f"the model {setup.rundir.model_path}", exc)) from None
+
+
+def _close_quietly(tracer, status: str) -> None:
+    """Close a trace on the way out; a trace that cannot be written any more is left as it is."""
+    if tracer is None:
+        return
+    try:
+        tracer.close(status)
+    except Exception:  # noqa: BLE001 - the run is ending for another reason already
+        f = getattr(tracer, "_file", None)
+        tracer._file = None
+        try:
+            if f is not None:
+                f.close()
+        except Exception:  # noqa: BLE001
+            pass
+
+
+def _record_bug(rundir, rank: int, exc: BaseException) -> None:
+    """Best effort, from the failing rank itself (the job is about to be aborted): run.json says
+    failed, and why."""
+    try:
+        text = str(exc).splitlines()[0] if str(exc) else ""
+        rundir.end_attempt("failed", reason=f"rank {rank}: {type(exc).__name__}: {text} (traceback in "
+                                            f"failure-rank{rank}.txt)", exit_code=1)
+    except Exception:  # noqa: BLE001 - nothing more can be done here
+        pass
 
 
 class _Checkpointer:
@@ -304,9 +360,13 @@ class _Checkpointer:
         return bool(self.every) and chapter < self.setup.plan.num_chapters - 1 and (chapter + 1) % self.every == 0
 
     def write(self, chapter: int, snapshot: dict) -> None:
-        from .checkpoint import write_rank_checkpoint
+        from .checkpoint import checkpoint_dir, write_rank_checkpoint
         s = self.setup
-        write_rank_checkpoint(s.rundir.path, chapter, self.rank, s.comm.size, s.cfg.to_json(), snapshot)
+        try:
+            write_rank_checkpoint(s.rundir.path, chapter, self.rank, s.comm.size, s.cfg.to_json(), snapshot)
+        except OSError as exc:
+            where = os.path.join(checkpoint_dir(s.rundir.path, chapter + 1), f"rank{self.rank:04d}.h5")
+            raise IOFailure(io_reason(f"the checkpoint {where}", exc)) from None
 
 
 def _banner(setup: Setup) -> None:
@@ -331,9 +391,9 @@ def _banner(setup: Setup) -> None:
 
 
 def finish(setup: Setup, outcome: Outcome) -> int:
-    """After the tasks: run.json (rank 0), the summary line, the report."""
-    if outcome.status == "preempted":
-        return _preempted(setup)
+    """After the tasks: run.json (rank 0), the summary line, the report; or the halt recorded."""
+    if outcome.halt is not None:
+        return _halted(setup, outcome.halt)
     comm, cfg, rundir = setup.comm, setup.cfg, setup.rundir
     result = outcome.result
     stats = comm.gather({"rank": comm.rank, "host": __import__("socket").gethostname(),
@@ -353,54 +413,75 @@ def finish(setup: Setup, outcome: Outcome) -> int:
         training = max(s["train_end"] for s in stats) - min(s["train_start"] for s in stats)
         for s in stats:
             del s["train_start"], s["train_end"]
-        rundir.end_attempt("finished", test_accuracy=final_acc, wall_time=wall, training_seconds=training,
-                           accuracy_per_chapter=accuracy, chapters_done=cfg.train.chapters, ranks=stats,
-                           versions=versions(), host=host_facts(), exit_code=0)
+        try:
+            rundir.end_attempt("finished", test_accuracy=final_acc, wall_time=wall, training_seconds=training,
+                               accuracy_per_chapter=accuracy, chapters_done=cfg.train.chapters, ranks=stats,
+                               versions=versions(), host=host_facts(), exit_code=0, reason=None)
+        except OSError as exc:
+            print(f"mpff train: error: {io_reason(rundir.run_json, exc)}; the model is written: "
+                  f"{rundir.model_path}", file=sys.stderr, flush=True)
+            return IOFailure.code
         rundir.clear_failure_notes()
         rundir.release()
         acc_text = f"{100 * final_acc:.2f}%" if final_acc is not None else "n/a"
         print(f"mpff: done in {wall:.1f}s: test accuracy {acc_text} ({cfg.train.classifier} classifier), "
               f"model {rundir.model_path}", flush=True)
         if cfg.run.report and cfg.run.trace:
-            code = _write_report(rundir.path)
+            if stop_signal() is not None:  # the run is done; a stop now skips only the report
+                print(f"mpff: stopped before the report; write it with: python -m mpff report {rundir.path}",
+                      flush=True)
+            else:
+                code = _write_report(rundir.path)
     return code
 
 
-def _preempted(setup: Setup) -> int:
-    """Stop requested: every passed chapter is checkpointed; wait (bounded) for the other ranks."""
+def _halted(setup: Setup, halt: Halt) -> int:
+    """Every rank ends with the halt's exit code; one rank records it in run.json and prints one
+    line: rank 0, or for a stall the rank that found it (rank 0 may be the one stuck, and the job
+    is aborted at once)."""
     from .checkpoint import complete_checkpoints
 
     comm, rundir = setup.comm, setup.rundir
-    if comm.rank == 0:
+    if isinstance(halt, Stalled):
+        writer = -1 if halt.received else comm.rank
+    else:
+        writer = 0
+    if comm.rank == writer:
         done = [c for c, _ in complete_checkpoints(rundir.path)]
-        board = setup.board
         acc = dict(rundir.read().get("accuracy_per_chapter", {}))
-        if board is not None:
-            acc.update({str(c + 1): a for c, a in sorted(board.acc.items())})
-        sig = _stop_signal[0] if _stop_signal else None
-        rundir.end_attempt("preempted", signal=sig, newest_complete_checkpoint=max(done) if done else None,
-                           chapters_done=max(done) if done else 0, accuracy_per_chapter=acc,
-                           exit_code=EXIT_PREEMPTED, reason=f"stopped by signal {sig}")
+        if setup.board is not None:
+            acc.update({str(c + 1): a for c, a in sorted(setup.board.acc.items())})
+        fields = dict(reason=halt.reason, exit_code=halt.code, accuracy_per_chapter=acc,
+                      newest_complete_checkpoint=max(done) if done else None, chapters_done=max(done) if done else 0)
+        if isinstance(halt, Preempted):
+            fields["signal"] = stop_signal()
+        unrecorded = ""
+        try:
+            rundir.end_attempt(halt.status, **fields)
+        except OSError as exc:
+            unrecorded = f" ({io_reason(rundir.run_json, exc)}: it still says 'running')"
         rundir.release()
-        print(f"mpff: stopped by signal {sig if sig is not None else '?'}; "
-              + (f"resume with --resume from after chapter {max(done)}" if done else
-                 "no complete checkpoint yet (set run.checkpoint_every)"), flush=True)
-    # all ranks got the signal (SLURM and mpiexec signal every rank); give them time to reach
-    # this point, then leave. A rank that never comes is taken down by MPI_Abort.
-    req = comm.world.Ibarrier()
-    deadline = time.time() + 60
-    while not req.Test():
-        if time.time() > deadline:
-            comm.abort(EXIT_PREEMPTED)
-        time.sleep(0.01)
-    return EXIT_PREEMPTED
+        if isinstance(halt, Preempted):
+            sig = stop_signal()
+            print(f"mpff: stopped by signal {sig if sig is not None else '(on another rank)'}; "
+                  + (f"resume with --resume from after chapter {max(done)}" if done else
+                     "no complete checkpoint yet (set run.checkpoint_every)") + unrecorded, flush=True)
+        else:
+            print(f"mpff train: error: {halt.reason}{unrecorded}", file=sys.stderr, flush=True)
+    if isinstance(halt, Stalled):
+        comm.abort(halt.code)  # the stalled rank would never reach a barrier
+    # every rank learnt of the halt; give them time to get here, then leave. A rank that never
+    # comes (stopped, or blocked in a driver) is taken down by MPI_Abort.
+    if not comm.bounded_barrier(30 if isinstance(halt, Preempted) else 10):
+        comm.abort(halt.code)
+    return halt.code
 
 
 def run(comm, args: argparse.Namespace) -> int:
     """``mpff train`` on communicator ``comm`` (an mpi4py communicator)."""
     from .comm import Comm
 
-    _install_signal_handlers()  # first: a signal during start-up must not kill the rank
+    install_signal_handlers()  # (again: the entry point does it first) a signal must not kill a rank
     mpff_comm = Comm(comm)
     try:
         setup = prepare(mpff_comm, args)

@@ -1,0 +1,155 @@
+"""How a run ends early: the exit codes, the stop signals, and the halts every rank agrees on.
+
+Exit codes (``mpff train --help`` and the README list them too):
+
+====  ==========================================================================================
+   0  finished (or nothing to resume)
+   1  a bug: a traceback, and ``failure-rank<r>.txt`` in the run directory
+   2  bad input: one line says what to fix; nothing was written
+  65  diverged: a loss or weight became NaN or infinite; no model is written (lower the rate)
+  69  stalled: a rank waited longer than ``run.stall_timeout`` for a peer; the job is aborted
+  74  an I/O error (disk full, EIO, quota) writing a trace, checkpoint, model or run.json
+  75  stopped by SIGTERM, SIGUSR1 or SIGINT (Ctrl-C); resume with ``--resume`` (EX_TEMPFAIL:
+      SLURM scripts requeue on it)
+====  ==========================================================================================
+
+A halt detected on one rank (a signal, a non-finite loss, an I/O error) is announced to every
+other rank on the communicator's control channel, so the whole job stops within a moment and
+rank 0 records one status and one reason in run.json. The checks are cheap enough to run at
+every training step (:class:`Watch`): a list lookup, and a nonblocking probe at most every
+50 ms.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import time
+from collections.abc import Callable
+
+EXIT_OK = 0
+EXIT_BUG = 1
+EXIT_USAGE = 2
+EXIT_DIVERGED = 65   # EX_DATAERR
+EXIT_STALLED = 69    # EX_UNAVAILABLE
+EXIT_IO = 74         # EX_IOERR
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL
+
+EXIT_CODES = {
+    EXIT_OK: "finished",
+    EXIT_BUG: "a bug (traceback; failure-rank<r>.txt in the run directory)",
+    EXIT_USAGE: "bad input (one line says what to fix; nothing written)",
+    EXIT_DIVERGED: "diverged (NaN or infinite loss or weights; no model written)",
+    EXIT_STALLED: "stalled (a peer silent longer than run.stall_timeout; job aborted)",
+    EXIT_IO: "I/O error writing a trace, checkpoint, model or run.json",
+    EXIT_PREEMPTED: "stopped by SIGTERM/SIGUSR1/SIGINT; resume with --resume",
+}
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+
+
+class Halt(Exception):
+    """The run cannot go on; every rank ends with ``code`` and run.json says ``status``."""
+    code = EXIT_BUG
+    status = "failed"
+
+    def __init__(self, reason: str, *, origin: int = -1, received: bool = False) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.origin = origin        # the rank that detected it (-1: this one, not yet known)
+        self.received = received    # learnt from another rank's notice
+
+    def notice(self, rank: int) -> tuple[str, str, int]:
+        return (type(self).__name__, self.reason, self.origin if self.origin >= 0 else rank)
+
+
+class Preempted(Halt):
+    """A stop was requested (SIGTERM / SIGUSR1 / SIGINT); checkpoints of passed chapters are on disk."""
+    code = EXIT_PREEMPTED
+    status = "preempted"
+
+
+class Diverged(Halt):
+    code = EXIT_DIVERGED
+    status = "diverged"
+
+
+class IOFailure(Halt):
+    code = EXIT_IO
+    status = "failed"
+
+
+class Stalled(Halt):
+    """A rank waited longer than ``run.stall_timeout`` for a message; the text names peer and buffer."""
+    code = EXIT_STALLED
+    status = "failed"
+
+    def __init__(self, reason: str, *, peer: int = -1, **kw) -> None:
+        super().__init__(reason, **kw)
+        self.peer = peer
+
+
+HALTS = {cls.__name__: cls for cls in (Halt, Preempted, Diverged, IOFailure, Stalled)}
+
+
+def from_notice(notice: tuple[str, str, int]) -> Halt:
+    name, reason, origin = notice
+    return HALTS.get(name, Halt)(reason, origin=origin, received=True)
+
+
+# ------------------------------------------------------------------------------ signals
+
+_stop_signals: list[int] = []
+
+
+def install_signal_handlers() -> None:
+    """SLURM sends SIGUSR1 (with --signal) or SIGTERM before a time limit or preemption; mpiexec
+    forwards those and Ctrl-C's SIGINT to every rank. The handler only records the signal: the
+    run stops at the next check (between training steps, or while waiting)."""
+    def handler(signum, frame):  # noqa: ARG001
+        _stop_signals.append(signum)
+
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, handler)
+
+
+def stop_signal() -> int | None:
+    return _stop_signals[0] if _stop_signals else None
+
+
+def io_reason(what: str, exc: OSError) -> str:
+    """One line for an I/O error while writing ``what`` (h5py's own messages span lines)."""
+    if exc.errno:
+        why = os.strerror(exc.errno)
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            why += " (free space or raise the quota, then --resume)"
+    else:
+        why = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return f"cannot write {what}: {why}"
+
+
+class Watch:
+    """The halt checks of one rank: a stop signal, or another rank's notice on ``comm``'s control
+    channel. :meth:`check` raises the halt; call it often (every training step costs ~1 us)."""
+
+    def __init__(self, comm=None, should_stop: Callable[[], bool] | None = None,
+                 probe_every: float = 0.05) -> None:
+        self.comm = comm
+        self.should_stop = should_stop
+        self.probe_every = probe_every
+        self._next_probe = 0.0
+
+    def check(self) -> None:
+        sig = stop_signal()
+        if sig is not None:
+            raise Preempted(f"stopped by signal {sig}")
+        if self.should_stop is not None and self.should_stop():
+            raise Preempted("stop requested")
+        if self.comm is not None and self.comm.size > 1:
+            now = time.monotonic()
+            if now >= self._next_probe:
+                self._next_probe = now + self.probe_every
+                notice = self.comm.halt_notice()
+                if notice is not None:
+                    raise from_notice(notice)
