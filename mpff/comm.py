@@ -40,6 +40,7 @@ class Comm:
         self.progress = self.world.Dup()  # small records for rank 0's progress lines
         self.control = self.world.Dup()   # halt notices: a stop, a divergence, an I/O error
         self._notices: list[Any] = []     # their send requests (mpi4py keeps the pickles alive)
+        self._barrier: Any = None         # a barrier this rank posted and has not completed
         self.rank = self.world.Get_rank()
         self.size = self.world.Get_size()
         self.poll_interval = poll_interval
@@ -70,9 +71,7 @@ class Comm:
         return self.world.gather(obj, root=root)
 
     def barrier(self) -> None:
-        # a polling barrier: a plain Barrier busy-waits in MPICH
-        req = self.world.Ibarrier()
-        self.wait(req)
+        self.await_all()  # a polling barrier: a plain Barrier busy-waits in MPICH
 
     def clock_offset(self, rounds: int = 8) -> tuple[float, float]:
         """(offset, t0): add ``offset`` to this rank's perf_counter to get rank 0's clock; t0 is
@@ -144,14 +143,31 @@ class Comm:
             return self.control.recv(source=status.Get_source(), tag=HALT_TAG)
         return None
 
+    def _ibarrier(self) -> Any:
+        # A rank that left a barrier early (a halt while it waited) completes that same barrier
+        # later: barriers match in the order they are posted, so it must not post another.
+        if self._barrier is None:
+            self._barrier = self.world.Ibarrier()
+        return self._barrier
+
+    def await_all(self, check=None) -> None:
+        """Wait until every rank gets here, polling (``check`` may raise to stop waiting)."""
+        req = self._ibarrier()
+        while not req.Test():
+            if check is not None:
+                check()
+            time.sleep(self.poll_interval or 0.001)
+        self._barrier = None
+
     def bounded_barrier(self, seconds: float) -> bool:
         """A barrier that gives up after ``seconds``; True when every rank arrived."""
-        req = self.world.Ibarrier()
+        req = self._ibarrier()
         deadline = time.monotonic() + seconds
         while not req.Test():
             if time.monotonic() > deadline:
                 return False
             time.sleep(self.poll_interval or 0.001)
+        self._barrier = None
         return True
 
     def abort(self, code: int) -> None:

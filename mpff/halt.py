@@ -118,6 +118,10 @@ def stop_signal() -> int | None:
     return _stop_signals[0] if _stop_signals else None
 
 
+#: errors of the storage itself (not of a path the user chose)
+DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS, errno.EFBIG)
+
+
 def io_reason(what: str, exc: OSError) -> str:
     """One line for an I/O error while writing ``what`` (h5py's own messages span lines)."""
     if exc.errno:

@@ -17,11 +17,11 @@ Layout (``docs/traces.md`` has the run directory as a whole)::
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import platform
 import socket
-import tempfile
 import time
 from typing import Any
 
@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from .config import ConfigError
+from .fsutil import write_atomic
 from .model import FFNet
 
 FORMAT = "mpff-model"
@@ -58,40 +59,22 @@ def host_facts() -> dict[str, Any]:
 
 
 def atomic_h5(path: str):
-    """Context manager: an h5py.File open on a temporary file next to ``path``, renamed over it
-    only when the block succeeds, so a crash never leaves a half-written file at ``path``."""
+    """Context manager: an h5py.File built in memory, written to ``path`` atomically when the
+    block succeeds (:func:`mpff.fsutil.write_atomic`): a crash, a full disk or an I/O error never
+    leaves a half-written file at ``path``, nor a temporary file beside it."""
     class _Atomic:
         def __enter__(self):
-            d = os.path.dirname(os.path.abspath(path))
-            os.makedirs(d, exist_ok=True)
-            fd, self.tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".h5", dir=d)
-            os.close(fd)
-            try:
-                self.f = h5py.File(self.tmp, "w")
-            except BaseException:
-                _unlink(self.tmp)  # a full disk or an I/O error must not leave the temporary file
-                raise
+            self.buf = io.BytesIO()
+            self.f = h5py.File(self.buf, "w")
             return self.f
 
         def __exit__(self, exc_type, exc, tb):
-            try:
-                self.f.close()  # flushes: on a full disk this is where the write fails
-                if exc_type is None:
-                    os.replace(self.tmp, path)
-            except BaseException:
-                _unlink(self.tmp)
-                raise
-            if exc_type is not None:
-                _unlink(self.tmp)
+            self.f.close()
+            if exc_type is None:
+                with self.buf.getbuffer() as view:
+                    write_atomic(path, view)
             return False
     return _Atomic()
-
-
-def _unlink(path: str) -> None:
-    try:
-        os.unlink(path)
-    except OSError:
-        pass
 
 
 def save_model(path: str, net: FFNet, cfg, *, input_mean: np.ndarray, input_std: np.ndarray,

@@ -26,6 +26,7 @@ import time
 from typing import Any
 
 from .config import Config, ConfigError
+from .fsutil import write_atomic
 
 RUN_FORMAT = "mpff-run"
 RUN_FORMAT_VERSION = 2
@@ -67,20 +68,8 @@ def now_iso() -> str:
 
 
 def write_json_atomic(path: str, data: dict) -> None:
-    """Write ``data`` as JSON to a temporary file beside ``path``, then rename it over ``path``:
-    readers see the old file or the new one, never a half-written one."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        with open(tmp, "w") as fh:
-            json.dump(data, fh, indent=2, sort_keys=True)
-            fh.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    """Write ``data`` as JSON to ``path`` atomically (see :func:`mpff.fsutil.write_atomic`)."""
+    write_atomic(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 class RunDir:
@@ -202,15 +191,16 @@ class RunDir:
                     raise self._in_use(holder) from None
                 # stale: take it over by renaming a fresh lock over it (atomic), then check
                 # that ours is the one that stayed (another job may have done the same)
-                mine = f"{self.lock_path}.{os.getpid()}"
-                with open(mine, "w") as fh:
-                    fh.write(f"{socket.gethostname()} {os.getpid()}\n")
-                os.replace(mine, self.lock_path)
+                write_atomic(self.lock_path, f"{socket.gethostname()} {os.getpid()}\n")
                 if self._lock_is_mine():
                     return
                 raise self._in_use(self.lock_holder() or "another job") from None
-            with os.fdopen(fd, "w") as fh:
-                fh.write(f"{socket.gethostname()} {os.getpid()}\n")
+            try:
+                with os.fdopen(fd, "w") as fh:
+                    fh.write(f"{socket.gethostname()} {os.getpid()}\n")
+            except OSError:
+                os.unlink(self.lock_path)  # an empty lock would look held by nobody we know
+                raise
             return
 
     def _lock_is_mine(self) -> bool:
@@ -305,14 +295,4 @@ class RunDir:
 
 
 def write_text_atomic(path: str, text: str) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        with open(tmp, "w") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    write_atomic(path, text)

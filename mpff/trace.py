@@ -12,6 +12,7 @@ All times are seconds on one time base shared by all ranks: rank 0's clock at st
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import time
@@ -21,6 +22,8 @@ from typing import Any
 
 import h5py
 import numpy as np
+
+from .fsutil import write_atomic
 
 FORMAT = "mpff-trace"
 FORMAT_VERSION = 1
@@ -61,9 +64,11 @@ class Tracer:
         self._scalars: list[tuple] = []
         self._file: h5py.File | None = None
         if self.enabled:
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            # locking=False: users (and `mpff report`) may read a trace while the run writes it
-            self._file = h5py.File(path, "w", locking=False)
+            # Built in memory and written whole at each flush (atomically: a reader, such as
+            # `mpff report` during the run, sees the previous chapter's file or this one), so the
+            # HDF5 library never meets a full disk or an I/O error (see mpff.fsutil).
+            self._buf = io.BytesIO()
+            self._file = h5py.File(self._buf, "w")
             self._file.create_dataset("spans", shape=(0,), maxshape=(None,),
                                       dtype=SPAN_DTYPE, chunks=(4096,))
             self._file.create_dataset("scalars", shape=(0,), maxshape=(None,),
@@ -78,7 +83,7 @@ class Tracer:
             attrs["wall_end"] = self.now()
             for key, value in meta.items():
                 attrs[key] = value if isinstance(value, (int, float, str)) else json.dumps(value)
-            self._file.flush()
+            self._write()
 
     def now(self) -> float:
         """Seconds on the shared time base."""
@@ -117,17 +122,36 @@ class Tracer:
             ds[n:] = arr
             rows.clear()
         self._file.attrs["wall_end"] = self.now()
+        self._write()
+
+    def _write(self) -> None:
+        """The whole file, to disk (an OSError, with its errno, when the disk fails)."""
         self._file.flush()
+        with self._buf.getbuffer() as view:  # released even if the write fails
+            write_atomic(self.path, view)
 
     def set_attr(self, key: str, value: Any) -> None:
         if self._file is not None:
             self._file.attrs[key] = value if isinstance(value, (int, float, str)) else json.dumps(value)
 
     def close(self, status: str = "finished") -> None:
+        """Write the last records and the status; the trace is closed even if writing fails."""
         if self._file is None:
             return
-        self.flush()
-        self._file.attrs["status"] = status
-        self._file.attrs["wall_end"] = self.now()
-        self._file.close()
-        self._file = None
+        try:
+            for name, rows, dtype in (("spans", self._spans, SPAN_DTYPE), ("scalars", self._scalars, SCALAR_DTYPE)):
+                if rows:
+                    ds = self._file[name]
+                    n = ds.shape[0]
+                    ds.resize((n + len(rows),))
+                    ds[n:] = np.array(rows, dtype=dtype)
+                    rows.clear()
+            self._file.attrs["status"] = status
+            self._file.attrs["wall_end"] = self.now()
+            self._file.close()
+            with self._buf.getbuffer() as view:  # released even if the write fails
+                write_atomic(self.path, view)
+        finally:
+            if self._file:
+                self._file.close()
+            self._file = None

@@ -25,6 +25,7 @@ import torch
 
 from .config import Config, ConfigError, load
 from .halt import (
+    DISK_ERRNOS,
     EXIT_PREEMPTED,
     EXIT_USAGE,
     Halt,
@@ -36,9 +37,6 @@ from .halt import (
     io_reason,
     stop_signal,
 )
-
-#: what ``_collectively`` reports when a rank got a stop signal during start-up
-_STOP = "\0stop"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -95,27 +93,31 @@ class Setup:
     board: Any = None                      # rank 0's progress board, once the run started
 
 
-def _collectively(comm, step: Callable[[], Any]) -> tuple[Any, str | None]:
-    """Run ``step`` on every rank; every rank learns the first user error of any rank (or that a
-    rank got a stop signal: ``_STOP``)."""
+def _collectively(comm, step: Callable[[], Any]) -> tuple[Any, tuple[int, str] | None]:
+    """Run ``step`` on every rank; every rank learns the first problem of any rank, as (exit code,
+    one line): bad input (2), an I/O error (74), or a stop signal during start-up (75)."""
     result, error = None, None
     try:
         result = step()
     except ConfigError as exc:
-        error = str(exc)
+        error = (EXIT_USAGE, str(exc))
+    except Halt as exc:
+        error = (exc.code, exc.reason)
     if error is None and stop_signal() is not None:
-        error = _STOP
+        error = (EXIT_PREEMPTED, f"stopped by signal {stop_signal()} during start-up; nothing was written")
     return result, comm.first_error(error)
 
 
-def _on_root(comm, step: Callable[[], Any]) -> tuple[Any, str | None]:
-    """Run ``step`` on rank 0 only; every rank gets its result or its user error."""
+def _on_root(comm, step: Callable[[], Any]) -> tuple[Any, tuple[int, str] | None]:
+    """Run ``step`` on rank 0 only; every rank gets its result or its problem."""
     result, error = None, None
     if comm.rank == 0:
         try:
             result = step()
         except ConfigError as exc:
-            error = str(exc)
+            error = (EXIT_USAGE, str(exc))
+        except Halt as exc:
+            error = (exc.code, exc.reason)
     result, error = comm.bcast((result, error))
     if error is None:  # a stop signal on any rank ends the start-up too
         _, error = _collectively(comm, lambda: None)
@@ -123,8 +125,9 @@ def _on_root(comm, step: Callable[[], Any]) -> tuple[Any, str | None]:
 
 
 def prepare(comm, args: argparse.Namespace) -> Setup | int:
-    """Validate everything on every rank, in phases; the first user error ends the run with exit
-    code 2 before anything is written. Returns the Setup, or the exit code."""
+    """Validate everything on every rank, in phases; the first problem ends the run before
+    anything is written: one line from rank 0, the same exit code on every rank (2 for bad
+    input). Returns the Setup, or the exit code."""
     loaded, error = _collectively(comm, lambda: _load_config(comm, args))
     if error is None:
         cfg, plan = loaded
@@ -140,15 +143,14 @@ def prepare(comm, args: argparse.Namespace) -> Setup | int:
     if error is None:
         device, dataset, plan, snapshot = ready
         _, error = _on_root(comm, lambda: _take_run_dir(rundir))
-    if error == _STOP:
-        if comm.rank == 0:
-            print(f"mpff: stopped by signal {stop_signal() or '(on another rank)'} during start-up; "
-                  "nothing was written", flush=True)
-        return EXIT_PREEMPTED
     if error is not None:
+        code, message = error
         if comm.rank == 0:
-            print(f"mpff train: error: {error}", file=sys.stderr, flush=True)
-        return EXIT_USAGE
+            if code == EXIT_PREEMPTED:
+                print(f"mpff: {message}", flush=True)
+            else:
+                print(f"mpff train: error: {message}", file=sys.stderr, flush=True)
+        return code
     return Setup(comm=comm, args=args, cfg=cfg, plan=plan, rundir=rundir, dataset=dataset, device=device,
                  snapshot=snapshot, resume=resume)
 
@@ -196,6 +198,8 @@ def _take_run_dir(rundir) -> None:
     try:
         rundir.acquire()
     except OSError as exc:
+        if exc.errno in DISK_ERRNOS:
+            raise IOFailure(io_reason(f"the run directory {rundir.path}", exc)) from None
         raise ConfigError(f"cannot create {rundir.path!r} ({exc.strerror}); choose another --out") from None
 
 
@@ -283,9 +287,10 @@ def execute(setup: Setup, quiet: bool = False) -> Outcome:
         if rank == plan.final_rank() and plan.tasks:
             with tracer.span("io", plan.num_chapters - 1, -1):
                 _write_model(setup, state)
-        if rank == 0:
-            with tracer.span("wait", -1, -1):
+        with tracer.span("wait", -1, -1):
+            if rank == 0:
                 executor.reporter.collect(timeout=cfg.run.stall_timeout, on_idle=watch.check)
+            comm.await_all(watch.check)  # ranks done early wait here, still stoppable
         memory = _peak_memory(setup.device)
         for name, value in memory.items():
             tracer.scalar(name, -1, -1, value)
@@ -322,18 +327,11 @@ def _write_model(setup: Setup, state) -> None:
 
 
 def _close_quietly(tracer, status: str) -> None:
-    """Close a trace on the way out; a trace that cannot be written any more is left as it is."""
-    if tracer is None:
-        return
-    try:
-        tracer.close(status)
-    except Exception:  # noqa: BLE001 - the run is ending for another reason already
-        f = getattr(tracer, "_file", None)
-        tracer._file = None
+    """Close a trace on the way out; a trace that cannot be written any more stays as last written."""
+    if tracer is not None:
         try:
-            if f is not None:
-                f.close()
-        except Exception:  # noqa: BLE001
+            tracer.close(status)
+        except OSError:
             pass
 
 
@@ -418,6 +416,7 @@ def finish(setup: Setup, outcome: Outcome) -> int:
                                accuracy_per_chapter=accuracy, chapters_done=cfg.train.chapters, ranks=stats,
                                versions=versions(), host=host_facts(), exit_code=0, reason=None)
         except OSError as exc:
+            rundir.release()
             print(f"mpff train: error: {io_reason(rundir.run_json, exc)}; the model is written: "
                   f"{rundir.model_path}", file=sys.stderr, flush=True)
             return IOFailure.code

@@ -148,3 +148,37 @@ def pytest_configure(config):  # noqa: F811  (chains the hook above)
     _pytest_configure_before_slurm(config)
     config.addinivalue_line(
         "markers", "slurm: submits the jobs/ scripts to a real (throw-away) SLURM; select with -m slurm")
+
+
+# ----------------------------------------------------------------------------------------------
+# Processes of a running job (tests/test_faults.py, test_resilience.py)
+# ----------------------------------------------------------------------------------------------
+def rank_pids(root_pid: int) -> dict[int, int]:
+    """{MPI rank: pid} of the ranks below ``root_pid`` (mpiexec), from /proc (PMI_RANK)."""
+    import glob as _glob
+    children: dict[int, list[int]] = {}
+    for stat in _glob.glob("/proc/[0-9]*/stat"):
+        try:
+            with open(stat) as fh:
+                ppid = int(fh.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(ppid, []).append(int(stat.split("/")[2]))
+    ranks, todo = {}, list(children.get(root_pid, []))
+    while todo:
+        pid = todo.pop()
+        todo += children.get(pid, [])
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as fh:
+                env = dict(kv.split(b"=", 1) for kv in fh.read().split(b"\0") if b"=" in kv)
+        except OSError:
+            continue
+        if b"PMI_RANK" in env:
+            ranks[int(env[b"PMI_RANK"])] = pid
+    return ranks
+
+
+@pytest.fixture(scope="session")
+def mpff_rank_pids():
+    """The :func:`rank_pids` helper."""
+    return rank_pids
