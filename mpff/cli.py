@@ -83,12 +83,19 @@ def _rank() -> int:
     return 0
 
 
+def train_epilog() -> str:
+    from .halt import EXIT_CODES
+    codes = "\n".join(f"  {code:>3}  {text}" for code, text in EXIT_CODES.items())
+    return f"exit codes (the same on every rank; docs/faults.md):\n{codes}"
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .train import add_arguments
 
     parser = _Parser(prog="mpff", description="Pipeline Forward-Forward training over MPI")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    p = sub.add_parser("train", help="train a network (launch under mpiexec/srun via python -m mpi4py)")
+    p = sub.add_parser("train", help="train a network (launch under mpiexec/srun via python -m mpi4py)",
+                       epilog=train_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(p)
     sub.add_parser("report", help="timing and bubble report of finished runs (no MPI needed)", add_help=False)
     sub.add_parser("info", help="versions, devices and world size")

@@ -64,6 +64,7 @@ def atomic_h5(path: str):
     leaves a half-written file at ``path``, nor a temporary file beside it."""
     class _Atomic:
         def __enter__(self):
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
             self.buf = io.BytesIO()
             self.f = h5py.File(self.buf, "w")
             return self.f

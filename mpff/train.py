@@ -358,10 +358,12 @@ class _Checkpointer:
         return bool(self.every) and chapter < self.setup.plan.num_chapters - 1 and (chapter + 1) % self.every == 0
 
     def write(self, chapter: int, snapshot: dict) -> None:
-        from .checkpoint import checkpoint_dir, write_rank_checkpoint
+        from .checkpoint import checkpoint_dir, prune, write_rank_checkpoint
         s = self.setup
         try:
             write_rank_checkpoint(s.rundir.path, chapter, self.rank, s.comm.size, s.cfg.to_json(), snapshot)
+            if self.rank == 0:  # older complete checkpoints than the newest `keep` are not needed
+                prune(s.rundir.path, s.cfg.run.checkpoint_keep)
         except OSError as exc:
             where = os.path.join(checkpoint_dir(s.rundir.path, chapter + 1), f"rank{self.rank:04d}.h5")
             raise IOFailure(io_reason(f"the checkpoint {where}", exc)) from None

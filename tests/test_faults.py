@@ -374,7 +374,8 @@ def test_disk_full_writing_a_checkpoint(ws):
 def test_disk_full_writing_the_model(ws):
     with small_disk(ws) as disk:
         out = os.path.join(disk, "run")
-        r = launch(train_cmd(out, "train.epochs=200", "train.chapters=2", "run.trace=false"),
+        r = launch(train_cmd(out, "train.epochs=200", "train.chapters=2", "run.trace=false",
+                             "run.checkpoint_every=0"),
                    when=fill_when(disk, lambda: os.path.exists(os.path.join(out, "run.json")), {}),
                    act=lambda p: None)
         check(r, out, code=74, line=f"cannot write the model {out}/model.h5: No space left on device",
@@ -384,7 +385,7 @@ def test_disk_full_writing_the_model(ws):
 def test_disk_full_writing_a_trace(ws):
     with small_disk(ws) as disk:
         out = os.path.join(disk, "run")
-        r = launch(train_cmd(out, "train.epochs=200", "train.chapters=2"),
+        r = launch(train_cmd(out, "train.epochs=200", "train.chapters=2", "run.checkpoint_every=0"),
                    when=fill_when(disk, lambda: os.path.exists(os.path.join(out, "trace", "rank0000.h5")), {}),
                    act=lambda p: None)
         check(r, out, code=74, line="cannot write the trace", status="failed")

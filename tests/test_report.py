@@ -345,7 +345,7 @@ def test_real_two_rank_run_adds_up(tmp_path):
         assert r.clipped <= 0.01 * r.wall, "spans overlap or lie outside the rank's wall"
         assert r.seconds["compute"] > 0
     assert s.bytes_sent == s.bytes_received > 0
-    assert s.bubble_modelled is not None and 0 <= s.bubble_modelled < 1
+    assert s.bubble_modelled is not None and 0 <= s.bubble_modelled < 1, s.model_note
     assert sorted(s.accuracy_by_chapter) == [0, 1, 2, 3]
     assert report.main([str(out)]) == 0
     assert (out / "report" / "trace.json").stat().st_size > 0
