@@ -635,7 +635,9 @@ def simulate(profile: Profile, target: Target, schedule: str, world_size: int, n
                         contention=contention.slowdown)
     final = Task("final", plan.num_chapters - 1)
     pred.training = max((f for t, f in sim.finish.items() if t.kind != "final"), default=0.0)
-    pred.wall = profile.setup + sim.makespan + profile.tail
+    # every rank of a node sets up at the same time: as busy ranks, they slow each other
+    sharing = min(network.ranks_per_node, world_size) - 1
+    pred.wall = profile.setup * (1.0 + contention.slowdown * sharing) + sim.makespan + profile.tail
     work = sum(sim.busy) - durations.get(("final", final.chapter, final.layer), 0.0)
     pred.bubble = 1.0 - work / (world_size * pred.training) if pred.training > 0 else 0.0
     pred.bytes_moved, pred.messages = sim.bytes_moved, sim.messages
@@ -755,16 +757,17 @@ def _assumptions(profile: Profile, target: Target, network: Network, used: Conte
         out.append("Every rank has a node (and device) to itself: no contention between ranks"
                    + (f" (the runs measured {measured.factor:.2f}x for ranks sharing a node)"
                       if measured.source == "measured" and measured.slowdown > 0 else "") + ".")
-    out.append(f"Setup ({profile.setup:.2f} s from the first rank's start to the end of its setup) "
-               f"and the end of the run ({profile.tail:.2f} s after the last task) are taken as "
-               "measured, not simulated.")
+    out.append(f"Setup ({profile.setup:.2f} s from the first rank's start to the end of its setup; "
+               "slowed by contention like any work when ranks share a node) and the end of the run "
+               f"({profile.tail:.2f} s after the last task) are taken as measured, not simulated.")
     if "federated" in schedules:
         out.append("Federated speedup is against Sequential with data.shards = N (its counterpart "
                    "on the same shards), not against Sequential on the whole data.")
     if adaptive_lag == "ranks-1" and cfg.train.negatives == "adaptive":
         out.append("Adaptive negatives use lag N-1 on N ranks (each rank the negatives it made N "
                    "chapters earlier, as the paper's All Layers).")
-    elif cfg.train.negatives == "adaptive" and cfg.train.adaptive_lag == 0:
+    elif (cfg.train.negatives == "adaptive" and cfg.train.adaptive_lag == 0 and cfg.train.adaptive_mode == "lag"
+          and set(schedules) - {"sequential"}):
         out.append("Adaptive negatives with train.adaptive_lag = 0 make every chapter wait for the "
                    "previous one's negatives, which leaves All Layers no pipeline; the paper uses "
                    "lag N-1 (--adaptive-lag ranks-1).")
