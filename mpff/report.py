@@ -511,9 +511,15 @@ PROBLEM_SETTINGS = (
 )
 
 
+@functools.lru_cache(maxsize=1)
+def _defaults() -> dict:
+    return Config().to_dict()
+
+
 def _setting(config: dict, section: str, key: str, world_size: int | None) -> Any:
-    default = getattr(getattr(Config(), section), key)
-    value = config.get(section, {}).get(key, default)
+    """A setting as it decides the problem: defaults filled in (older runs store fewer keys), the
+    data directory by its name, shards as resolved for the run's world size."""
+    value = config.get(section, {}).get(key, _defaults()[section][key])
     if isinstance(value, (list, tuple)):
         return list(value)
     if (section, key) == ("data", "path"):
