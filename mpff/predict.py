@@ -280,7 +280,10 @@ class Profile:
     unpack: tuple[float, float] | None             # seconds = a + b * bytes, from recv spans
 
 
-def build_profile(run: report_mod.Run, spans: list[list[Span]], contention: Contention) -> Profile:
+def build_profile(run: report_mod.Run, spans: list[list[Span]], contention: Contention,
+                  message_spans: Iterable[list[list[Span]]] = ()) -> Profile:
+    """The profile of ``run``; packing and unpacking are fitted over the send and recv spans of
+    ``spans`` and ``message_spans`` (other runs' spans: a 1-rank run sends nothing)."""
     cfg = run.config
     t = cfg.get("train", {})
     chapters = int(t.get("chapters", 1))
@@ -347,6 +350,7 @@ def build_profile(run: report_mod.Run, spans: list[list[Span]], contention: Cont
     task_ends = [sp.end for r in spans for sp in r if sp.kind in WORK_KINDS + ("send", "recv", "io")]
     tail = max(max(rt.wall_end for rt in run.ranks) - max(task_ends), 0.0) if task_ends else 0.0
 
+    every = list(spans) + [r for other in message_spans for r in other]
     if not train:
         raise ConfigError(f"run {run.path} has no train spans; predict from a run that trained "
                           "(with run.trace = true)")
@@ -354,8 +358,8 @@ def build_profile(run: report_mod.Run, spans: list[list[Span]], contention: Cont
                    n_train=n_train, n_test=n_test, train=train, forward=forward,
                    per_chapter=per_chapter, prep=prep_med, first_use=first_use, final=final,
                    setup=max(setup, 0.0), tail=tail,
-                   pack=_linear_fit([(sp.nbytes, alone(sp)) for r in spans for sp in r if sp.kind == "send"]),
-                   unpack=_linear_fit([(sp.nbytes, alone(sp)) for r in spans for sp in r if sp.kind == "recv"]))
+                   pack=_linear_fit([(sp.nbytes, alone(sp)) for r in every for sp in r if sp.kind == "send"]),
+                   unpack=_linear_fit([(sp.nbytes, alone(sp)) for r in every for sp in r if sp.kind == "recv"]))
 
 
 def _linear_fit(points: list[tuple[int, float]]) -> tuple[float, float] | None:
@@ -669,7 +673,7 @@ def predict(runs: list[report_mod.Run], *, ranks: Iterable[int] = DEFAULT_RANKS,
         factor = float(contention)
         used = Contention(factor - 1.0, "given", f"given: a task takes {factor:g}x its time alone while "
                           "one other rank of its node is busy")
-    profile = build_profile(runs[0], spans[0], used)
+    profile = build_profile(runs[0], spans[0], used, spans[1:])
     target = make_target(profile, overrides)
     notes: set[str] = set()
 
@@ -686,7 +690,8 @@ def predict(runs: list[report_mod.Run], *, ranks: Iterable[int] = DEFAULT_RANKS,
         return baselines[shards]
 
     for schedule in schedules:
-        for n in ([1] if schedule == "sequential" else ranks):
+        # on one rank every schedule is Sequential's plan: that row is the baseline
+        for n in ([1] if schedule == "sequential" else [n for n in ranks if n > 1]):
             t = target
             if adaptive_lag == "ranks-1" and schedule != "sequential" and target.config.train.negatives == "adaptive":
                 t = Target(target.raw, target.config.replace(train={"adaptive_lag": n - 1}),
@@ -739,10 +744,10 @@ def _assumptions(profile: Profile, target: Target, network: Network, used: Conte
         (f"Messages: latency + bytes / bandwidth each, between nodes {network.inter.describe()}, "
          f"within a node {network.intra.describe()}; {network.ranks_per_node} rank(s) per node. "
          "Messages never share a link (no congestion) and progress while both ranks compute."
-         + (" Packing and unpacking cost the ranks what the run's send and recv spans took "
-            "(a + b * bytes)." if profile.pack or profile.unpack else
-            " Packing and unpacking are not modelled: the run sent no messages to measure them by "
-            "(they took well under 1 % of the task time in the 2-rank runs measured here).")),
+         + (" Packing and unpacking cost the ranks what the runs' send and recv spans took "
+            f"({_fit_text(profile.pack)} and {_fit_text(profile.unpack)})." if profile.pack or profile.unpack
+            else " Packing and unpacking are not modelled: no run sent messages to measure them by "
+                 "(pass a multi-rank run to include them).")),
     ]
     if network.ranks_per_node > 1:
         if used.slowdown > 0:
@@ -773,6 +778,13 @@ def _assumptions(profile: Profile, target: Target, network: Network, used: Conte
                    "lag N-1 (--adaptive-lag ranks-1).")
     out += [n[0].upper() + n[1:] + "." for n in notes]
     return out
+
+
+def _fit_text(fit: tuple[float, float] | None) -> str:
+    if fit is None:
+        return "not measured"
+    a, b = fit
+    return f"{a * 1e6:.0f} µs + bytes / {1 / b / 1e9:.2f} GB/s" if b > 0 else f"{a * 1e6:.0f} µs"
 
 
 # ---------------------------------------------------------------- output
@@ -817,7 +829,10 @@ def plot_speedup(outcome: Outcome, path_png: str) -> None:
         if not pts:
             continue
         most = max(most, max(p.ranks for p in pts))
-        line, = ax.plot([p.ranks for p in pts], [p.speedup for p in pts], marker="o", label=f"{schedule}, predicted")
+        xs, ys = [p.ranks for p in pts], [p.speedup for p in pts]
+        if xs[0] > 1:  # start every curve at the baseline
+            xs, ys = [1] + xs, [1.0] + ys
+        line, = ax.plot(xs, ys, marker="o", label=f"{schedule}, predicted")
         meas = [p for p in pts if p.measured_wall]
         base = next((b for b in outcome.predictions if b.schedule == "sequential" and b.ranks == 1), None)
         if meas and base is not None and base.measured_wall:

@@ -273,3 +273,23 @@ def test_units_of_links():
     assert interconnect.parse_bandwidth("12.5GB/s") == pytest.approx(12.5e9)
     assert interconnect.parse_bandwidth("3e9") == 3e9
     assert interconnect.preset("ib-hdr").seconds(25_000_000) == pytest.approx(1e-6 + 1e-3)
+
+
+def test_packing_is_measured_from_any_run_that_sent_messages(seq_run, tmp_path):
+    # a 2-rank run (on two hosts: no contention) whose send and recv of layer 0 took 0.25 s each
+    spans = [[("setup", -1, -1, 0.0, 1.0), ("train", 0, 0, 1.0, 3.0), ("send", 0, 0, 3.0, 3.25, LAYER0_BYTES, 1)],
+             [("setup", -1, -1, 0.0, 1.0), ("wait", 1, 0, 1.0, 3.25), ("recv", 0, 0, 3.25, 3.5, LAYER0_BYTES, 0),
+              ("train", 1, 0, 3.5, 5.5)]]
+    two = make_run(tmp_path / "two", spans, make_config("all_layers"), hosts=["a", "b"])
+    out = predict.predict([load_run(seq_run), load_run(two)], ranks=[2], schedules=["all_layers"],
+                          network=IDEAL)
+    assert out.profile.pack == pytest.approx((0.0, 0.25 / LAYER0_BYTES))
+    assert out.profile.unpack == pytest.approx((0.0, 0.25 / LAYER0_BYTES))
+    assert any("Packing and unpacking cost the ranks" in a for a in out.assumptions)
+    # worked by hand: the layer-1 chain is the critical path, and the receivers' waits hide the
+    # layer-0 costs except the first packing (rank 0 packs layer 0 of chapter 0 before its
+    # forward pass); the layer-1 messages (288 bytes) cost 6 x 0.25 x 288 / 25120 s to pack and unpack
+    small = 0.25 * LAYER1_BYTES / LAYER0_BYTES
+    assert _by(out, "all_layers", 2).training == pytest.approx(15.5 + 0.25 + 6 * small)
+    alone = predict.predict([load_run(seq_run)], ranks=[2], schedules=["all_layers"], network=IDEAL)
+    assert any("Packing and unpacking are not modelled" in a for a in alone.assumptions)
