@@ -8,10 +8,14 @@ Needs no MPI and no GPU (it runs on a login node)::
 One run: the report goes to ``RUN_DIR/report/`` (or ``--out DIR``): ``report.md``,
 ``timeline.png``, ``breakdown.png``, ``accuracy.png`` and ``trace.json`` (Chrome trace
 events; open it in https://ui.perfetto.dev or chrome://tracing). Several runs: a
-comparison shaped like the paper's Table 1 in ``report.md`` plus ``comparison.png`` and
-``accuracy.png``, written to ``--out DIR`` (default: ``comparison-report/`` beside the
-first run), with each run's own full report in a sub-folder named after the run.
-The tables are also printed to the terminal.
+comparison shaped like the paper's Table 1 in ``report.md`` (speedup only against a baseline
+of the same problem; runs that differ only in their seed grouped), the same as data in
+``comparison.csv``, ``comparison-groups.csv`` and ``comparison.json``, plus ``scaling.png``
+/ ``.pdf`` (speedup against ranks; ``--predict`` adds the prediction), ``comparison.png``
+and ``accuracy.png``, written to ``--out DIR`` (default: ``comparison-report/`` beside the
+first run; writing again replaces what the previous report wrote there), with each run's
+own full report in a sub-folder named after the run. The tables are also printed to the
+terminal. docs/predict.md describes the comparison and the prediction.
 
 Definitions (also in ``docs/traces.md``), per rank with ``wall = wall_end - wall_start``:
 
