@@ -22,7 +22,7 @@ little), beside the paper's 3.75x (All Layers) and 2.13x (Single Layer).
 
 Writes benchmarks/results/predict.json (run directories kept under outputs/bench-predict/).
 
-    .venv/bin/python benchmarks/predict.py            # ~25 minutes on 2 cores; nothing else running
+    .venv/bin/python benchmarks/predict.py            # ~15-20 minutes on 2 cores; nothing else running
     .venv/bin/python benchmarks/predict.py --quick    # a 1-minute smoke test (outputs/bench-predict-quick/)
     .venv/bin/python benchmarks/predict.py --skip-paper --epochs 6 --dims [784,500,500]   # a smaller look
 """
@@ -152,6 +152,31 @@ def part_paper(args, keep: str) -> dict:
             "assumptions": lagged.assumptions + [a for a in newest.assumptions if a not in lagged.assumptions]}
 
 
+def summary(result: dict) -> str:
+    """The figures RESULTS.md quotes, as lines."""
+    t = result["two_ranks"]
+    lines = [f"contention: {t['contention']['note']}", "",
+             "run | measured wall (s) | predicted wall (s), error | measured training (s) | predicted, error "
+             "| without contention: wall error"]
+    for name in ("sequential", "all_layers", "single_layer"):
+        m, p = t["measured"][name], t["predictions"]["with_contention"][name]
+        q = t["predictions"]["without_contention"][name]
+        lines.append(f"{name} | {m['wall_seconds']:.1f} | {p['predicted_wall_seconds']:.1f}, "
+                     f"{100 * p['wall_error']:+.1f} % | {m['training_seconds']:.1f} | "
+                     f"{p['predicted_training_seconds']:.1f}, "
+                     f"{100 * p['training_error']:+.1f} % | {100 * q['wall_error']:+.1f} %")
+    if "paper_four_ranks" in result:
+        pp = result["paper_four_ranks"]
+        lines += ["", f"paper configuration, one chapter measured ({pp['source']['wall_seconds']:.0f} s): "
+                  f"Sequential E = S = 100 predicted {pp['sequential_predicted_wall_seconds']:.0f} s "
+                  f"(paper: {pp['paper_sequential_wall_seconds']} s on its hardware); "
+                  f"All Layers 4 ranks {pp['all_layers_4']['predicted_speedup']:.2f}x "
+                  f"(paper {pp['all_layers_4']['paper_speedup']:.2f}x); "
+                  f"Single Layer 4 ranks {pp['single_layer_4']['predicted_speedup']:.2f}x "
+                  f"(paper {pp['single_layer_4']['paper_speedup']:.2f}x)"]
+    return "\n".join(lines)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test of the benchmark itself")
@@ -170,6 +195,7 @@ def main() -> None:
     result = {"quick": args.quick, "link": raw, "two_ranks": part_two_ranks(args, keep, link)}
     if not args.skip_paper:
         result["paper_four_ranks"] = part_paper(args, keep)
+    print(summary(result))
     if custom:
         # not the benchmark's configuration: kept beside the runs, out of results/
         path = os.path.join(keep, "predict.json")
