@@ -272,6 +272,8 @@ class Profile:
     forward: dict[tuple[int, int], list[float]]    # (c, layer applied) -> s per sample
     per_chapter: dict[str, dict[int, float]]       # head (per sample), negatives (per sample), eval (per test sample)
     prep: dict[int, float]                         # c -> s per sample before a from-scratch input pass
+    warmup_train: dict[int, float]                 # layer -> extra s per sample of a rank's first training of it
+    warmup_forward: dict[int, float]               # layer -> extra s per sample of a rank's first pass through it
     first_use: float                               # s per sample: a rank's first use of a shard
     final: float                                   # writing the model (s)
     setup: float                                   # from the first rank's start to the end of setup (s)
@@ -304,6 +306,9 @@ def build_profile(run: report_mod.Run, spans: list[list[Span]], contention: Cont
     applied = _forward_layers(spans)
     train: dict[tuple[int, int], float] = {}
     forward: dict[tuple[int, int], list[float]] = {}
+    # a rank's first training of a layer and first pass through it are slower (warm-up)
+    first_train: set[tuple[int, int]] = set()
+    first_forward: list[tuple[tuple[int, int], int]] = []    # ((chapter, layer applied), index)
     per_chapter: dict[str, dict[int, float]] = {"head": {}, "negatives": {}, "eval": {}}
     prep: dict[int, list[float]] = {}
     first_gaps: list[tuple[int, float]] = []
@@ -315,6 +320,8 @@ def build_profile(run: report_mod.Run, spans: list[list[Span]], contention: Cont
         previous_end: float | None = None
         first_layer: dict[int, int] = {}
         lead: dict[int, float] = {}
+        trained_here: set[int] = set()
+        applied_here: set[int] = set()
         for sp in per_rank:
             gap = max(sp.start - previous_end, 0.0) if previous_end is not None else 0.0
             previous_end = sp.end if previous_end is None else max(previous_end, sp.end)
@@ -324,8 +331,15 @@ def build_profile(run: report_mod.Run, spans: list[list[Span]], contention: Cont
             if sp.kind == "train" and sp.chapter >= 0:
                 key = (sp.chapter, sp.layer)
                 train[key] = train.get(key, 0.0) + alone(sp) / samples(sp.chapter)
+                if sp.layer not in trained_here:
+                    trained_here.add(sp.layer)
+                    first_train.add(key)
             elif sp.kind == "forward" and sp.chapter >= 0 and id(sp) in applied:
-                forward.setdefault((sp.chapter, applied[id(sp)]), []).append(alone(sp) / samples(sp.chapter))
+                key = (sp.chapter, applied[id(sp)])
+                forward.setdefault(key, []).append(alone(sp) / samples(sp.chapter))
+                if key[1] not in applied_here:
+                    applied_here.add(key[1])
+                    first_forward.append((key, len(forward[key]) - 1))
             elif sp.kind in per_chapter and sp.chapter >= 0:
                 if sp.kind == "eval":
                     n = float(n_test or 1)
@@ -340,6 +354,24 @@ def build_profile(run: report_mod.Run, spans: list[list[Span]], contention: Cont
                 first_gaps.append((c, lead.get(c, 0.0)))
             else:
                 prep.setdefault(c, []).append(lead.get(c, 0.0) / samples(c))
+    # warm-up per layer: a rank's first task against the median of the others (the first ones
+    # then keep only the typical time; a prediction adds the warm-up to every rank's first)
+    warm_train: dict[int, float] = {}
+    for k in {key[1] for key in train}:
+        firsts = [v for key, v in train.items() if key[1] == k and key in first_train]
+        others = [v for key, v in train.items() if key[1] == k and key not in first_train]
+        warm_train[k] = max(statistics.median(firsts) - statistics.median(others), 0.0) if others and firsts else 0.0
+        for key in first_train:
+            if key[1] == k:
+                train[key] -= warm_train[k]
+    warm_forward: dict[int, float] = {}
+    for j in {key[1] for key in forward}:
+        marked = {(key, i) for key, i in first_forward if key[1] == j}
+        firsts = [forward[key][i] for key, i in marked]
+        others = [v for key, vs in forward.items() if key[1] == j for i, v in enumerate(vs) if (key, i) not in marked]
+        warm_forward[j] = max(statistics.median(firsts) - statistics.median(others), 0.0) if others and firsts else 0.0
+        for key, i in marked:
+            forward[key][i] -= warm_forward[j]
     prep_med = {c: statistics.median(v) for c, v in prep.items() if v}
     typical_prep = statistics.median(prep_med.values()) if prep_med else 0.0
     first_use = (statistics.median(max(g / samples(c) - typical_prep, 0.0) for c, g in first_gaps)
@@ -357,7 +389,8 @@ def build_profile(run: report_mod.Run, spans: list[list[Span]], contention: Cont
                           "(with run.trace = true)")
     return Profile(run=run, config=cfg, chapters=chapters, epochs_per_chapter=max(epc, 1),
                    n_train=n_train, n_test=n_test, train=train, forward=forward,
-                   per_chapter=per_chapter, prep=prep_med, first_use=first_use, final=final,
+                   per_chapter=per_chapter, prep=prep_med, warmup_train=warm_train,
+                   warmup_forward=warm_forward, first_use=first_use, final=final,
                    checkpoints=sum(sp.seconds for r in spans for sp in r if sp.kind == "checkpoint"),
                    setup=max(setup, 0.0), tail=tail,
                    pack=_linear_fit([(sp.nbytes, alone(sp)) for r in every for sp in r if sp.kind == "send"]),
@@ -524,11 +557,16 @@ def task_times(profile: Profile, target: Target, plan: Plan, notes: set[str]) ->
         cache: tuple[int, int] | None = None   # (chapter, last layer applied), as Engine._inputs
         prepared: set[int] = set()
         shards_used: set[int] = set()
+        trained: set[int] = set()
+        applied: set[int] = set()
         for t in plan.rank_tasks(rank):
             if t.kind != "train":
                 continue
             c, k = t.chapter, t.layer
             n = samples(c)
+            if k not in trained:  # this rank's first training of layer k
+                trained.add(k)
+                durations[("train", c, k)] += profile.warmup_train.get(k, 0.0) * n
             work = 0.0
             if plan.data_shard(c) not in shards_used:
                 shards_used.add(plan.data_shard(c))
@@ -538,7 +576,11 @@ def task_times(profile: Profile, target: Target, plan: Plan, notes: set[str]) ->
                 prep = profile.prep.get(c) if same and c in profile.prep else typical_prep
                 work += prep * n
             start = cache[1] + 1 if cache is not None and cache[0] == c and cache[1] < k else 0
-            work += sum(forward(j, c) for j in range(start, k)) * n
+            for j in range(start, k):
+                work += forward(j, c) * n
+                if j not in applied:
+                    applied.add(j)
+                    work += profile.warmup_forward.get(j, 0.0) * n
             if k > start:
                 cache = (c, k - 1)
             durations[("forward", c, k)] = work
@@ -742,7 +784,12 @@ def _assumptions(profile: Profile, target: Target, network: Network, used: Conte
         ("Work grows linearly with the samples of a chapter's shard and, for training, with the "
          "epochs per chapter; forward passes are measured per layer applied: Single Layer "
          "recomputes layers 1..k-1 on every rank each chapter, Sequential and All Layers reuse "
-         "the previous layer's outputs."),
+         "the previous layer's outputs."
+         + (f" A rank's first training of a layer and first pass through it took {warm:.1f} s "
+            "longer in all than later ones (warm-up); every predicted rank pays that once."
+            if (warm := _warmup_seconds(profile)) > 0.05 else "")
+         + (" The run measured one chapter, so its warm-up counts in every predicted chapter: a "
+            "little pessimistic." if profile.chapters == 1 and cfg.train.chapters > 1 else "")),
         (f"Messages: latency + bytes / bandwidth each, between nodes {network.inter.describe()}, "
          f"within a node {network.intra.describe()}; {network.ranks_per_node} rank(s) per node. "
          "Messages never share a link (no congestion) and progress while both ranks compute."
@@ -783,6 +830,12 @@ def _assumptions(profile: Profile, target: Target, network: Network, used: Conte
                    "lag N-1 (--adaptive-lag ranks-1).")
     out += [n[0].upper() + n[1:] + "." for n in notes]
     return out
+
+
+def _warmup_seconds(profile: Profile) -> float:
+    """The source's warm-up of one rank that trains every layer, in seconds."""
+    n = _shard_sizes(profile.n_train, 1)[0]
+    return (sum(profile.warmup_train.values()) + sum(profile.warmup_forward.values())) * n
 
 
 def _fit_text(fit: tuple[float, float] | None) -> str:

@@ -47,11 +47,14 @@ def make_run(path, ranks, cfg: Config, *, walls=None, hosts=None, info=None, att
 def sequential_spans(chapters, train=(2.0, 3.0), forward=(0.5,), eval_time=1.0, final=0.2, setup=1.0,
                      t0=0.0):
     """A Sequential rank: setup, then per chapter train(c, 0), then for k >= 1 the forward pass
-    through layer k-1 and train(c, k); eval after the last chapter, then the model write."""
+    through layer k-1 and train(c, k); eval after the last chapter, then the model write.
+    ``train``: seconds per layer, or a dict {chapter: seconds per layer} for some chapters."""
     spans = [("setup", -1, -1, t0, t0 + setup)]
     t = t0 + setup
+    per_chapter = train if isinstance(train, dict) else {}
+    default = train if not isinstance(train, dict) else per_chapter["default"]
     for c in range(chapters):
-        for k, d in enumerate(train):
+        for k, d in enumerate(per_chapter.get(c, default)):
             if k > 0:
                 spans.append(("forward", c, k, t, t + forward[k - 1]))
                 t += forward[k - 1]

@@ -293,3 +293,18 @@ def test_packing_is_measured_from_any_run_that_sent_messages(seq_run, tmp_path):
     assert _by(out, "all_layers", 2).training == pytest.approx(15.5 + 0.25 + 6 * small)
     alone = predict.predict([load_run(seq_run)], ranks=[2], schedules=["all_layers"], network=IDEAL)
     assert any("Packing and unpacking are not modelled" in a for a in alone.assumptions)
+
+
+def test_every_rank_pays_the_warm_up_of_its_first_tasks(tmp_path):
+    # Sequential whose chapter 0 trains layer 1 in 4 s, later chapters in 3 s: 1 s of warm-up.
+    # All Layers on 2 ranks, worked by hand: rank 0 c0 T0 [0,2] fwd [2,2.5] T1 [2.5,6.5];
+    # rank 1 c1 T0 [2,4] fwd [4,4.5], T1 its first of layer 1: 3 + 1 s [6.5,10.5]; rank 0 c2
+    # T0 [6.5,8.5] fwd [8.5,9] T1 [10.5,13.5]; rank 1 c3 T0 [10.5,12.5] fwd [12.5,13]
+    # T1 [13.5,16.5], eval [16.5,17.5]
+    spans = sequential_spans(4, train={"default": (2.0, 3.0), 0: (2.0, 4.0)})
+    run = load_run(make_run(tmp_path / "seq", [spans], make_config("sequential")))
+    out = predict.predict([run], ranks=[2], schedules=["sequential", "all_layers"], network=IDEAL)
+    assert out.profile.warmup_train == pytest.approx({0: 0.0, 1: 1.0 / 1000})
+    assert _by(out, "sequential", 1).training == pytest.approx(4 * 5.5 + 1.0 + 1.0)
+    assert _by(out, "all_layers", 2).training == pytest.approx(17.5)
+    assert any("warm-up" in a for a in out.assumptions)
