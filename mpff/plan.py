@@ -19,7 +19,7 @@ pipeline bubble.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -53,9 +53,14 @@ class Transfer:
 
 @dataclass
 class SimResult:
+    """What :meth:`Plan.simulate` predicts: ``makespan`` (seconds from the start of the first task
+    to the end of the last step of any rank), ``busy`` per rank (seconds working, stretched by
+    contention; waiting is not busy), when each task's own work ended, and the message totals."""
     makespan: float
     busy: list[float]
     finish: dict[Task, float] = field(default_factory=dict)
+    messages: int = 0
+    bytes_moved: int | None = None  # None: a negatives buffer was sent and the plan has no n_train
 
     @property
     def bubble(self) -> float:
@@ -272,32 +277,139 @@ class Plan:
         return "\n".join(lines)
 
     # ----- the bubble model -----
-    def simulate(self, durations: Mapping[tuple[str, int, int], float], latency: float = 0.0) -> SimResult:
-        """List-schedule the graph: each rank runs its tasks in order, a task starts when its rank
-        is free and every input has been produced (+ ``latency`` when it crosses ranks).
+    def simulate(self, durations: Mapping[tuple[str, int, int], float], latency: float = 0.0, *,
+                 message_cost: Callable[[int, int, int], float] | None = None,
+                 pack_cost: Callable[[int], float] | None = None,
+                 unpack_cost: Callable[[int], float] | None = None,
+                 node_of: Sequence[int] | None = None, contention: float = 0.0) -> SimResult:
+        """Run the graph as the engine runs it, with task times ``durations`` ({(kind, chapter,
+        layer): seconds}; absent: 0). Each rank works through its tasks in order; it waits only
+        for a buffer from another rank that has not arrived.
 
-        A task runs as the engine runs it: first what it reads, then, for a train task, its
-        forward passes (``("forward", c, k)``, the layers below applied to the chapter's data; 0
-        when absent), and only then the state it trains (from chapter c-1) must be there."""
-        free = [0.0] * self.world_size
-        busy = [0.0] * self.world_size
+        A task runs as the engine runs it: it waits for (and unpacks) what it reads, then, for a
+        train task, does its forward passes (``("forward", c, k)``: the layers below applied to
+        the chapter's data), and only then waits for the state it trains (from chapter c-1);
+        after its own work it packs and posts each of its sends in turn.
+
+        Messages: a transfer of ``nbytes`` from rank ``src`` to ``dst`` arrives
+        ``message_cost(src, dst, nbytes)`` seconds after it is posted (default: ``latency``);
+        packing costs the sender ``pack_cost(nbytes)`` and unpacking the receiver
+        ``unpack_cost(nbytes)`` seconds of work (default 0).
+
+        Contention: ranks on one node (``node_of[rank]``; default a node per rank) slow each
+        other: while m other ranks of its node are working, a rank's work runs ``1 + contention
+        * m`` times slower (waiting ranks do not slow anyone)."""
+        n = self.world_size
+        node = list(node_of) if node_of is not None else list(range(n))
+        if len(node) != n:
+            raise ValueError(f"node_of has {len(node)} entries for {n} ranks")
+        inbound = {(tr.buf, r): tr for r in range(n) for _, tr in self.recvs[r]}
+        sizes: dict[tuple[Buf, bool], int | None] = {}
+
+        def nbytes(tr: Transfer) -> int | None:
+            key = (tr.buf, tr.full)
+            if key not in sizes:
+                sizes[key] = (None if tr.buf.kind == "neg" and self.n_train is None
+                              else self.buffer_bytes(tr.buf, tr.full))
+            return sizes[key]
+
+        def need_bytes(tr: Transfer) -> int:
+            size = nbytes(tr)
+            if size is None:
+                raise ValueError("the plan was built without n_train: negatives messages have no size")
+            return size
+
+        # Each rank's program: ("wait", key) | ("work", seconds, task finished or None)
+        # | ("post", key, seconds in flight); key = (buffer, receiving rank).
+        programs: list[list[tuple]] = [[] for _ in range(n)]
+        messages, total_bytes = 0, 0
+        for r in range(n):
+            prog, unpacked = programs[r], set()
+            for t in self.rank_tasks(r):
+                ins = self.inputs(t)
+                for step in ("reads", "trains"):
+                    for b, trainable in ins:
+                        if trainable != (step == "trains"):
+                            continue
+                        if self.is_initial(b) or self.rank_of[self.producer[b]] == r or b in unpacked:
+                            continue
+                        unpacked.add(b)
+                        prog.append(("wait", (b, r)))
+                        if unpack_cost is not None:
+                            prog.append(("work", float(unpack_cost(need_bytes(inbound[(b, r)]))), None))
+                    if step == "reads" and t.kind == "train":
+                        prog.append(("work", float(durations.get(("forward", t.chapter, t.layer), 0.0)), None))
+                prog.append(("work", float(durations.get((t.kind, t.chapter, t.layer), 0.0)), t))
+                for tr in self.sends[t]:
+                    size = nbytes(tr)
+                    messages += 1
+                    total_bytes = None if size is None or total_bytes is None else total_bytes + size
+                    if pack_cost is not None:
+                        prog.append(("work", float(pack_cost(need_bytes(tr))), None))
+                    flight = (float(message_cost(r, tr.peer, need_bytes(tr))) if message_cost is not None
+                              else float(latency))
+                    prog.append(("post", (tr.buf, tr.peer), flight))
+
+        now = 0.0
+        pos = [0] * n
+        left: list[float | None] = [None] * n   # seconds of work (alone) left in the current step
+        arrival: dict[tuple[Buf, int], float] = {}
+        busy = [0.0] * n
+        done_at = [0.0] * n
         finish: dict[Task, float] = {}
-        for t in self.tasks:  # the global order is a valid order for every rank
-            r = self.rank_of[t]
-            reads, trains = [free[r]], []
-            for b, trainable in self.inputs(t):
-                if not self.is_initial(b):
-                    p = self.producer[b]
-                    (trains if trainable else reads).append(
-                        finish[p] + (latency if self.rank_of[p] != r else 0.0))
-            fwd = float(durations.get(("forward", t.chapter, t.layer), 0.0)) if t.kind == "train" else 0.0
-            ready = max([max(reads) + fwd] + trains)
-            d = float(durations.get((t.kind, t.chapter, t.layer), 0.0))
-            busy[r] += fwd
-            finish[t] = ready + d
-            free[r] = finish[t]
-            busy[r] += d
-        return SimResult(makespan=max(free) if free else 0.0, busy=busy, finish=finish)
+        while True:
+            changed = True
+            while changed:  # take every step that needs no time; a post may release a waiting rank
+                changed = False
+                for r in range(n):
+                    prog = programs[r]
+                    while pos[r] < len(prog):
+                        step = prog[pos[r]]
+                        if step[0] == "wait":
+                            if arrival.get(step[1], np.inf) > now:
+                                break
+                        elif step[0] == "post":
+                            arrival[step[1]] = now + step[2]
+                        else:
+                            if left[r] is None:
+                                left[r] = max(step[1], 0.0)
+                            if left[r] > 0.0:
+                                break
+                            left[r] = None
+                            if step[2] is not None:
+                                finish[step[2]] = now
+                        pos[r] += 1
+                        done_at[r] = now
+                        changed = True
+            working = [r for r in range(n) if pos[r] < len(programs[r]) and programs[r][pos[r]][0] == "work"]
+            waiting = [programs[r][pos[r]][1] for r in range(n)
+                       if pos[r] < len(programs[r]) and programs[r][pos[r]][0] == "wait"]
+            if not working and not waiting:
+                break
+            arrivals = [arrival[k] for k in waiting if k in arrival]
+            if not working:
+                if not arrivals:  # pragma: no cover - the global order rules this out
+                    raise AssertionError(f"simulated deadlock at t = {now}: ranks wait for {waiting}")
+                now = min(arrivals)
+                continue
+            per_node: dict[int, int] = {}
+            for r in working:
+                per_node[node[r]] = per_node.get(node[r], 0) + 1
+            slow = {r: 1.0 + contention * (per_node[node[r]] - 1) for r in working}
+            step_end = min(left[r] * slow[r] for r in working)
+            if arrivals and min(arrivals) - now < step_end:
+                dt, new_now = min(arrivals) - now, min(arrivals)
+            else:
+                dt, new_now = step_end, now + step_end
+            for r in working:
+                busy[r] += dt
+                if left[r] * slow[r] <= dt:
+                    left[r] = 0.0  # ends now (exactly: no rounding left over)
+                else:
+                    left[r] -= dt / slow[r]
+            now = new_now
+        return SimResult(makespan=max(done_at) if done_at else 0.0, busy=busy, finish=finish,
+                         messages=messages, bytes_moved=total_bytes)
 
 
 def build_plan(cfg: Config, world_size: int, start_chapter: int = 0, n_train: int | None = None) -> Plan:

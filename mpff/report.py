@@ -8,10 +8,14 @@ Needs no MPI and no GPU (it runs on a login node)::
 One run: the report goes to ``RUN_DIR/report/`` (or ``--out DIR``): ``report.md``,
 ``timeline.png``, ``breakdown.png``, ``accuracy.png`` and ``trace.json`` (Chrome trace
 events; open it in https://ui.perfetto.dev or chrome://tracing). Several runs: a
-comparison shaped like the paper's Table 1 in ``report.md`` plus ``comparison.png`` and
-``accuracy.png``, written to ``--out DIR`` (default: ``comparison-report/`` beside the
-first run), with each run's own full report in a sub-folder named after the run.
-The tables are also printed to the terminal.
+comparison shaped like the paper's Table 1 in ``report.md`` (speedup only against a baseline
+of the same problem; runs that differ only in their seed grouped), the same as data in
+``comparison.csv``, ``comparison-groups.csv`` and ``comparison.json``, plus ``scaling.png``
+/ ``.pdf`` (speedup against ranks; ``--predict`` adds the prediction), ``comparison.png``
+and ``accuracy.png``, written to ``--out DIR`` (default: ``comparison-report/`` beside the
+first run; writing again replaces what the previous report wrote there), with each run's
+own full report in a sub-folder named after the run. The tables are also printed to the
+terminal. docs/predict.md describes the comparison and the prediction.
 
 Definitions (also in ``docs/traces.md``), per rank with ``wall = wall_end - wall_start``:
 
@@ -29,10 +33,13 @@ Definitions (also in ``docs/traces.md``), per rank with ``wall = wall_end - wall
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
+import shutil
 import sys
+import tempfile
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, TextIO
@@ -274,6 +281,11 @@ class RunSummary:
     def bytes_received(self) -> int:
         return sum(r.bytes_received for r in self.ranks)
 
+    @functools.cached_property
+    def training(self) -> TrainingPhase:
+        """The training phase, setup and the final model write apart (:func:`training_phase`)."""
+        return training_phase(self.run)
+
 
 def _disjoint_durations(start: np.ndarray, end: np.ndarray, lo: float, hi: float) -> np.ndarray:
     """Span durations clipped to [lo, hi] with overlaps removed (an earlier span keeps the
@@ -439,6 +451,105 @@ def analytic_bubble(s: RunSummary) -> float | None:
     return None
 
 
+# ---------------------------------------------------------------- training phase and problems
+
+#: Span kinds of the training itself: the training phase ends with the last of them.
+TRAINING_KINDS = ("train", "forward", "negatives", "head", "eval", "send", "recv")
+
+
+@dataclass
+class TrainingPhase:
+    """The run's training, setup and the final model write apart: from the first rank's end of
+    setup to the last rank's last training span (``train_start`` / ``train_end`` trace
+    attributes where the run wrote them)."""
+    start: float
+    end: float
+    seconds: float              # run.json training_seconds where recorded, else end - start
+    setup_seconds: float        # from the first rank's start to the start of the phase
+    busy: list[float]           # per rank, busy (not waiting) inside the phase
+    bubble: float               # 1 - sum(busy) / (N * (end - start))
+
+
+def _rank_attrs(rt: RankTrace, keys: tuple[str, ...]) -> dict[str, float]:
+    try:
+        with h5py.File(rt.path, "r", locking=False) as fh:
+            return {k: float(fh.attrs[k]) for k in keys if k in fh.attrs}
+    except (OSError, ValueError, TypeError):
+        return {}
+
+
+def training_phase(run: Run) -> TrainingPhase:
+    starts, ends = [], []
+    for rt in run.ranks:
+        attrs = _rank_attrs(rt, ("train_start", "train_end"))
+        setup_ends = rt.spans["end"][rt.kinds == "setup"]
+        start = attrs.get("train_start", float(setup_ends.max()) if setup_ends.size else rt.wall_start)
+        work = rt.spans["end"][np.isin(rt.kinds, TRAINING_KINDS)]
+        end = attrs.get("train_end", float(work.max()) if work.size else start)
+        starts.append(start)
+        ends.append(max(end, start))
+    start, end = min(starts), max(ends)
+    busy = []
+    for rt in run.ranks:
+        keep = rt.kinds != "wait"
+        busy.append(float(_disjoint_durations(rt.spans["start"][keep], rt.spans["end"][keep], start, end).sum()))
+    length = end - start
+    recorded = run.info.get("training_seconds")
+    seconds = float(recorded) if isinstance(recorded, (int, float)) and not isinstance(recorded, bool) else length
+    bubble = 1.0 - sum(busy) / (run.world_size * length) if length > 0 else 0.0
+    return TrainingPhase(start=start, end=end, seconds=seconds, setup_seconds=start - run.wall_start,
+                         busy=busy, bubble=bubble)
+
+
+#: Settings that make two runs the same problem (a baseline must match them all). Not in it:
+#: the seed (runs differing only in it are grouped), resources (ranks, threads, device), the
+#: schedule and what a schedule needs (adaptive_lag, adaptive_mode, exchange), run bookkeeping.
+PROBLEM_SETTINGS = (
+    ("model", "dims"), ("model", "threshold_coeff"), ("model", "goodness"), ("model", "norm_eps"),
+    ("model", "label_position"), ("model", "neutral_value"),
+    ("data", "dataset"), ("data", "path"), ("data", "train_subset"), ("data", "test_subset"),
+    ("data", "shards"),
+    ("train", "epochs"), ("train", "chapters"), ("train", "batch_size"), ("train", "lr"),
+    ("train", "head_lr"), ("train", "cooldown_final"), ("train", "negatives"), ("train", "classifier"),
+    ("train", "eval_every"),
+)
+
+
+@functools.lru_cache(maxsize=1)
+def _defaults() -> dict:
+    return Config().to_dict()
+
+
+def _setting(config: dict, section: str, key: str, world_size: int | None) -> Any:
+    """A setting as it decides the problem: defaults filled in (older runs store fewer keys), the
+    data directory by its name, shards as resolved for the run's world size."""
+    value = config.get(section, {}).get(key, _defaults()[section][key])
+    if isinstance(value, (list, tuple)):
+        return list(value)
+    if (section, key) == ("data", "path"):
+        return os.path.basename(os.path.normpath(value)) if value else ""
+    if (section, key) == ("data", "shards") and not value:
+        federated = config.get("run", {}).get("schedule") == "federated"
+        return (world_size or "N") if federated else 1
+    return value
+
+
+def problem_differences(a: dict, b: dict, world_a: int | None = None,
+                        world_b: int | None = None) -> list[str]:
+    """The settings (``section.key``) in which two runs' configurations pose different problems."""
+    return [f"{section}.{key}" for section, key in PROBLEM_SETTINGS
+            if _setting(a, section, key, world_a) != _setting(b, section, key, world_b)]
+
+
+def describe_differences(a: dict, b: dict, world_a: int | None = None, world_b: int | None = None) -> str:
+    """'model.dims ([784, 8] vs [784, 16]), train.negatives (fixed vs random)'."""
+    parts = []
+    for name in problem_differences(a, b, world_a, world_b):
+        section, key = name.split(".")
+        parts.append(f"{name} ({_setting(a, section, key, world_a)} vs {_setting(b, section, key, world_b)})")
+    return ", ".join(parts)
+
+
 # ---------------------------------------------------------------- formatting
 
 def _table(headers: list[str], rows: Iterable[list[str]], numeric_from: int = 1) -> str:
@@ -527,40 +638,317 @@ def accuracy_table(s: RunSummary) -> str:
     return _table(["chapter", "test accuracy"], rows)
 
 
-def comparison_rows(summaries: list[RunSummary],
-                    baselines: list[RunSummary | None]) -> list[list[str]]:
+@dataclass
+class Pairing:
+    """A run's baseline for speedup (None: none of the same problem) and a note for the table."""
+    baseline: RunSummary | None
+    note: str = ""
+
+
+def _seed(s: RunSummary) -> Any:
+    return s.setting("train", "seed", 0)
+
+
+def comparison_rows(summaries: list[RunSummary], baselines: list[RunSummary | None],
+                    notes: list[str] | None = None, predicted: list[float | None] | None = None
+                    ) -> list[list[str]]:
     rows = []
-    for s, b in zip(summaries, baselines):
-        rows.append([
+    for i, (s, b) in enumerate(zip(summaries, baselines)):
+        tp = s.training
+        row = [
             s.name, str(s.setting("run", "schedule")), str(s.setting("train", "negatives")),
             str(s.setting("train", "classifier")), str(s.run.world_size), _sec(s.wall),
             _pct(s.final_accuracy, 2),
             _ratio(speedup(b, s)) if b else "–", _pct(efficiency(b, s)) if b else "–",
             _pct(s.bubble_measured), _pct(s.bubble_modelled),
-        ])
+            _sec(tp.setup_seconds), _sec(tp.seconds), _ratio(training_speedup(b, s)) if b else "–",
+            _pct(tp.bubble), str(_seed(s)),
+            (b.name if b else "–") + (f" ({notes[i]})" if notes and notes[i] else ""),
+        ]
+        if predicted is not None:
+            row.append(_sec(predicted[i]))
+        rows.append(row)
     return rows
 
 
 COMPARISON_HEADERS = ["run", "schedule", "negatives", "classifier", "ranks", "time (s)", "accuracy",
-                      "speedup", "efficiency", "bubble measured", "bubble modelled"]
+                      "speedup", "efficiency", "bubble measured", "bubble modelled",
+                      "setup (s)", "training (s)", "training speedup", "training bubble", "seed",
+                      "baseline"]
 
 
-def comparison_table(summaries: list[RunSummary], baselines: list[RunSummary | None]) -> str:
-    return _table(COMPARISON_HEADERS, comparison_rows(summaries, baselines), numeric_from=5)
+def comparison_table(summaries: list[RunSummary], baselines: list[RunSummary | None],
+                     notes: list[str] | None = None, predicted: list[float | None] | None = None) -> str:
+    headers = COMPARISON_HEADERS + (["predicted time (s)"] if predicted is not None else [])
+    return _table(headers, comparison_rows(summaries, baselines, notes, predicted), numeric_from=5)
+
+
+def training_speedup(baseline: RunSummary, run: RunSummary) -> float | None:
+    """Baseline training seconds / run training seconds (setup and the final write apart)."""
+    t = run.training.seconds
+    return baseline.training.seconds / t if t > 0 else None
 
 
 def _same_problem(a: RunSummary, b: RunSummary) -> bool:
-    keys = [("train", "negatives"), ("train", "classifier"), ("train", "epochs"),
-            ("train", "chapters"), ("model", "dims")]
-    return all(a.setting(*k) == b.setting(*k) for k in keys)
+    return not problem_differences(a.run.config, b.run.config, a.run.world_size, b.run.world_size)
+
+
+def pair_baselines(summaries: list[RunSummary], baseline: RunSummary | None) -> list[Pairing]:
+    """--baseline for every row, refused (ConfigError) where it is another problem; without it,
+    the Sequential run of the same problem (the same seed and threads if there is one), as the
+    paper's Table 1, and where there is none a note on the closest Sequential run."""
+    if baseline is not None:
+        for s in summaries:
+            diff = describe_differences(baseline.run.config, s.run.config, baseline.run.world_size,
+                                        s.run.world_size)
+            if diff:
+                raise ConfigError(
+                    f"baseline {baseline.name} is not the same problem as run {s.name}: they differ "
+                    f"in {diff}; pass a baseline of the same problem, or leave --baseline out to pair "
+                    "each run with the Sequential run of its own problem")
+        return [Pairing(baseline) for _ in summaries]
+    sequential = [s for s in summaries if s.setting("run", "schedule") == "sequential"]
+    pairs = []
+    for s in summaries:
+        same = [b for b in sequential if _same_problem(b, s)]
+        if same:
+            same.sort(key=lambda b: (_seed(b) != _seed(s),
+                                     b.setting("train", "threads") != s.setting("train", "threads")))
+            pairs.append(Pairing(same[0]))
+            continue
+        note = "no Sequential run of the same problem"
+        if sequential:
+            closest = min(sequential, key=lambda b: len(problem_differences(
+                b.run.config, s.run.config, b.run.world_size, s.run.world_size)))
+            note += (f"; {closest.name} differs in " + ", ".join(problem_differences(
+                closest.run.config, s.run.config, closest.run.world_size, s.run.world_size)))
+        pairs.append(Pairing(None, note))
+    return pairs
 
 
 def pick_baselines(summaries: list[RunSummary], baseline: RunSummary | None) -> list[RunSummary | None]:
-    """--baseline for every row; without it, the Sequential run of the same problem, as Table 1."""
-    if baseline is not None:
-        return [baseline] * len(summaries)
-    sequential = [s for s in summaries if s.setting("run", "schedule") == "sequential"]
-    return [next((b for b in sequential if _same_problem(b, s)), None) for s in summaries]
+    """The baseline of every run (see :func:`pair_baselines`)."""
+    return [p.baseline for p in pair_baselines(summaries, baseline)]
+
+
+# ----- runs that differ only in their seed
+
+def _group_key(s: RunSummary) -> str:
+    config = json.loads(json.dumps(s.run.config))
+    config.pop("name", None)
+    config.get("train", {}).pop("seed", None)
+    return json.dumps([config, s.run.world_size], sort_keys=True)
+
+
+def seed_groups(summaries: list[RunSummary]) -> list[list[int]]:
+    """Indices of the runs whose configurations differ only in train.seed (and their names)."""
+    groups: dict[str, list[int]] = {}
+    for i, s in enumerate(summaries):
+        groups.setdefault(_group_key(s), []).append(i)
+    return list(groups.values())
+
+
+def _stats(values: list[float | None]) -> dict[str, float | int | None]:
+    """mean, sample std (n >= 2), min, max and n of the values that exist."""
+    v = [float(x) for x in values if x is not None and not math.isnan(x)]
+    if not v:
+        return {"n": 0, "mean": None, "std": None, "min": None, "max": None}
+    return {"n": len(v), "mean": float(np.mean(v)), "std": float(np.std(v, ddof=1)) if len(v) > 1 else None,
+            "min": min(v), "max": max(v)}
+
+
+def _group_name(members: list[RunSummary]) -> str:
+    first = members[0]
+    seed_text = f"seed{_seed(first)}"
+    if len(members) > 1 and seed_text in first.name:
+        return first.name.replace(seed_text, "seed*")
+    return first.name if len(members) == 1 else f"{first.name} (+{len(members) - 1} seeds)"
+
+
+GROUP_FIELDS = ("wall_seconds", "training_seconds", "speedup", "training_speedup", "accuracy",
+                "bubble_measured", "bubble_training")
+
+
+def group_records(summaries: list[RunSummary], pairs: list[Pairing]) -> list[dict]:
+    """One record per seed group: its settings and mean / std / min / max of each figure."""
+    records = []
+    for idx in seed_groups(summaries):
+        members = [summaries[i] for i in idx]
+        per_run = [_run_figures(summaries[i], pairs[i].baseline) for i in idx]
+        s = members[0]
+        rec = {"group": _group_name(members), "runs": [m.name for m in members],
+               "seeds": [_seed(m) for m in members], "schedule": s.setting("run", "schedule"),
+               "negatives": s.setting("train", "negatives"), "classifier": s.setting("train", "classifier"),
+               "ranks": s.run.world_size, "threads": s.setting("train", "threads")}
+        for name in GROUP_FIELDS:
+            rec[name] = _stats([f[name] for f in per_run])
+        records.append(rec)
+    return records
+
+
+def _run_figures(s: RunSummary, b: RunSummary | None) -> dict[str, float | None]:
+    return {"wall_seconds": s.wall, "training_seconds": s.training.seconds,
+            "speedup": speedup(b, s) if b else None,
+            "training_speedup": training_speedup(b, s) if b else None,
+            "accuracy": s.final_accuracy, "bubble_measured": s.bubble_measured,
+            "bubble_training": s.training.bubble}
+
+
+def _mean_std(st: dict, fmt: Callable[[float | None], str]) -> str:
+    if st["mean"] is None:
+        return "–"
+    return fmt(st["mean"]) + (f" ± {fmt(st['std'])}" if st["std"] is not None else "")
+
+
+def group_table(records: list[dict]) -> str:
+    headers = ["runs (seeds)", "schedule", "negatives", "classifier", "ranks", "n", "time (s)",
+               "training (s)", "speedup", "training speedup", "accuracy", "training bubble"]
+    rows = [[r["group"], str(r["schedule"]), str(r["negatives"]), str(r["classifier"]), str(r["ranks"]),
+             str(len(r["runs"])), _mean_std(r["wall_seconds"], _sec), _mean_std(r["training_seconds"], _sec),
+             _mean_std(r["speedup"], _ratio), _mean_std(r["training_speedup"], _ratio),
+             _mean_std(r["accuracy"], lambda x: _pct(x, 2)), _mean_std(r["bubble_training"], _pct)]
+            for r in records]
+    return _table(headers, rows, numeric_from=4)
+
+
+def run_records(summaries: list[RunSummary], pairs: list[Pairing], subdirs: list[str],
+                predicted: list[float | None] | None = None) -> list[dict]:
+    """The comparison table as data: one record per run, plain numbers (seconds, fractions)."""
+    groups = {i: n for n, idx in enumerate(seed_groups(summaries)) for i in idx}
+    out = []
+    for i, (s, p) in enumerate(zip(summaries, pairs)):
+        b = p.baseline
+        rec = {"run": s.name, "report": f"{subdirs[i]}/report.md", "path": os.path.abspath(s.run.path),
+               "schedule": s.setting("run", "schedule"), "negatives": s.setting("train", "negatives"),
+               "classifier": s.setting("train", "classifier"), "ranks": s.run.world_size,
+               "threads": s.setting("train", "threads"), "seed": _seed(s), "seed_group": groups[i],
+               "setup_seconds": s.training.setup_seconds, **_run_figures(s, b),
+               "efficiency": efficiency(b, s) if b else None,
+               "bubble_modelled": s.bubble_modelled, "bytes_sent": s.bytes_sent,
+               "baseline": b.name if b else None, "baseline_note": p.note or None}
+        if predicted is not None:
+            rec["predicted_wall_seconds"] = predicted[i]
+        out.append(rec)
+    return out
+
+
+def write_table_files(out: str, runs: list[dict], groups: list[dict], extra: dict | None = None) -> None:
+    """comparison.csv (one row per run), comparison-groups.csv (per seed group: mean, std, min,
+    max of each figure) and comparison.json (both, and anything in ``extra``)."""
+    import csv
+    with open(os.path.join(out, "comparison.csv"), "w", newline="", encoding="utf-8") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(runs[0]))
+        writer.writeheader()
+        writer.writerows(runs)
+    flat = []
+    for g in groups:
+        row = {k: v for k, v in g.items() if k not in GROUP_FIELDS}
+        row["runs"], row["seeds"] = " ".join(row["runs"]), " ".join(map(str, row["seeds"]))
+        for name in GROUP_FIELDS:
+            for stat, value in g[name].items():
+                if stat != "n":
+                    row[f"{name}_{stat}"] = value
+        flat.append(row)
+    with open(os.path.join(out, "comparison-groups.csv"), "w", newline="", encoding="utf-8") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(flat[0]))
+        writer.writeheader()
+        writer.writerows(flat)
+    with open(os.path.join(out, "comparison.json"), "w", encoding="utf-8") as fh:
+        json.dump({"runs": runs, "seed_groups": groups, **(extra or {})}, fh, indent=2)
+        fh.write("\n")
+
+
+# ----- predicted against measured
+
+def predict_runs(summaries: list[RunSummary]) -> tuple[list[float | None], list[dict], list[str]]:
+    """``report --predict``: per problem, predict every run's schedule and rank count from the
+    problem's Sequential run (else its run with the fewest ranks), with contention measured from
+    the problem's runs, ranks per node as the runs had them, and messages within a node at the
+    shared-memory preset. Returns the predicted wall per run, curve records and notes."""
+    from . import interconnect
+    from . import predict as predict_mod
+    predicted: list[float | None] = [None] * len(summaries)
+    curves: list[dict] = []
+    notes: list[str] = []
+    problems: dict[str, list[int]] = {}
+    for i, s in enumerate(summaries):
+        key = json.dumps([_setting(s.run.config, sec, k, None) for sec, k in PROBLEM_SETTINGS]
+                         + [s.setting("train", "threads")], default=str)
+        problems.setdefault(key, []).append(i)
+    for idx in problems.values():
+        members = [summaries[i] for i in idx]
+        source = min(members, key=lambda m: (m.setting("run", "schedule") != "sequential",
+                                             m.run.world_size, _seed(m) != 0))
+        per_host = max(max(sum(1 for rt in m.run.ranks if rt.host == h) for h in {rt.host for rt in m.run.ranks})
+                       for m in members)
+        network = predict_mod.Network(interconnect.preset("ib-hdr"), interconnect.preset("shm"), per_host)
+        runs = [source.run] + [m.run for m in members if m is not source]
+        schedules = sorted({m.setting("run", "schedule") for m in members} | {"sequential"},
+                           key=lambda x: x != "sequential")
+        ranks = sorted({m.run.world_size for m in members} | {1})
+        try:
+            outcome = predict_mod.predict(runs, ranks=ranks, schedules=schedules, network=network,
+                                          contention="auto")
+        except ConfigError as exc:
+            notes.append(f"no prediction for the runs of {source.name}: {_one_line(exc)}")
+            continue
+        by_key = {(p.schedule, p.ranks): p for p in outcome.predictions}
+        for i in idx:
+            p = by_key.get((summaries[i].setting("run", "schedule"), summaries[i].run.world_size))
+            # the run's own seed and lag may differ from the source's; the time does not depend on the seed
+            predicted[i] = p.wall if p is not None else None
+        for p in outcome.predictions:
+            if p.reason is None:
+                curves.append({"source": source.name, "negatives": source.setting("train", "negatives"),
+                               "classifier": source.setting("train", "classifier"), **p.record()})
+        notes.append(f"predicted from {source.name}: " + outcome.contention.note)
+    return predicted, curves, notes
+
+
+def plot_scaling(summaries: list[RunSummary], pairs: list[Pairing], path: str,
+                 curves: list[dict] | None = None) -> None:
+    """Speedup against ranks per schedule (and negatives / classifier): mean over seeds with the
+    spread (min to max) as error bars; predicted curves dashed when given. PNG and PDF."""
+    fig = _figure(7, 4.5)
+    ax = fig.add_subplot()
+    series: dict[tuple, dict[int, list[float]]] = {}
+    for s, p in zip(summaries, pairs):
+        sp = speedup(p.baseline, s) if p.baseline else None
+        if sp is None:
+            continue
+        key = (s.setting("run", "schedule"), s.setting("train", "negatives"), s.setting("train", "classifier"))
+        series.setdefault(key, {}).setdefault(s.run.world_size, []).append(sp)
+    most = 1
+    colors: dict[str, str] = {}
+    for key, points in sorted(series.items()):
+        ranks = sorted(points)
+        most = max(most, ranks[-1])
+        mean = [float(np.mean(points[n])) for n in ranks]
+        err = [[m - min(points[n]) for m, n in zip(mean, ranks)], [max(points[n]) - m for m, n in zip(mean, ranks)]]
+        line = ax.errorbar(ranks, mean, yerr=err, marker="o", capsize=3, label=f"{', '.join(map(str, key))}, measured")
+        colors.setdefault(key[0], line[0].get_color())
+    for schedule in dict.fromkeys(c["schedule"] for c in curves or []):
+        pts = sorted((c["ranks"], c["speedup"]) for c in curves if c["schedule"] == schedule and c["speedup"])
+        if pts:
+            most = max(most, pts[-1][0])
+            ax.plot(*zip(*pts), linestyle="--", marker=".", color=colors.get(schedule),
+                    label=f"{schedule}, predicted")
+    ax.plot([1, most], [1, most], linestyle=":", color="#999999", label="ideal")
+    ax.set_xscale("log", base=2)
+    ticks = [2 ** i for i in range(int(math.log2(most)) + 2) if 2 ** i <= max(most, 1) * 1.01]
+    ax.set_xticks(ticks, [str(t) for t in ticks])
+    ax.set_xlabel("ranks")
+    ax.set_ylabel("speedup over the Sequential run")
+    ax.grid(alpha=0.3)
+    if series or curves:
+        ax.legend(fontsize=7)
+    else:
+        ax.text(0.5, 0.5, "no run has a Sequential baseline of its problem", ha="center", va="center",
+                transform=ax.transAxes)
+    ax.set_title("speedup against ranks" + (" (error bars: min to max over seeds)"
+                                            if any(len(v) > 1 for p in series.values() for v in p.values()) else ""))
+    fig.savefig(path, dpi=110)
+    fig.savefig(os.path.splitext(path)[0] + ".pdf")
 
 
 # ---------------------------------------------------------------- pictures and trace.json
@@ -656,13 +1044,21 @@ def plot_comparison(summaries: list[RunSummary], path: str) -> None:
     fig = _figure(max(7, 1.3 * len(summaries) + 3), 6)
     ax_time, ax_bubble = fig.subplots(2, 1, sharex=True)
     x = np.arange(len(summaries))
-    ax_time.bar(x, [s.wall for s in summaries], color="#1f77b4")
+    setup = np.array([s.training.setup_seconds for s in summaries])
+    training = np.array([s.training.end - s.training.start for s in summaries])
+    rest = np.array([s.wall for s in summaries]) - setup - training
+    ax_time.bar(x, setup, color="#c7c7c7", label="setup")
+    ax_time.bar(x, training, bottom=setup, color="#1f77b4", label="training")
+    ax_time.bar(x, np.maximum(rest, 0.0), bottom=setup + training, color="#bcbd22", label="after training")
     ax_time.set_ylabel("wall time (s)")
     ax_time.set_title("runs compared")
+    ax_time.legend(fontsize=8)
     measured = [100 * s.bubble_measured for s in summaries]
+    in_training = [100 * s.training.bubble for s in summaries]
     modelled = [100 * s.bubble_modelled if s.bubble_modelled is not None else 0.0 for s in summaries]
-    ax_bubble.bar(x - 0.2, measured, width=0.4, color="#d62728", label="measured")
-    ax_bubble.bar(x + 0.2, modelled, width=0.4, color="#ff9896", label="modelled")
+    ax_bubble.bar(x - 0.27, measured, width=0.27, color="#d62728", label="measured, whole run")
+    ax_bubble.bar(x, in_training, width=0.27, color="#ff7f0e", label="measured, training phase")
+    ax_bubble.bar(x + 0.27, modelled, width=0.27, color="#ff9896", label="modelled")
     ax_bubble.set_ylabel("bubble (%)")
     ax_bubble.legend(fontsize=8)
     ax_bubble.set_xticks(x, [f"{s.name}\n{s.setting('run', 'schedule')}, N={s.run.world_size}"
@@ -744,6 +1140,112 @@ def _subdir_names(summaries: list[RunSummary]) -> list[str]:
     return names
 
 
+#: Marks a comparison report folder and lists what the report wrote there (and may replace).
+MANIFEST = ".mpff-report.json"
+
+
+def _replace_contents(out: str, build: Callable[[str], None]) -> None:
+    """Write a report into a fresh temporary folder beside ``out``, then move it into ``out`` in
+    place of what the previous report there wrote (listed in its manifest). Nothing else in
+    ``out`` is touched, and if writing fails the previous report stays whole."""
+    out = os.path.abspath(out)
+    parent = os.path.dirname(out)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.writing-", dir=parent)
+    try:
+        build(tmp)
+        entries = sorted(os.listdir(tmp))
+        os.makedirs(out, exist_ok=True)
+        old: list[str] = []
+        try:
+            with open(os.path.join(out, MANIFEST), encoding="utf-8") as fh:
+                old = [str(n) for n in json.load(fh).get("entries", []) if isinstance(n, str)]
+        except (OSError, ValueError, AttributeError):
+            old = []
+        for name in entries:  # a folder of the same name that no report wrote is the user's
+            path = os.path.join(out, name)
+            if (os.path.isdir(path) and not os.path.islink(path) and name not in old
+                    and not os.path.isfile(os.path.join(path, "report.md"))):
+                raise ConfigError(f"{path} exists and is not part of an earlier mpff report; move it "
+                                  "or choose another --out")
+        for name in set(old) | set(entries):
+            path = os.path.join(out, name)
+            if os.sep in name or name in ("", ".", "..", MANIFEST):
+                continue  # a manifest is trusted for names in the folder itself only
+            if os.path.isdir(path) and not os.path.islink(path):
+                shutil.rmtree(path)
+            elif os.path.lexists(path):
+                os.unlink(path)
+        for name in entries:
+            os.replace(os.path.join(tmp, name), os.path.join(out, name))
+        with open(os.path.join(out, MANIFEST + ".tmp"), "w", encoding="utf-8") as fh:
+            json.dump({"written_by": "mpff report", "entries": entries}, fh, indent=1)
+        os.replace(os.path.join(out, MANIFEST + ".tmp"), os.path.join(out, MANIFEST))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_comparison(summaries: list[RunSummary], base: RunSummary | None, out: str, *,
+                     predict: bool = False) -> list[str]:
+    """The report of several runs in ``out``: report.md, comparison.csv / .json,
+    comparison-groups.csv, comparison.png, scaling.png / .pdf, accuracy.png and a sub-folder
+    per run; returns the blocks to print."""
+    pairs = pair_baselines(summaries, base)
+    baselines = [p.baseline for p in pairs]
+    flags = [p.note for p in pairs]
+    subdirs = _subdir_names(summaries)
+    predicted, curves, predict_notes = predict_runs(summaries) if predict else (None, [], [])
+    table = comparison_table(summaries, baselines, flags, predicted)
+    groups = group_records(summaries, pairs)
+    grouped = any(len(g["runs"]) > 1 for g in groups)
+    lines = ["# mpff comparison report", "",
+             "Runs: " + ", ".join(f"[{s.name}]({sub}/report.md)" for s, sub in zip(summaries, subdirs)), ""]
+    if base is not None:
+        lines += [(f"Speedup and efficiency against the baseline `{base.name}` "
+                   f"({_sec(base.wall)} s, {base.run.world_size} rank(s)), which poses the same "
+                   "problem as every run."), ""]
+    else:
+        lines += [("Speedup and efficiency against the Sequential run of the same problem (model, "
+                   "data, epochs, chapters, batch size, learning rates, negatives, classifier, "
+                   "evaluation; the same seed where there is one), where one is listed."), ""]
+    lines += [("Time = the whole run (first rank's start to last rank's end); setup = to the end of "
+               "setup; training = the training phase (setup and the final model write apart), "
+               "which training speedup and training bubble use. In a short run setup is much of "
+               "the wall time, and busy setup time makes the whole-run bubble look smaller than "
+               "the modelled one: compare the modelled bubble with the training bubble."), ""]
+    notes = [f"{s.name}: {n}" for s in summaries for n in s.notes] + predict_notes
+    if notes:
+        lines += ["Notes:", ""] + [f"- {n}" for n in notes] + [""]
+    lines += [table, ""]
+    if grouped:
+        lines += ["## Runs that differ only in their seed", "",
+                  "Mean ± sample standard deviation over the seeds (min and max in comparison-groups.csv).",
+                  "", group_table(groups), ""]
+    lines += ["Tables as data: [comparison.csv](comparison.csv), [comparison-groups.csv](comparison-groups.csv), "
+              "[comparison.json](comparison.json).", "",
+              "![speedup against ranks](scaling.png)", "", "![comparison](comparison.png)", "",
+              "![accuracy](accuracy.png)", ""]
+    if predict:
+        lines.insert(lines.index(table) + 2, "Predicted time: the task graph of each run simulated with "
+                     "the task times of its problem's Sequential run (`mpff predict`; method and limits "
+                     "in docs/predict.md).")
+        lines.insert(lines.index(table) + 3, "")
+
+    def build(tmp: str) -> None:
+        for s, b, sub in zip(summaries, baselines, subdirs):
+            write_run_report(s, os.path.join(tmp, sub), b)
+        with open(os.path.join(tmp, "report.md"), "w", encoding="utf-8") as fh:
+            fh.write("\n".join(lines))
+        write_table_files(tmp, run_records(summaries, pairs, subdirs, predicted), groups,
+                          {"predicted": curves} if predict else None)
+        plot_comparison(summaries, os.path.join(tmp, "comparison.png"))
+        plot_scaling(summaries, pairs, os.path.join(tmp, "scaling.png"), curves)
+        plot_accuracy(summaries, os.path.join(tmp, "accuracy.png"))
+
+    _replace_contents(out, build)
+    return ["\n".join(f"note: {n}" for n in notes), table] + ([group_table(groups)] if grouped else [])
+
+
 def default_out(run_dirs: list[str]) -> str:
     if len(run_dirs) == 1:
         return os.path.join(run_dirs[0], "report")
@@ -751,8 +1253,10 @@ def default_out(run_dirs: list[str]) -> str:
 
 
 def run_report(run_dirs: list[str] | str, baseline: str | None = None, out: str | None = None, *,
-               simulate: Simulator | None = None, stream: TextIO | None = None) -> str:
-    """Analyse the runs, write the report, print its tables; returns the output directory."""
+               simulate: Simulator | None = None, stream: TextIO | None = None,
+               predict: bool = False) -> str:
+    """Analyse the runs, write the report, print its tables; returns the output directory.
+    ``predict``: add the task-graph prediction to the comparison of several runs."""
     run_dirs = [run_dirs] if isinstance(run_dirs, str) else list(run_dirs)
     if not run_dirs:
         raise ConfigError("name at least one run directory to report")
@@ -767,31 +1271,7 @@ def run_report(run_dirs: list[str] | str, baseline: str | None = None, out: str 
             text = ["\n".join(f"note: {n}" for n in s.notes), summary_table(s, base),
                     breakdown_table(s), bubble_table(s)]
         else:
-            baselines = pick_baselines(summaries, base)
-            subdirs = _subdir_names(summaries)
-            for s, b, sub in zip(summaries, baselines, subdirs):
-                write_run_report(s, os.path.join(out, sub), b)
-            table = comparison_table(summaries, baselines)
-            lines = ["# mpff comparison report", "",
-                     "Runs: " + ", ".join(f"[{s.name}]({sub}/report.md)"
-                                         for s, sub in zip(summaries, subdirs)), ""]
-            if base is not None:
-                lines += [(f"Speedup and efficiency against the baseline `{base.name}` "
-                           f"({_sec(base.wall)} s, {base.run.world_size} rank(s))."), ""]
-            else:
-                lines += [("Speedup and efficiency against the Sequential run of the same negatives, "
-                           "classifier, epochs and chapters, where one is listed (pass --baseline to "
-                           "choose one)."), ""]
-            notes = [f"{s.name}: {n}" for s in summaries for n in s.notes]
-            if notes:
-                lines += ["Notes:", ""] + [f"- {n}" for n in notes] + [""]
-            lines += [table, "", "![comparison](comparison.png)", "", "![accuracy](accuracy.png)", ""]
-            os.makedirs(out, exist_ok=True)
-            with open(os.path.join(out, "report.md"), "w", encoding="utf-8") as fh:
-                fh.write("\n".join(lines))
-            plot_comparison(summaries, os.path.join(out, "comparison.png"))
-            plot_accuracy(summaries, os.path.join(out, "accuracy.png"))
-            text = ["\n".join(f"note: {n}" for n in notes), table]
+            text = write_comparison(summaries, base, out, predict=predict)
     except OSError as exc:
         raise ConfigError(f"cannot write the report to {out} ({_one_line(exc)}); "
                           "choose another directory with --out") from None
@@ -813,6 +1293,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", metavar="DIR",
                         help="output directory (default: RUN_DIR/report for one run, "
                              "comparison-report/ beside the first run for several)")
+    parser.add_argument("--predict", action="store_true",
+                        help="several runs: add each run's predicted time and the predicted speedup "
+                             "curve, simulated from its problem's Sequential run (mpff predict)")
     return parser
 
 
@@ -824,7 +1307,7 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as exc:  # argparse has printed usage or help
         return int(exc.code or 0)
     try:
-        run_report(args.runs, baseline=args.baseline, out=args.out)
+        run_report(args.runs, baseline=args.baseline, out=args.out, predict=args.predict)
     except ConfigError as exc:
         print(f"mpff report: error: {_one_line(exc)}", file=sys.stderr)
         return 2

@@ -1,0 +1,310 @@
+"""The predictor (mpff.predict, Plan.simulate's message costs and contention): task graphs worked by hand."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+from fake_runs import make_config, make_run, sequential_spans
+
+from mpff import interconnect, predict
+from mpff.config import ConfigError
+from mpff.plan import Task, build_plan
+from mpff.report import load_run
+
+LAYER0_BYTES = (784 * 8 + 8) * 4     # dims (784, 8, 8): layer 0's weights and biases, float32
+LAYER1_BYTES = (8 * 8 + 8) * 4
+IDEAL = predict.Network(interconnect.preset("ideal"), interconnect.preset("ideal"), 1)
+
+
+def _train(layers, chapters, times=(1.0,)):
+    return {("train", c, k): times[k % len(times)] for c in range(chapters) for k in range(layers)}
+
+
+# ------------------------------------------------------------------------------ Plan.simulate
+
+def test_message_cost_is_latency_plus_bytes_over_bandwidth():
+    # Single Layer, 2 layers on 2 ranks, 3 chapters, 1 s a task; a message costs 0.5 s + bytes / 25120 B/s
+    # = 1.5 s for layer 0's 25120 bytes. Layer 1 of chapter c starts when layer 0 of c has arrived:
+    # c0: 1 + 1.5 -> [2.5, 3.5]; c1: layer 0 done at 2, arrives 3.5 -> [3.5, 4.5]; c2: [4.5, 5.5].
+    plan = build_plan(make_config("single_layer", chapters=3), 2)
+    link = interconnect.Link("test", 0.5, LAYER0_BYTES)
+    sim = plan.simulate(_train(2, 3), message_cost=lambda src, dst, n: link.seconds(n))
+    assert [sim.finish[Task("train", c, 1)] for c in range(3)] == pytest.approx([3.5, 4.5, 5.5])
+    assert sim.makespan == pytest.approx(5.5)
+    assert sim.messages == 3 and sim.bytes_moved == 3 * LAYER0_BYTES
+    assert sim.busy == pytest.approx([3.0, 3.0])
+
+
+def test_packing_and_unpacking_are_the_ranks_own_work():
+    # the same, no latency; packing and unpacking 0.25 s each. Rank 0: T0 [0,1] pack [1,1.25],
+    # T1 [1.25,2.25] pack, T2 [2.5,3.5] pack [3.5,3.75]. Rank 1: unpack [1.25,1.5] T [1.5,2.5],
+    # unpack [2.5,2.75] T [2.75,3.75], unpack [3.75,4] T [4,5].
+    plan = build_plan(make_config("single_layer", chapters=3), 2)
+    sim = plan.simulate(_train(2, 3), pack_cost=lambda n: 0.25, unpack_cost=lambda n: 0.25)
+    assert [sim.finish[Task("train", c, 1)] for c in range(3)] == pytest.approx([2.5, 3.75, 5.0])
+    assert sim.makespan == pytest.approx(5.0)
+    assert sim.busy == pytest.approx([3.75, 3.75])
+
+
+def test_contention_slows_ranks_of_one_node_only_while_both_work():
+    # Single Layer, 2 chapters; layer 0 takes 1 s, layer 1 takes 2 s; a rank works twice as slowly
+    # while the other rank of its node works (contention 1.0). T(0,0) [0,1] alone; from 1, T(1,0)
+    # and T(0,1) share the node: T(1,0) ends at 3 (1 s of work at half speed); by then T(0,1) has
+    # done 1 s of its 2 and does the rest alone, ending at 4; T(1,1) [4,6] alone.
+    plan = build_plan(make_config("single_layer", chapters=2), 2)
+    durations = _train(2, 2, times=(1.0, 2.0))
+    sim = plan.simulate(durations, node_of=[0, 0], contention=1.0)
+    assert sim.finish[Task("train", 1, 0)] == pytest.approx(3.0)
+    assert sim.finish[Task("train", 0, 1)] == pytest.approx(4.0)
+    assert sim.makespan == pytest.approx(6.0)
+    assert sim.busy == pytest.approx([3.0, 5.0])
+    # on nodes of their own the ranks do not slow each other: 1 + 2 + 2
+    apart = plan.simulate(durations, node_of=[0, 1], contention=1.0)
+    assert apart.makespan == pytest.approx(5.0)
+    assert plan.simulate(durations).makespan == pytest.approx(5.0)
+
+
+def test_simulate_keeps_its_old_signature():
+    plan = build_plan(make_config("single_layer", chapters=3), 2)
+    assert plan.simulate(_train(2, 3), latency=0.5).makespan == pytest.approx(4.5)
+    assert plan.simulate(_train(2, 3), 0.5).finish[Task("train", 0, 1)] == pytest.approx(2.5)
+
+
+def test_bytes_of_negatives_need_n_train():
+    # All Layers on 2 ranks, adaptive negatives with lag 0: those made after chapter c (on rank
+    # c % 2) are used in chapter c + 1 on the other rank: 3 messages of 1000 int64 labels
+    cfg = make_config("all_layers", negatives="adaptive", chapters=4)
+    assert build_plan(cfg, 2).simulate(_train(2, 4)).bytes_moved is None
+    sim = build_plan(cfg, 2, n_train=1000).simulate(_train(2, 4))
+    assert sim.bytes_moved == 3 * (LAYER0_BYTES + LAYER1_BYTES) + 3 * 1000 * 8
+    assert sim.messages == 9
+    # with lag 1 a rank uses the negatives it made itself: none travel, so no size is missing
+    lagged = make_config("all_layers", negatives="adaptive", adaptive_lag=1, chapters=4)
+    assert build_plan(lagged, 2).simulate(_train(2, 4)).bytes_moved == 3 * (LAYER0_BYTES + LAYER1_BYTES)
+
+
+# ------------------------------------------------------------------------------ from a run
+
+@pytest.fixture
+def seq_run(tmp_path):
+    """Sequential, 2 layers, 4 chapters: train(c,0) 2 s, forward through layer 0 0.5 s,
+    train(c,1) 3 s, eval 1 s after the last chapter, the model write 0.2 s; setup 1 s."""
+    return make_run(tmp_path / "seq", [sequential_spans(4)], make_config("sequential"))
+
+
+def _by(outcome, schedule, ranks):
+    return next(p for p in outcome.predictions if p.schedule == schedule and p.ranks == ranks)
+
+
+def test_all_layers_on_two_ranks_worked_by_hand(seq_run):
+    # rank 0, chapter 0: T0 [0,2] fwd [2,2.5] T1 [2.5,5.5]
+    # rank 1, chapter 1: T0 waits layer 0 (2) [2,4], fwd [4,4.5], waits layer 1 (5.5) T1 [5.5,8.5]
+    # rank 0, chapter 2: T0 [5.5,7.5] fwd [7.5,8] waits layer 1 (8.5) T1 [8.5,11.5]
+    # rank 1, chapter 3: T0 [8.5,10.5] fwd [10.5,11] T1 [11.5,14.5], eval [14.5,15.5], write [15.5,15.7]
+    out = predict.predict([load_run(seq_run)], ranks=[1, 2], schedules=["sequential", "all_layers"],
+                          network=IDEAL)
+    seq, al = _by(out, "sequential", 1), _by(out, "all_layers", 2)
+    assert seq.training == pytest.approx(4 * 5.5 + 1.0)
+    assert seq.wall == pytest.approx(1.0 + 23.2)          # setup + training + the model write
+    assert seq.measured_wall == pytest.approx(24.2) and seq.error == pytest.approx(0.0, abs=1e-9)
+    assert al.training == pytest.approx(15.5)
+    assert al.wall == pytest.approx(1.0 + 15.7)
+    assert al.speedup == pytest.approx(24.2 / 16.7)
+    assert al.efficiency == pytest.approx(24.2 / 16.7 / 2)
+    # busy 2 x (4 x 5.5) + eval 1 over 2 x 15.5
+    assert al.bubble == pytest.approx(1 - 23.0 / 31.0)
+    assert al.messages == 6 and al.bytes_moved == 3 * (LAYER0_BYTES + LAYER1_BYTES)
+
+
+def test_message_latency_in_a_prediction(seq_run):
+    # as above with 0.5 s on every message: rank 1 T0 [2.5,4.5] fwd [4.5,5] T1 waits 6 -> [6,9];
+    # rank 0 T0 [5.5,7.5] fwd [7.5,8] T1 waits 9.5 -> [9.5,12.5]; rank 1 T0 [9,11] fwd [11,11.5]
+    # T1 waits 13 -> [13,16], eval [16,17]
+    net = predict.Network(interconnect.Link("test", 0.5, math.inf), interconnect.preset("ideal"), 1)
+    out = predict.predict([load_run(seq_run)], ranks=[2], schedules=["all_layers"], network=net)
+    assert _by(out, "all_layers", 2).training == pytest.approx(17.0)
+
+
+def test_forward_passes_follow_the_schedule(tmp_path):
+    # 3 layers: the pass through layer 0 takes 0.5 s, through layer 1 0.25 s (Sequential measures
+    # each once per chapter). Single Layer recomputes: on 3 ranks, rank 2 applies layers 0 and 1
+    # (0.75 s) before train(c, 2); on 2 ranks (layers 0,1 | 2) the same; All Layers reuses.
+    cfg = make_config("sequential", dims=(784, 8, 8, 8))
+    run = load_run(make_run(tmp_path / "seq", [sequential_spans(4, train=(2.0, 3.0, 1.0),
+                                                                 forward=(0.5, 0.25))], cfg))
+    profile = predict.build_profile(run, predict.read_spans(run), predict.Contention(0.0, "none", ""))
+    target = predict.make_target(profile)
+    for schedule, n, expected in (("single_layer", 3, {1: 0.5, 2: 0.75}), ("single_layer", 2, {1: 0.5, 2: 0.75}),
+                                  ("all_layers", 2, {1: 0.5, 2: 0.25}), ("sequential", 1, {1: 0.5, 2: 0.25})):
+        plan = build_plan(target.config.replace(run={"schedule": schedule}), n, n_train=target.n_train)
+        times = predict.task_times(profile, target, plan, set())
+        for c in range(4):
+            assert {k: times[("forward", c, k)] for k in (1, 2)} == pytest.approx(expected), (schedule, n)
+            assert times[("forward", c, 0)] == 0.0
+
+
+def test_more_chapters_epochs_and_data_than_measured(seq_run):
+    # 8 chapters of 2 epochs on twice the data: every chapter takes the median per sample of the
+    # measured ones, training scales with epochs x samples, forward passes with samples, and the
+    # evaluation with the test samples (100 -> 200)
+    out = predict.predict([load_run(seq_run)], ranks=[1], schedules=["sequential"], network=IDEAL,
+                          overrides=["train.chapters=8", "train.epochs=16", "data.train_subset=2000",
+                                     "data.test_subset=200"])
+    seq = _by(out, "sequential", 1)
+    assert seq.training == pytest.approx(8 * (2 * 2 * 2.0 + 2 * 0.5 + 2 * 2 * 3.0) + 2 * 1.0)
+    assert any("median of the measured ones" in a for a in out.assumptions)
+
+
+def test_settings_that_shape_task_times_cannot_change(seq_run):
+    with pytest.raises(ConfigError, match=r"--set model.dims: the task times were measured with \[784, 8, 8\]"):
+        predict.predict([load_run(seq_run)], overrides=["model.dims=[784,16,16]"])
+    with pytest.raises(ConfigError, match="train.batch_size"):
+        predict.predict([load_run(seq_run)], overrides=["train.batch_size=128"])
+
+
+def test_impossible_schedules_are_reported_not_raised(seq_run):
+    out = predict.predict([load_run(seq_run)], ranks=[2, 4], schedules=["single_layer"], network=IDEAL)
+    assert _by(out, "single_layer", 2).reason is None
+    four = _by(out, "single_layer", 4)
+    assert four.wall is None and "at most one rank per layer" in four.reason
+
+
+def test_adaptive_negatives_unmeasured_are_estimated_from_the_evaluation(tmp_path):
+    # a one-chapter run (as from the paper's width) makes no negatives; predicted at 100 chapters
+    # with adaptive negatives, each is an evaluation over the training shard (1000 / 100 x 1 s)
+    cfg = make_config("sequential", chapters=1, negatives="adaptive")
+    run = load_run(make_run(tmp_path / "one", [sequential_spans(1)], cfg))
+    out = predict.predict([run], ranks=[4], schedules=["sequential", "all_layers"], network=IDEAL,
+                          overrides=["train.chapters=100", "train.epochs=100", "train.eval_every=10"],
+                          adaptive_lag="ranks-1")
+    seq, al = _by(out, "sequential", 1), _by(out, "all_layers", 4)
+    # 100 chapters x 5.5 s, 99 negatives x 10 s, 10 evaluations x 1 s
+    assert seq.training == pytest.approx(100 * 5.5 + 99 * 10.0 + 10 * 1.0)
+    assert any("estimated as an evaluation" in a for a in out.assumptions)
+    assert any("lag N-1" in a for a in out.assumptions)
+    assert 3.0 < al.speedup < 4.0
+
+
+# ------------------------------------------------------------------------------ contention
+
+def _pair_run(path, cfg, slowdown, hosts=("node0", "node0"), chapters=4):
+    """Two ranks that train at the same time, each task taking 2 s x slowdown (no waits)."""
+    d = 2.0 * slowdown
+    ranks = [[("setup", -1, -1, 0.0, 1.0)] + [("train", c, 0, 1.0 + i * d, 1.0 + (i + 1) * d)
+                                             for i, c in enumerate(range(r, chapters, 2))]
+             for r in range(2)]
+    return make_run(path, ranks, cfg, hosts=list(hosts))
+
+
+def test_contention_is_measured_from_ranks_side_by_side(tmp_path):
+    cfg1 = make_config("sequential", dims=(784, 8))
+    one = load_run(make_run(tmp_path / "one", [sequential_spans(4, train=(2.0,), forward=())], cfg1))
+    two = load_run(_pair_run(tmp_path / "two", make_config("all_layers", dims=(784, 8)), 1.3))
+    c = predict.measure_contention([one, two], [predict.read_spans(one), predict.read_spans(two)])
+    assert c.source == "measured" and c.factor == pytest.approx(1.3, abs=1e-3)
+    # the profile from the 2-rank run is that of ranks alone: 2 s a task (per sample: 2 / 1000)
+    profile = predict.build_profile(two, predict.read_spans(two), c)
+    assert profile.train[(1, 0)] == pytest.approx(2.0 / 1000)
+    # ranks on different hosts never slowed each other: nothing to measure
+    apart = load_run(_pair_run(tmp_path / "apart", make_config("all_layers", dims=(784, 8)), 1.3,
+                               hosts=("node0", "node1")))
+    c = predict.measure_contention([apart], [predict.read_spans(apart)])
+    assert c.source == "none" and c.slowdown == 0.0 and "cannot be measured" in c.note
+
+
+def test_contention_applies_only_to_ranks_sharing_a_node(seq_run):
+    run = load_run(seq_run)
+    shared = predict.Network(interconnect.preset("ideal"), interconnect.preset("ideal"), 2)
+    slow = predict.predict([run], ranks=[2], schedules=["all_layers"], network=shared, contention=1.5)
+    fast = predict.predict([run], ranks=[2], schedules=["all_layers"], network=IDEAL, contention=1.5)
+    assert _by(fast, "all_layers", 2).training == pytest.approx(15.5)
+    assert _by(slow, "all_layers", 2).training > 15.5 * 1.2
+    assert any("slow each other: given: a task takes 1.5x its time alone" in a for a in slow.assumptions)
+    none = predict.predict([run], ranks=[2], schedules=["all_layers"], network=shared)
+    assert any("assumed NOT to slow each other" in a for a in none.assumptions)
+
+
+# ------------------------------------------------------------------------------ command line
+
+def test_command_line_table_json_and_picture(seq_run, tmp_path, capsys):
+    out = tmp_path / "pred"
+    assert predict.main([seq_run, "--ranks", "1,2", "--network", "ideal", "--intra", "ideal",
+                         "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "| all_layers | 2 | 2 | 16.7 | 15.5 | 1.45 | 72.5 % |" in printed
+    assert "Assumptions and limits:" in printed and "no straggler" in printed
+    for name in ("prediction.md", "prediction.json", "speedup.png", "speedup.pdf"):
+        assert (out / name).stat().st_size > 0, name
+    assert predict.main([seq_run, "--ranks", "2", "--schedules", "all_layers", "--json",
+                         "--latency", "0.5s", "--bandwidth", "1e12", "--out", str(out)]) == 0
+    data = json.loads(capsys.readouterr().out)
+    (al,) = [r for r in data["predictions"] if r["schedule"] == "all_layers"]
+    assert al["ranks"] == 2 and al["training_seconds"] == pytest.approx(17.0, abs=1e-3)
+    assert data["network"]["inter"]["latency_seconds"] == 0.5
+    assert data["assumptions"] and data["contention"]["source"] == "none"
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["--ranks", "0,2"], "--ranks"),
+    (["--network", "carrier-pigeon"], "unknown interconnect 'carrier-pigeon'"),
+    (["--contention", "0.5"], "--contention '0.5'"),
+    (["--bandwidth", "fast"], "--bandwidth 'fast'"),
+    (["--schedules", "pipelined"], "unknown schedule 'pipelined'"),
+    (["--set", "train.chapters=3"], "not valid"),
+])
+def test_bad_input_is_one_line_and_exit_2(seq_run, tmp_path, capsys, argv, fragment):
+    assert predict.main([seq_run, "--out", str(tmp_path / "p")] + argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("mpff predict: error: ") and err.count("\n") == 1, err
+    assert fragment in err, err
+
+
+def test_not_a_run_is_exit_2(tmp_path, capsys):
+    assert predict.main([str(tmp_path)]) == 2
+    assert "not an mpff run directory" in capsys.readouterr().err
+
+
+def test_units_of_links():
+    assert interconnect.parse_seconds("2us") == pytest.approx(2e-6)
+    assert interconnect.parse_seconds("0.5 ms") == pytest.approx(5e-4)
+    assert interconnect.parse_bandwidth("100Gb/s") == pytest.approx(12.5e9)
+    assert interconnect.parse_bandwidth("12.5GB/s") == pytest.approx(12.5e9)
+    assert interconnect.parse_bandwidth("3e9") == 3e9
+    assert interconnect.preset("ib-hdr").seconds(25_000_000) == pytest.approx(1e-6 + 1e-3)
+
+
+def test_packing_is_measured_from_any_run_that_sent_messages(seq_run, tmp_path):
+    # a 2-rank run (on two hosts: no contention) whose send and recv of layer 0 took 0.25 s each
+    spans = [[("setup", -1, -1, 0.0, 1.0), ("train", 0, 0, 1.0, 3.0), ("send", 0, 0, 3.0, 3.25, LAYER0_BYTES, 1)],
+             [("setup", -1, -1, 0.0, 1.0), ("wait", 1, 0, 1.0, 3.25), ("recv", 0, 0, 3.25, 3.5, LAYER0_BYTES, 0),
+              ("train", 1, 0, 3.5, 5.5)]]
+    two = make_run(tmp_path / "two", spans, make_config("all_layers"), hosts=["a", "b"])
+    out = predict.predict([load_run(seq_run), load_run(two)], ranks=[2], schedules=["all_layers"],
+                          network=IDEAL)
+    assert out.profile.pack == pytest.approx((0.0, 0.25 / LAYER0_BYTES))
+    assert out.profile.unpack == pytest.approx((0.0, 0.25 / LAYER0_BYTES))
+    assert any("Packing and unpacking cost the ranks" in a for a in out.assumptions)
+    # worked by hand: the layer-1 chain is the critical path, and the receivers' waits hide the
+    # layer-0 costs except the first packing (rank 0 packs layer 0 of chapter 0 before its
+    # forward pass); the layer-1 messages (288 bytes) cost 6 x 0.25 x 288 / 25120 s to pack and unpack
+    small = 0.25 * LAYER1_BYTES / LAYER0_BYTES
+    assert _by(out, "all_layers", 2).training == pytest.approx(15.5 + 0.25 + 6 * small)
+    alone = predict.predict([load_run(seq_run)], ranks=[2], schedules=["all_layers"], network=IDEAL)
+    assert any("Packing and unpacking are not modelled" in a for a in alone.assumptions)
+
+
+def test_every_rank_pays_the_warm_up_of_its_first_tasks(tmp_path):
+    # Sequential whose chapter 0 trains layer 1 in 4 s, later chapters in 3 s: 1 s of warm-up.
+    # All Layers on 2 ranks, worked by hand: rank 0 c0 T0 [0,2] fwd [2,2.5] T1 [2.5,6.5];
+    # rank 1 c1 T0 [2,4] fwd [4,4.5], T1 its first of layer 1: 3 + 1 s [6.5,10.5]; rank 0 c2
+    # T0 [6.5,8.5] fwd [8.5,9] T1 [10.5,13.5]; rank 1 c3 T0 [10.5,12.5] fwd [12.5,13]
+    # T1 [13.5,16.5], eval [16.5,17.5]
+    spans = sequential_spans(4, train={"default": (2.0, 3.0), 0: (2.0, 4.0)})
+    run = load_run(make_run(tmp_path / "seq", [spans], make_config("sequential")))
+    out = predict.predict([run], ranks=[2], schedules=["sequential", "all_layers"], network=IDEAL)
+    assert out.profile.warmup_train == pytest.approx({0: 0.0, 1: 1.0 / 1000})
+    assert _by(out, "sequential", 1).training == pytest.approx(4 * 5.5 + 1.0 + 1.0)
+    assert _by(out, "all_layers", 2).training == pytest.approx(17.5)
+    assert any("warm-up" in a for a in out.assumptions)
