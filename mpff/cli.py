@@ -1,7 +1,8 @@
-"""Command line: ``python -m mpff {train,report,info}``.
+"""Command line: ``python -m mpff {train,report,predict,info}``.
 
     mpiexec -n 2 python -m mpi4py -m mpff train --config configs/workstation.toml [--set k=v] [--out DIR]
     python -m mpff report RUN_DIR [RUN_DIR ...] [--baseline RUN_DIR]
+    python -m mpff predict RUN_DIR [RUN_DIR ...] --ranks 1,2,4,8,16
     mpiexec -n 2 python -m mpi4py -m mpff info
 
 A registry of subcommands, each ``fn(comm, args)`` as in mpi4py's own ``bench.py``: the
@@ -30,6 +31,12 @@ def cmd_report(comm, argv: list[str]) -> int:  # noqa: ARG001 (no MPI: runs on a
     from . import report
 
     return int(report.main(argv) or 0)
+
+
+def cmd_predict(comm, argv: list[str]) -> int:  # noqa: ARG001 (no MPI: runs on a login node)
+    from . import predict
+
+    return int(predict.main(argv) or 0)
 
 
 def cmd_info(comm, args: argparse.Namespace) -> int:  # noqa: ARG001
@@ -98,13 +105,15 @@ def build_parser() -> argparse.ArgumentParser:
                        epilog=train_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(p)
     sub.add_parser("report", help="timing and bubble report of finished runs (no MPI needed)", add_help=False)
+    sub.add_parser("predict", help="predict time and speedup on more ranks from a run (no MPI needed)",
+                   add_help=False)
     sub.add_parser("info", help="versions, devices and world size")
     return parser
 
 
 #: name -> (command, whether it runs under MPI); commands that parse their own arguments get argv
 COMMANDS = {"train": (cmd_train, True), "info": (cmd_info, True)}
-RAW_COMMANDS = {"report": cmd_report}
+RAW_COMMANDS = {"report": cmd_report, "predict": cmd_predict}
 
 
 def main(argv: list[str] | None = None, comm=None) -> int:

@@ -49,6 +49,8 @@ RUN_FIELDS: dict[str, Any] = {
     "ended": None,                     # ISO 8601, the latest attempt's end
     "wall_time": None,                 # seconds, the latest attempt (process start of rank 0 to end)
     "training_seconds": None,          # seconds in the training phase (setup apart), latest attempt
+    "n_train": None,                   # training samples
+    "n_test": None,                    # test samples
     "test_accuracy": None,             # after the last chapter
     "accuracy_per_chapter": {},        # {"<chapter, from 1>": accuracy}, every attempt
     "chapters_done": 0,
@@ -219,7 +221,7 @@ class RunDir:
 
     # ----- preparing and finishing (rank 0) -----
     def prepare(self, cfg: Config, *, force: bool, resume_after: int | None, world_size: int,
-                provenance: dict | None = None) -> None:
+                provenance: dict | None = None, n_train: int | None = None, n_test: int | None = None) -> None:
         """Before the first task: clear what --force replaces, write config.toml (a new run) or
         keep the interrupted attempt's traces (a resume), and mark the run running."""
         if force:
@@ -247,7 +249,8 @@ class RunDir:
                     world_size=world_size, started=previous.get("started") or started, ended=None,
                     config=cfg.to_dict(), resumed_after_chapter=resume_after, attempts=attempts,
                     accuracy_per_chapter=previous.get("accuracy_per_chapter", {}),
-                    chapters_done=resume_after or 0, provenance=provenance or {})
+                    chapters_done=resume_after or 0, provenance=provenance or {}, n_train=n_train,
+                    n_test=n_test)
 
     #: Bytes set aside at the start of a run, freed before run.json is written at its end: on a
     #: full disk the final status (failed, and why) still fits.

@@ -256,7 +256,8 @@ def execute(setup: Setup, quiet: bool = False) -> Outcome:
     if rank == 0:
         try:
             rundir.prepare(cfg, force=setup.args.force, resume_after=setup.resume[0] if setup.resume else None,
-                           world_size=size)
+                           world_size=size, n_train=setup.dataset.x_train.shape[0],
+                           n_test=setup.dataset.x_test.shape[0])
         except OSError as exc:
             reason = io_reason(f"the run directory {rundir.path}", exc)
     reason = comm.bcast(reason)
