@@ -303,6 +303,8 @@ def plot_sweep(section: dict, path: str) -> None:
         ax.set_xlabel(xname if xname == "depth" else "batch size (FF: positives; + as many negatives)")
         if xname == "batch":
             ax.set_xscale("log", base=2)
+        ax.set_xticks(batches if xname == "batch" else depths)
+        ax.set_xticklabels([str(v) for v in (batches if xname == "batch" else depths)])
         ax.set_ylabel("peak memory above baseline (MiB)")
         ax.set_title(title)
         ax.grid(alpha=0.3)
@@ -349,20 +351,20 @@ def bp_inprocess(dims: list[int], epochs: int, lrs: list[float], train_subset: i
 
 
 # ------------------------------------------------------------------------------- results
-def update_result(section: str, data: dict) -> None:
+def update_result(section: str, data: dict, path: str = RESULT) -> None:
     """ff_vs_bp.json holds one section per part; a part run alone replaces only its section."""
-    os.makedirs(RESULTS, exist_ok=True)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
     try:
-        with open(RESULT) as fh:
+        with open(path) as fh:
             result = json.load(fh)
     except (OSError, ValueError):
         result = {"benchmark": "ff_vs_bp"}
     result[section] = {"date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "host_cpus": os.cpu_count(),
                        "command": " ".join(["benchmarks/ff_vs_bp.py", *sys.argv[1:]]), **data}
-    with open(RESULT, "w") as fh:
+    with open(path, "w") as fh:
         json.dump(result, fh, indent=2)
         fh.write("\n")
-    print(f"ff_vs_bp: wrote section {section!r} of {RESULT}", flush=True)
+    print(f"ff_vs_bp: wrote section {section!r} of {path}", flush=True)
 
 
 def main() -> None:
@@ -372,7 +374,8 @@ def main() -> None:
     p.add_argument("--train-subset", type=int, default=0, help="the runs: first N training samples (0: all)")
     p.add_argument("--sweep-only", action="store_true", help="only the memory sweep")
     p.add_argument("--no-sweep", action="store_true", help="only the runs")
-    p.add_argument("--quick", action="store_true", help="sweep at width 256, depths 2 4, batches 64 256")
+    p.add_argument("--quick", action="store_true",
+                   help="smoke test: sweep at width 256, depths 2 4, batches 64 256, written under --keep")
     p.add_argument("--depths", type=int, nargs="+", default=[2, 3, 4, 5, 6, 7, 8])
     p.add_argument("--batches", type=int, nargs="+", default=[64, 128, 256, 512, 1024])
     p.add_argument("--lr-sweep", action="store_true",
@@ -406,12 +409,15 @@ def main() -> None:
         update_result("runs", section)
         plot_time_to_accuracy(section, os.path.join(RESULTS, "ff_vs_bp_time_to_accuracy"))
     if not args.no_sweep:
-        if args.quick:
+        if args.quick:  # a smoke test, not a result: kept beside the run directories
             section = run_sweep(256, [2, 4], [64, 256])
+            where = os.path.join(args.keep, "quick")
+            update_result("memory_sweep", section, os.path.join(where, "ff_vs_bp.json"))
+            plot_sweep(section, os.path.join(where, "ff_vs_bp_memory"))
         else:
             section = run_sweep(width, args.depths, args.batches)
-        update_result("memory_sweep_quick" if args.quick else "memory_sweep", section)
-        plot_sweep(section, os.path.join(RESULTS, "ff_vs_bp_memory" + ("_quick" if args.quick else "")))
+            update_result("memory_sweep", section)
+            plot_sweep(section, os.path.join(RESULTS, "ff_vs_bp_memory"))
 
 
 if __name__ == "__main__":
