@@ -3,7 +3,8 @@ figures seeing what a process allocates after its baseline (not what it held bef
 
 from __future__ import annotations
 
-import numpy as np
+import mmap
+
 import pytest
 
 from mpff import memory
@@ -82,13 +83,22 @@ def test_analytic_of_a_run():
     assert federated["chapter_rows"] == 334
 
 
+def touched(mib: int) -> mmap.mmap:
+    """``mib`` MiB of resident memory of its own mapping (not malloc's, which may reuse memory
+    it kept from earlier frees), every page written."""
+    block = mmap.mmap(-1, mib * 2**20)
+    for offset in range(0, len(block), 4096):
+        block[offset] = 1
+    return block
+
+
 def test_measured_peak_counts_from_the_baseline():
-    before = np.ones(48 * 2**20 // 8)  # 48 MiB touched before the baseline, then freed
-    del before
+    before = touched(48)  # 48 MiB resident before the baseline, then handed back
+    before.close()
     base = memory.start("cpu")
-    block = np.ones(24 * 2**20 // 8)  # 24 MiB touched after it
+    block = touched(24)  # 24 MiB touched after it
     got = memory.finish(base, "cpu")
-    del block
+    block.close()
     assert set(got) == {"rss_baseline_bytes", "rss_peak_bytes", "rss_peak_delta_bytes", "rss_peak_since"}
     assert got["rss_peak_bytes"] == got["rss_baseline_bytes"] + got["rss_peak_delta_bytes"]
     assert got["rss_peak_delta_bytes"] >= 23 * 2**20
