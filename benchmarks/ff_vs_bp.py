@@ -16,7 +16,7 @@ against the analytic figure (mpff.memory), with a picture. Everything goes to
 benchmarks/results/ff_vs_bp.json (one section per part, each with its own date and command)
 and the pictures beside it.
 
-    .venv/bin/python benchmarks/ff_vs_bp.py                  # all of it: about an hour on 2 cores
+    .venv/bin/python benchmarks/ff_vs_bp.py                  # all of it: about half an hour on 2 cores
     .venv/bin/python benchmarks/ff_vs_bp.py --paper-width    # 2000-wide layers (slower, ~4x)
     .venv/bin/python benchmarks/ff_vs_bp.py --sweep-only     # the memory sweep alone (~5 min)
     .venv/bin/python benchmarks/ff_vs_bp.py --sweep-only --quick      # a smoke test (~30 s)
@@ -100,7 +100,12 @@ def summarize_run(run_dir: str, run: dict, epochs: int, ranks: int) -> dict:
     accuracy per chapter, time to the thresholds, bytes and memory per rank."""
     import numpy as np
     traces = read_traces(run_dir)
-    start = max(float(t["spans"]["end"][t["kinds"] == "setup"].max()) for t in traces)
+    # training starts when the last rank has finished setting up (or, without setup spans, at
+    # the first train span)
+    setup_ends = [float(t["spans"]["end"][t["kinds"] == "setup"].max()) for t in traces
+                  if (t["kinds"] == "setup").any()]
+    start = max(setup_ends) if setup_ends else min(
+        float(t["spans"]["start"][t["kinds"] == "train"].min()) for t in traces)
     ends, pauses = {}, []
     for t in traces:
         s, k = t["spans"], t["kinds"]
