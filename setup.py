@@ -28,6 +28,7 @@ setup(
         "mpi4py>=3.1",
         "tomli>=1.1; python_version<'3.11'",
         "matplotlib>=3.5",
+        "psutil>=5.8",  # per-rank resident memory (mpff.memory)
     ],
     extras_require={
         # A self-contained MPI for workstations (mpiexec in the virtualenv).

@@ -27,7 +27,8 @@ class ConfigError(ValueError):
     """A problem with the user's configuration or input; printed as one line, exit code 2."""
 
 
-SCHEDULES = ("sequential", "single_layer", "all_layers", "federated")
+SCHEDULES = ("sequential", "single_layer", "all_layers", "federated", "data_parallel")
+ALGORITHMS = ("ff", "backprop")
 NEGATIVES = ("fixed", "random", "adaptive")
 CLASSIFIERS = ("goodness", "softmax")
 
@@ -102,8 +103,17 @@ class TrainConfig:
     """torch threads per rank; 0 keeps torch's default. One per rank unless a rank has cores of its own."""
     eval_every: int = 1
     """Evaluate test accuracy every this many chapters (the last chapter always); 0: last only."""
+    algorithm: str = "ff"
+    """'ff' (Forward-Forward, the PFF schedules) or 'backprop' (the same network as an MLP
+    trained end to end with backpropagation, for comparison; SPEC section 4)."""
+    bp_lr: float = 1e-3
+    """Adam learning rate of backprop before the cooldown. Apart from ``lr`` so that each
+    algorithm has a default that suits it: FF's 0.01 diverges for backprop with Adam."""
 
     def __post_init__(self) -> None:
+        _choice("train.algorithm", self.algorithm, ALGORITHMS)
+        if self.bp_lr <= 0:
+            raise ConfigError("train.bp_lr must be positive")
         for name in ("epochs", "chapters", "batch_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"train.{name} must be at least 1")
@@ -155,7 +165,8 @@ class DataConfig:
 @dataclass(frozen=True, kw_only=True)
 class RunConfig:
     schedule: str = "sequential"
-    """'sequential' (rank 0 does everything), 'single_layer', 'all_layers' or 'federated'."""
+    """'sequential' (rank 0 does everything), 'single_layer', 'all_layers' or 'federated' (FF);
+    'sequential' or 'data_parallel' (backprop: every rank takes a slice of every batch)."""
     exchange: str = "weights"
     """What travels between ranks: 'weights' (weights and biases, as the paper) or 'full'
     (also the Adam state; needed for results identical to Sequential)."""
@@ -177,9 +188,13 @@ class RunConfig:
     """Seconds a rank may wait for one message (a peer's buffer, or rank 0 for the other ranks'
     progress) before the job is aborted as stalled, naming the peer and the buffer; 0: wait
     forever. Set it well above the longest task (a chapter of the largest layer)."""
+    scaling: str = "strong"
+    """Data-parallel backprop: 'strong' (the global batch is train.batch_size, each of N ranks
+    takes 1/N of it) or 'weak' (each rank takes train.batch_size, the global batch is N times it)."""
 
     def __post_init__(self) -> None:
         _choice("run.schedule", self.schedule, SCHEDULES)
+        _choice("run.scaling", self.scaling, ("strong", "weak"))
         _choice("run.exchange", self.exchange, ("weights", "full"))
         _choice("run.device", self.device, ("auto", "cpu", "cuda"))
         if min(self.poll_interval, self.checkpoint_every, self.checkpoint_keep, self.stall_timeout) < 0:
@@ -204,6 +219,7 @@ class Config:
             raise ConfigError("CIFAR-10 has 3072 inputs: set model.dims[0] = 3072")
         if self.data.dataset == "mnist" and self.model.dims[0] != 784:
             raise ConfigError("MNIST has 784 inputs: set model.dims[0] = 784")
+        _check_algorithm(self)
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
@@ -236,6 +252,53 @@ class Config:
         if self.data.shards:
             return self.data.shards
         return world_size if self.run.schedule == "federated" else 1
+
+
+#: Settings only Forward-Forward uses. A backprop run refuses any of them set to something other
+#: than its default: the user meant something backprop cannot do. Comparing with the default
+#: (rather than asking whether the key was written) keeps every way of building a Config alike:
+#: presets, --set, config.toml written back by a run (it lists every key), ``replace``.
+FF_ONLY = {
+    "model": ("threshold_coeff", "goodness", "norm_eps", "label_position", "neutral_value"),
+    "train": ("lr", "head_lr", "negatives", "adaptive_lag", "adaptive_mode", "classifier"),
+    "data": ("shards",),
+    "run": ("exchange",),
+}
+BP_ONLY = {"train": ("bp_lr",), "run": ("scaling",)}
+BP_SCHEDULES = ("sequential", "data_parallel")
+
+
+def _changed(cfg: Config, keys: dict[str, tuple[str, ...]]) -> list[tuple[str, Any]]:
+    out = []
+    for section, names in keys.items():
+        sec = getattr(cfg, section)
+        defaults = SECTIONS[section]()
+        for name in names:
+            value = getattr(sec, name)
+            if value != getattr(defaults, name) and not (section == "data" and value == 1):
+                out.append((f"{section}.{name}", value))  # data.shards = 1 means no sharding
+    return out
+
+
+def _check_algorithm(cfg: Config) -> None:
+    """Settings that belong to the other algorithm are user errors, one line each."""
+    schedule = cfg.run.schedule
+    if cfg.train.algorithm == "backprop":
+        if schedule not in BP_SCHEDULES:
+            raise ConfigError(f"run.schedule = {schedule!r} is a Forward-Forward schedule; backprop "
+                              "runs 'sequential' or 'data_parallel'")
+        for where, value in _changed(cfg, FF_ONLY):
+            raise ConfigError(f"{where} = {value!r} is a Forward-Forward setting that backprop does "
+                              f"not use; remove it, or set train.algorithm = 'ff'"
+                              + ("; backprop's rate is train.bp_lr" if where == "train.lr" else ""))
+    else:
+        if schedule == "data_parallel":
+            raise ConfigError("run.schedule = 'data_parallel' is for backprop (set train.algorithm = "
+                              "'backprop'); FF spreads chapters or layers over ranks: use "
+                              "single_layer, all_layers or federated")
+        for where, value in _changed(cfg, BP_ONLY):
+            raise ConfigError(f"{where} = {value!r} is a backprop setting; remove it, or set "
+                              "train.algorithm = 'backprop'")
 
 
 def _toml_value(value: Any) -> str:

@@ -13,6 +13,11 @@ Layout (``docs/traces.md`` has the run directory as a whole)::
 
 ``mpff.load_model(path).predict(images)`` classifies raw images (uint8 0..255, any shape with
 ``input_dim`` values per sample) with the goodness or softmax classifier.
+
+A backprop model (``mpff.backprop``) has the same file with ``algorithm = "backprop"`` at the
+root (FF files written before that attribute existed read as FF), ``/layers/<k>`` for every
+Linear of the MLP, k = 0 .. L (the last is the 10-way output layer), and no ``/head``;
+``predict`` takes the argmax of the output.
 """
 
 from __future__ import annotations
@@ -83,37 +88,90 @@ def save_model(path: str, net: FFNet, cfg, *, input_mean: np.ndarray, input_std:
                extra: dict[str, Any] | None = None) -> None:
     with atomic_h5(path) as f:
         a = f.attrs
-        a["format"] = FORMAT
-        a["format_version"] = FORMAT_VERSION
-        a["dims"] = np.array(net.dims, dtype=np.int64)
+        _write_common(f, net.dims, cfg, input_mean, input_std, input_scale, test_accuracy, extra)
         a["classifier"] = cfg.train.classifier
         a["label_position"] = cfg.model.label_position
         a["neutral_value"] = cfg.model.neutral_value
         a["threshold_coeff"] = cfg.model.threshold_coeff
         a["goodness"] = cfg.model.goodness
         a["norm_eps"] = cfg.model.norm_eps
-        a["test_accuracy"] = float("nan") if test_accuracy is None else float(test_accuracy)
-        a["config"] = cfg.to_json()
-        a["created"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-        for k, v in versions().items():
-            a[f"version_{k}"] = str(v)
-        for k, v in host_facts().items():
-            a[f"host_{k}"] = v if isinstance(v, (str, int)) else json.dumps(v)
-        for k, v in (extra or {}).items():
-            a[k] = v if isinstance(v, (str, int, float)) else json.dumps(v)
-        for k, layer in enumerate(net.layers):
-            g = f.create_group(f"layers/{k}")
-            g.create_dataset("weight", data=layer.weight.detach().cpu().numpy())
-            g.create_dataset("bias", data=layer.bias.detach().cpu().numpy())
+        _write_layers(f, net.layers)
         f.create_dataset("head/weight", data=net.head.weight.detach().cpu().numpy())
-        f.create_dataset("input/mean", data=np.asarray(input_mean, dtype=np.float32))
-        f.create_dataset("input/std", data=np.asarray(input_std, dtype=np.float32))
-        f["input"].attrs["scale"] = float(input_scale)
-        for section, values in cfg.to_dict().items():
-            if isinstance(values, dict):
-                g = f.create_group(f"config/{section}")
-                for key, value in values.items():
-                    g.attrs[key] = value if not isinstance(value, list) else np.array(value)
+
+
+def save_bp_model(path: str, net, cfg, input_mean: np.ndarray, input_std: np.ndarray,
+                  input_scale: float = 255.0, test_accuracy: float | None = None,
+                  extra: dict[str, Any] | None = None) -> None:
+    """Write backprop's MLP (mpff.backprop.MLP): every Linear, the output layer included."""
+    with atomic_h5(path) as f:
+        _write_common(f, net.dims, cfg, input_mean, input_std, input_scale, test_accuracy, extra)
+        f.attrs["algorithm"] = "backprop"
+        f.attrs["classifier"] = "argmax"
+        _write_layers(f, net.layers)
+
+
+def _write_common(f: h5py.File, dims, cfg, input_mean, input_std, input_scale: float,
+                  test_accuracy: float | None, extra: dict[str, Any] | None) -> None:
+    a = f.attrs
+    a["format"] = FORMAT
+    a["format_version"] = FORMAT_VERSION
+    a["dims"] = np.array(dims, dtype=np.int64)
+    a["test_accuracy"] = float("nan") if test_accuracy is None else float(test_accuracy)
+    a["config"] = cfg.to_json()
+    a["created"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    for k, v in versions().items():
+        a[f"version_{k}"] = str(v)
+    for k, v in host_facts().items():
+        a[f"host_{k}"] = v if isinstance(v, (str, int)) else json.dumps(v)
+    for k, v in (extra or {}).items():
+        a[k] = v if isinstance(v, (str, int, float)) else json.dumps(v)
+    f.create_dataset("input/mean", data=np.asarray(input_mean, dtype=np.float32))
+    f.create_dataset("input/std", data=np.asarray(input_std, dtype=np.float32))
+    f["input"].attrs["scale"] = float(input_scale)
+    for section, values in cfg.to_dict().items():
+        if isinstance(values, dict):
+            g = f.create_group(f"config/{section}")
+            for key, value in values.items():
+                g.attrs[key] = value if not isinstance(value, list) else np.array(value)
+
+
+def _write_layers(f: h5py.File, layers) -> None:
+    for k, layer in enumerate(layers):
+        g = f.create_group(f"layers/{k}")
+        g.create_dataset("weight", data=layer.weight.detach().cpu().numpy())
+        g.create_dataset("bias", data=layer.bias.detach().cpu().numpy())
+
+
+def _normalize_images(images, mean: torch.Tensor, std: torch.Tensor, scale: float) -> torch.Tensor:
+    """Raw images -> the network's normalised inputs; anything that would give silently wrong
+    labels (a wrong size, NaN or infinity, values outside the data's range, images already
+    scaled to 0..1) is a ValueError with one line that says what to pass instead."""
+    dim = mean.shape[0]
+    try:
+        x = torch.as_tensor(np.asarray(images) if not torch.is_tensor(images) else images)
+    except (TypeError, ValueError, RuntimeError):
+        raise ValueError(f"images must be an array of numbers ({dim} per sample)") from None
+    if x.ndim == 0:
+        raise ValueError(f"images must be an array of samples ({dim} values each), not a scalar")
+    if x.dtype == torch.bool or x.is_complex():
+        raise ValueError(f"images have dtype {x.dtype}; pass numbers (uint8 pixels 0..255)")
+    n = x.shape[0]
+    if x.numel() != n * dim or (n == 0 and x.ndim > 1 and int(np.prod(x.shape[1:])) != dim):
+        raise ValueError(f"expected {dim} values per sample, got an array of shape {tuple(x.shape)}")
+    x = x.reshape(n, dim).to(torch.float32)
+    if n == 0:
+        return x
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError("images contain NaN or infinity; pass finite pixel values")
+    if scale == 255.0:  # a data set of 8-bit pixels
+        lo, hi = float(x.min()), float(x.max())
+        if lo < 0 or hi > 255:
+            raise ValueError(f"pixel values must lie in 0..255 (raw images), found {lo:g}..{hi:g}")
+        floating = torch.is_tensor(images) and images.is_floating_point() or (
+            not torch.is_tensor(images) and np.issubdtype(np.asarray(images).dtype, np.floating))
+        if floating and 0 < hi <= 1.0:
+            raise ValueError("the images look scaled to 0..1; pass raw 0..255 pixel values (multiply by 255)")
+    return (x / scale - mean) / std
 
 
 class FFModel(nn.Module):
@@ -130,36 +188,7 @@ class FFModel(nn.Module):
         self.attrs = attrs
 
     def normalize(self, images) -> torch.Tensor:
-        """Raw images -> the network's normalised inputs; anything that would give silently wrong
-        labels (a wrong size, NaN or infinity, values outside the data's range, images already
-        scaled to 0..1) is a ValueError with one line that says what to pass instead."""
-        dim = self.input_mean.shape[0]
-        try:
-            x = torch.as_tensor(np.asarray(images) if not torch.is_tensor(images) else images)
-        except (TypeError, ValueError, RuntimeError):
-            raise ValueError(f"images must be an array of numbers ({dim} per sample)") from None
-        if x.ndim == 0:
-            raise ValueError(f"images must be an array of samples ({dim} values each), not a scalar")
-        if x.dtype == torch.bool or x.is_complex():
-            raise ValueError(f"images have dtype {x.dtype}; pass numbers (uint8 pixels 0..255)")
-        n = x.shape[0]
-        if x.numel() != n * dim or (n == 0 and x.ndim > 1 and int(np.prod(x.shape[1:])) != dim):
-            raise ValueError(f"expected {dim} values per sample, got an array of shape {tuple(x.shape)}")
-        x = x.reshape(n, dim).to(torch.float32)
-        if n == 0:
-            return x
-        if not bool(torch.isfinite(x).all()):
-            raise ValueError("images contain NaN or infinity; pass finite pixel values")
-        if self.input_scale == 255.0:  # a data set of 8-bit pixels
-            lo, hi = float(x.min()), float(x.max())
-            if lo < 0 or hi > 255:
-                raise ValueError(f"pixel values must lie in 0..255 (raw images), found {lo:g}..{hi:g}")
-            floating = torch.is_tensor(images) and images.is_floating_point() or (
-                not torch.is_tensor(images) and np.issubdtype(np.asarray(images).dtype, np.floating))
-            if floating and 0 < hi <= 1.0:
-                raise ValueError("the images look scaled to 0..1; pass raw 0..255 pixel values "
-                                 "(multiply by 255)")
-        return (x / self.input_scale - self.input_mean) / self.input_std
+        return _normalize_images(images, self.input_mean, self.input_std, self.input_scale)
 
     @torch.no_grad()
     def predict(self, images, method: str | None = None) -> torch.Tensor:
@@ -175,7 +204,37 @@ class FFModel(nn.Module):
         return self.net.scores(self.normalize(images), self.classifier)
 
 
-def load_model(path: str, device: str = "cpu") -> FFModel:
+class BPModel(nn.Module):
+    """A trained backprop MLP that classifies raw images (the argmax of its output)."""
+
+    def __init__(self, net, input_mean: torch.Tensor, input_std: torch.Tensor, attrs: dict[str, Any],
+                 input_scale: float = 255.0) -> None:
+        super().__init__()
+        self.input_scale = input_scale
+        self.net = net
+        self.register_buffer("input_mean", input_mean)
+        self.register_buffer("input_std", input_std)
+        self.classifier = "argmax"
+        self.attrs = attrs
+
+    def normalize(self, images) -> torch.Tensor:
+        return _normalize_images(images, self.input_mean, self.input_std, self.input_scale)
+
+    @torch.no_grad()
+    def predict(self, images, method: str | None = None) -> torch.Tensor:
+        """Labels for raw images (0..255 pixel values, or the raw floats of a float data set)."""
+        if method not in (None, "argmax"):
+            raise ValueError(f"a backprop model classifies by the argmax of its output, not {method!r}")
+        x = self.normalize(images)
+        if x.shape[0] == 0:
+            return torch.empty(0, dtype=torch.int64, device=x.device)
+        return self.net.predict(x)
+
+    def forward(self, images) -> torch.Tensor:
+        return self.net.logits(self.normalize(images))
+
+
+def load_model(path: str, device: str = "cpu") -> FFModel | BPModel:
     try:
         f = h5py.File(path, "r")
     except (OSError, FileNotFoundError) as exc:
@@ -186,6 +245,8 @@ def load_model(path: str, device: str = "cpu") -> FFModel:
             raise ConfigError(f"{path!r} is not an mpff model file")
         a = dict(f.attrs)
         dims = [int(d) for d in a["dims"]]
+        if a.get("algorithm", "ff") == "backprop":
+            return _load_bp(f, a, dims).to(device).eval()
         net = FFNet(dims, threshold_coeff=float(a["threshold_coeff"]), goodness=str(a["goodness"]),
                     norm_eps=float(a["norm_eps"]), label_position=str(a["label_position"]),
                     neutral_value=float(a["neutral_value"]))
@@ -199,6 +260,17 @@ def load_model(path: str, device: str = "cpu") -> FFModel:
         scale = float(f["input"].attrs.get("scale", 255.0))
     model = FFModel(net, mean, std, str(a["classifier"]), a, input_scale=scale)
     return model.to(device).eval()
+
+
+def _load_bp(f: h5py.File, attrs: dict[str, Any], dims: list[int]) -> BPModel:
+    from .backprop import MLP
+    net = MLP(dims)
+    with torch.no_grad():
+        for k, layer in enumerate(net.layers):
+            layer.weight.copy_(torch.from_numpy(f[f"layers/{k}/weight"][()]))
+            layer.bias.copy_(torch.from_numpy(f[f"layers/{k}/bias"][()]))
+    return BPModel(net, torch.from_numpy(f["input/mean"][()]), torch.from_numpy(f["input/std"][()]), attrs,
+                   input_scale=float(f["input"].attrs.get("scale", 255.0)))
 
 
 def weights_of(path: str) -> dict[str, np.ndarray]:

@@ -248,6 +248,7 @@ class Plan:
     def buffer_spec(self, b: Buf, full: bool) -> tuple[int, type]:
         """(elements, dtype) of buffer ``b`` as it travels and is checkpointed: a layer or the head
         is its parameters (weight then bias) and, when ``full``, Adam's step, exp_avg and exp_avg_sq;
+        so is backprop's "model" (all its Linear layers, the 10-way output included, one Adam);
         negatives are one int64 label per sample of the chapter's shard."""
         if b.kind == "neg":
             return self.shard_len(self.data_shard(b.chapter)), np.int64
@@ -256,6 +257,9 @@ class Plan:
             n = dims[b.index] * dims[b.index + 1] + dims[b.index + 1]
         elif b.kind == "head":
             n = 10 * (sum(dims[2:]) if len(dims) > 2 else dims[-1])
+        elif b.kind == "model":  # backprop: the whole MLP dims -> 10, every Linear's weight and bias
+            ext = (*dims, 10)
+            n = sum(ext[k] * ext[k + 1] + ext[k + 1] for k in range(len(ext) - 1))
         else:  # pragma: no cover - internal invariant
             raise AssertionError(f"unknown buffer kind {b.kind!r}")
         return n + (1 + 2 * n if full else 0), np.float32

@@ -1,0 +1,334 @@
+"""Backpropagation on "the same network" as FF, on one rank or data-parallel: the baseline PFF is
+measured against (SPEC section 4).
+
+The FF network ``dims = [d0, d1, ..., dL]`` becomes the MLP ``d0 -> d1 -> ... -> dL -> 10``, ReLU
+after each hidden layer, a linear output, cross-entropy, one Adam over all parameters at
+``train.bp_lr`` with FF's cooldown rule (:func:`mpff.ff.cooldown_lr`). Inputs are the data set's
+normalised rows as they are: no label overlay and no per-layer normalisation (those are FF's).
+Initial weights and every epoch's shuffle come from seeded generators, so every rank builds the
+same network and draws the same permutation without communicating.
+
+Data-parallel (``run.schedule = "data_parallel"``): every rank runs every train task on its slice
+of every global batch, drawn from the one global permutation, and PyTorch's
+DistributedDataParallel averages the gradients (an all-reduce per bucket, overlapped with the
+backward pass). ``run.scaling = "strong"`` keeps the global batch at ``train.batch_size``;
+``"weak"`` gives each rank ``train.batch_size``, so the global batch is N times that. Each rank
+scales its summed loss by ``N / global batch``; after DDP's average the gradient is the
+sequential run's gradient of the same global batch, also when the last batch does not split
+evenly (a rank may even get no rows). torch.distributed must be started first
+(:func:`mpff.ddp.init_process_group`).
+
+:class:`BPState` is what the executor drives for a backprop plan: ``train(c, 0)`` trains the
+whole MLP for chapter c's epochs (every rank in data-parallel), ``eval(c)`` and ``final`` run on
+rank 0. Its one buffer kind, ``Buf("model", 0, c)``, is the whole MLP after chapter c; it never
+travels between ranks (DDP keeps the replicas equal), it only goes into checkpoints.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .ff import FORWARD_CHUNK, cooldown_lr, generator, make_adam
+from .plan import Buf, Task
+
+NUM_CLASSES = 10
+
+#: Random streams of backprop (apart from FF's, so that the two never share a draw by accident).
+INIT_STREAM, SHUFFLE_STREAM = 0xB1, 0xB5
+
+Record = tuple[str, int, int, float]
+
+
+class MLP(nn.Module):
+    """``dims[0] -> ... -> dims[-1] -> 10``: Linear and ReLU per hidden layer, a linear output."""
+
+    def __init__(self, dims: Sequence[int], *, seed: int = 0) -> None:
+        super().__init__()
+        self.dims = tuple(int(d) for d in dims)
+        ext = (*self.dims, NUM_CLASSES)
+        self.layers = nn.ModuleList(
+            nn.utils.skip_init(nn.Linear, ext[k], ext[k + 1]) for k in range(len(ext) - 1))
+        # PyTorch's default Linear init (uniform in +-1/sqrt(fan_in)), drawn from a generator of
+        # our own per layer, so every rank builds the same MLP without communicating.
+        with torch.no_grad():
+            for k, layer in enumerate(self.layers):
+                g = generator(seed, INIT_STREAM, k)
+                bound = 1.0 / math.sqrt(layer.in_features)
+                layer.weight.uniform_(-bound, bound, generator=g)
+                layer.bias.uniform_(-bound, bound, generator=g)
+
+    @classmethod
+    def from_config(cls, cfg) -> MLP:
+        return cls(cfg.model.dims, seed=cfg.train.seed)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers[:-1]:
+            x = F.relu(layer(x))
+        return self.layers[-1](x)
+
+    @torch.no_grad()
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Outputs for a whole data set, in fixed-size chunks."""
+        out = torch.empty(x.shape[0], NUM_CLASSES, dtype=torch.float32, device=x.device)
+        for i in range(0, x.shape[0], FORWARD_CHUNK):
+            out[i:i + FORWARD_CHUNK] = self(x[i:i + FORWARD_CHUNK])
+        return out
+
+    @torch.no_grad()
+    def predict(self, x: torch.Tensor) -> torch.Tensor:
+        """Class predictions (argmax of the output) for *normalised* inputs (n, dims[0])."""
+        return self.logits(x).argmax(dim=1)
+
+    @torch.no_grad()
+    def accuracy(self, x: torch.Tensor, y: torch.Tensor) -> float:
+        return float((self.predict(x) == y.to(x.device)).float().mean().item())
+
+
+def batch_slice(batch: int, rank: int, world_size: int) -> tuple[int, int]:
+    """[lo, hi) of a global batch of ``batch`` rows that ``rank`` takes: contiguous parts whose
+    sizes differ by at most one (the first ``batch % world_size`` ranks get the extra row)."""
+    base, extra = divmod(batch, world_size)
+    lo = rank * base + min(rank, extra)
+    return lo, lo + base + (1 if rank < extra else 0)
+
+
+class BPState:
+    """One rank's backprop model, optimizer and data; runs the tasks of a backprop plan.
+
+    ``plan`` is used for buffer sizes only (``plan.buffer_spec``); ``tracer`` gets ``train``,
+    ``eval`` and (data-parallel) ``allreduce`` spans and the ``loss``/``test_accuracy`` scalars;
+    ``process_group`` is the torch.distributed group of a data-parallel run (None: the default
+    group, which :func:`mpff.ddp.init_process_group` starts).
+    """
+
+    def __init__(self, cfg, plan, rank: int, world_size: int, dataset, tracer, device: torch.device,
+                 *, process_group=None) -> None:
+        t = cfg.train
+        if t.algorithm != "backprop":  # pragma: no cover - internal invariant (the executor picks)
+            raise AssertionError("BPState runs backprop configurations only")
+        self.cfg = cfg
+        self.plan = plan
+        self.rank = rank
+        self.world_size = world_size
+        self.tracer = tracer
+        self.device = device
+        self.C = t.epochs_per_chapter
+        self.data_parallel = cfg.run.schedule == "data_parallel" and world_size > 1
+        #: rows per optimizer step over all ranks
+        self.global_batch = t.batch_size * (world_size if cfg.run.scaling == "weak" else 1)
+
+        self.net = MLP.from_config(cfg).to(device)
+        self.opt = make_adam(self.net.parameters(), t.bp_lr)
+        self.version = -1          # the chapter whose model self.net holds (-1: initial)
+        self.steps = 0             # optimizer steps taken (every rank takes every step)
+        self.losses: dict[int, float] = {}
+        self.test_accuracy: dict[int, float] = {}
+        self.bytes_allreduced = 0  # payload of every gradient all-reduce of this rank
+        self._chapter = -1         # for the all-reduce spans
+
+        # The whole training set on the device (on the CPU a view of the numpy array, no copy);
+        # each step gathers its rows into one preallocated batch buffer.
+        self.x_train = torch.from_numpy(dataset.x_train).to(device)
+        self.y_train = torch.from_numpy(dataset.y_train).to(device)
+        self.x_test = torch.from_numpy(dataset.x_test).to(device)
+        self.y_test = torch.from_numpy(dataset.y_test).to(device)
+        self.n_train = int(self.x_train.shape[0])
+        rows = batch_slice(self.global_batch, 0, world_size if self.data_parallel else 1)
+        self._xb = torch.empty(rows[1] - rows[0], self.x_train.shape[1], dtype=self.x_train.dtype,
+                               device=device)
+
+        self.model: nn.Module = self.net
+        self.process_group = process_group
+        if self.data_parallel:
+            import torch.distributed as dist
+            from torch.nn.parallel import DistributedDataParallel
+
+            if not dist.is_initialized():  # pragma: no cover - internal invariant
+                raise AssertionError("data-parallel backprop: start torch.distributed first "
+                                     "(mpff.ddp.init_process_group)")
+            # Constructing DDP is collective (it broadcasts rank 0's parameters, equal anyway).
+            # Gradients are views into DDP's all-reduce buckets: no second copy of them.
+            self.model = DistributedDataParallel(
+                self.net, device_ids=[device.index] if device.type == "cuda" else None,
+                process_group=process_group, gradient_as_bucket_view=True)
+            self.model.register_comm_hook(process_group, self._timed_allreduce)
+
+    # ------------------------------------------------------------------ data-parallel plumbing
+    def _timed_allreduce(self, group, bucket):
+        """DDP's own averaging all-reduce, timed. Called when a bucket of gradients is ready, in
+        the middle of the backward pass; its ``allreduce`` span runs from then until the averaged
+        bucket is back, so it overlaps the backward computation of the layers below (it is not
+        all waiting). Bytes: the bucket's payload."""
+        from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
+        start = self.tracer.now()
+        payload = bucket.buffer()
+        nbytes = payload.numel() * payload.element_size()
+        chapter = self._chapter
+        self.bytes_allreduced += nbytes
+
+        def done(fut):
+            self.tracer.add_span("allreduce", chapter, 0, start, self.tracer.now(), nbytes)
+            return fut.value()
+
+        return default_hooks.allreduce_hook(group, bucket).then(done)
+
+    @property
+    def bytes_sent(self) -> int:
+        """Bytes this rank sent, modelled as a ring all-reduce: 2 (N-1)/N of each payload.
+        (gloo and NCCL pick their algorithm per message; the ring is the bandwidth-optimal one.)"""
+        n = self.world_size if self.data_parallel else 1
+        return int(round(self.bytes_allreduced * 2 * (n - 1) / n))
+
+    bytes_received = bytes_sent
+
+    def _allreduce_sum(self, values: torch.Tensor) -> torch.Tensor:
+        if self.data_parallel:
+            import torch.distributed as dist
+            dist.all_reduce(values, group=self.process_group)
+        return values
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # note: sync point so spans measure GPU work
+
+    # ------------------------------------------------------------------ training
+    def train_chapter(self, chapter: int) -> float:
+        """Train the C epochs of ``chapter``; returns the mean cross-entropy per training sample
+        of its last epoch (over all ranks' rows)."""
+        t = self.cfg.train
+        n, bg = self.n_train, self.global_batch
+        ranks = self.world_size if self.data_parallel else 1
+        rank = self.rank if self.data_parallel else 0
+        total = torch.zeros(2, dtype=torch.float64, device=self.device)  # loss sum, rows
+        self._chapter = chapter
+        self.model.train()
+        for m in range(self.C):
+            lr = cooldown_lr(t.bp_lr, chapter * self.C + m + 1, t.epochs, t.cooldown_final)
+            for group in self.opt.param_groups:
+                group["lr"] = lr
+            # drawn on the CPU from (seed, chapter, epoch): the same on every rank and device
+            perm = torch.randperm(n, generator=generator(t.seed, SHUFFLE_STREAM, chapter, m))
+            perm = perm.to(self.device)
+            total.zero_()
+            for i in range(0, n, bg):
+                b = min(bg, n - i)
+                lo, hi = batch_slice(b, rank, ranks)
+                idx = perm[i + lo:i + hi]
+                xb = self._xb[:hi - lo]
+                torch.index_select(self.x_train, 0, idx, out=xb)
+                # gradients are freed before the forward pass, so they never coexist with the
+                # activations of a whole forward pass (DDP's bucket views stay allocated)
+                self.opt.zero_grad(set_to_none=True)
+                loss_sum = F.cross_entropy(self.model(xb), self.y_train[idx], reduction="sum")
+                # DDP averages over ranks: N / b makes that average the mean over the global batch
+                (loss_sum * (ranks / b)).backward()
+                self.opt.step()
+                total[0] += loss_sum.detach()
+                total[1] += hi - lo
+                self.steps += 1
+        total = self._allreduce_sum(total)  # one small collective per chapter (a no-op on 1 rank)
+        return float(total[0].item() / max(total[1].item(), 1.0))  # note: host sync per chapter
+
+    # ------------------------------------------------------------------ the executor's interface
+    def prepare(self, task: Task) -> None:
+        """Nothing to prepare: the data is on the device from the start."""
+
+    def run(self, task: Task) -> list[Record]:
+        c = task.chapter
+        if task.kind == "train":
+            with self.tracer.span("train", c, 0):
+                loss = self.train_chapter(c)
+                self._sync()
+            self.version = c
+            self.losses[c] = loss
+            self.tracer.scalar("loss", c, 0, loss)
+            return [("loss", c, 0, loss)] if self.rank == 0 else []
+        if task.kind == "eval":
+            with self.tracer.span("eval", c, -1):
+                self.net.eval()
+                acc = self.net.accuracy(self.x_test, self.y_test)
+            self.test_accuracy[c] = acc
+            self.tracer.scalar("test_accuracy", c, -1, acc)
+            return [("accuracy", c, -1, acc)]
+        if task.kind == "final":
+            return []  # the executor writes model.h5 from self.net (modelfile.save_bp_model)
+        raise AssertionError(f"backprop has no {task.kind!r} tasks")  # plan invariant
+
+    def holds(self, buf: Buf) -> bool:
+        return buf.kind == "model" and self.version == buf.chapter
+
+    def _size(self, full: bool) -> int:
+        n = sum(p.numel() for p in self.net.parameters())
+        return n + (1 + 2 * n if full else 0)
+
+    def pack(self, buf: Buf, full: bool) -> np.ndarray:
+        """The model as one float32 array: every parameter (layer by layer, weight then bias),
+        then when ``full`` Adam's step, every exp_avg and every exp_avg_sq (zeros before the
+        first step, which Adam treats as a fresh start)."""
+        if buf.kind != "model":  # pragma: no cover - plan invariant
+            raise AssertionError(f"backprop has no {buf.kind!r} buffers")
+        size = self._size(full)
+        if self.plan is not None:
+            assert (size, np.float32) == self.plan.buffer_spec(buf, full), "buffer_spec disagrees"
+        out = np.empty(size, dtype=np.float32)
+        flat = torch.from_numpy(out)
+        params = list(self.net.parameters())
+        i = 0
+        for p in params:
+            flat[i:i + p.numel()] = p.detach().reshape(-1).cpu()  # note: device-to-host on GPU
+            i += p.numel()
+        if full:
+            states = [self.opt.state.get(p) or {} for p in params]
+            step = states[0].get("step")
+            flat[i] = float(step) if step is not None else 0.0
+            i += 1
+            for key in ("exp_avg", "exp_avg_sq"):
+                for p, st in zip(params, states):
+                    flat[i:i + p.numel()] = st[key].reshape(-1).cpu() if key in st else 0.0
+                    i += p.numel()
+        return out
+
+    def load(self, buf: Buf, array: np.ndarray, full: bool) -> None:
+        """Inverse of :meth:`pack`. Without ``full`` this rank keeps its own Adam state."""
+        if array.shape != (self._size(full),) or array.dtype != np.float32:
+            raise ValueError(f"a backprop model buffer of {self._size(full)} float32 values was "
+                             f"expected, not {array.dtype} {array.shape}")
+        flat = torch.from_numpy(array)
+        params = list(self.net.parameters())
+        i = 0
+        with torch.no_grad():
+            for p in params:
+                p.copy_(flat[i:i + p.numel()].view_as(p))
+                i += p.numel()
+        if full:
+            # fused Adam keeps `step` on the parameters' device, the single-tensor Adam on the CPU
+            fused = any(g.get("fused") for g in self.opt.param_groups)
+            step = flat[i].clone().to(params[0].device if fused else "cpu")
+            i += 1
+            avgs = []
+            for p in params:
+                avgs.append(flat[i:i + p.numel()].view_as(p).to(self.device, copy=True))
+                i += p.numel()
+            for p, avg in zip(params, avgs):
+                sq = flat[i:i + p.numel()].view_as(p).to(self.device, copy=True)
+                i += p.numel()
+                self.opt.state[p] = {"step": step.clone(), "exp_avg": avg, "exp_avg_sq": sq}
+        self.version = buf.chapter
+
+    def checkpoint(self, chapter: int, owned: list[Buf]) -> dict:
+        for buf in owned:
+            if not self.holds(buf):  # pragma: no cover - executor invariant
+                raise AssertionError(f"rank {self.rank} does not hold {buf} at chapter {chapter}")
+        return {"buffers": {buf: (self.pack(buf, True), True) for buf in owned}}
+
+    def restore(self, snapshot: dict) -> None:
+        """Load a checkpoint's model buffer (every rank of a data-parallel run loads the same)."""
+        for buf, (array, full) in snapshot.get("buffers", {}).items():
+            self.load(buf, array, full)

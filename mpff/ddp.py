@@ -1,0 +1,62 @@
+"""torch.distributed for data-parallel backprop, started from the MPI job mpiexec or srun launched.
+
+The MPI ranks are the torch.distributed ranks: rank 0 picks its host name and a free TCP port,
+every rank learns them through the mpff communicator (one ``bcast``), and each calls
+``init_process_group`` with ``init_method="tcp://host:port"``. gloo serves CPU tensors, NCCL
+CUDA ones. Nothing here sends gradients: DistributedDataParallel does (see mpff.backprop).
+
+Use::
+
+    from mpff.comm import Comm
+    from mpff import ddp
+    comm = Comm(MPI.COMM_WORLD)
+    group = ddp.init_process_group(comm, device)   # every rank, before building BPState
+    ...
+    ddp.shutdown(group)                             # every rank, at the end
+
+mpi4py is not imported here: ``comm`` is anything with ``.rank``, ``.size`` and ``.bcast(obj)``.
+"""
+
+from __future__ import annotations
+
+import datetime
+import socket
+
+import torch
+import torch.distributed as dist
+
+#: How long ranks wait for each other in a collective before torch gives up. Long, because a
+#: rank may be evaluating the test set (rank 0 only) while the others wait in the next step's
+#: all-reduce; a rank that dies is taken down by MPI (mpi4py -m) long before this.
+COLLECTIVE_TIMEOUT = datetime.timedelta(minutes=30)
+
+
+def backend_for(device: torch.device) -> str:
+    return "nccl" if device.type == "cuda" else "gloo"
+
+
+def _free_port() -> int:
+    """A TCP port free right now on this host (the OS picks it; released at once for the store)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("", 0))
+        return int(s.getsockname()[1])
+
+
+def init_process_group(comm, device: torch.device) -> dist.ProcessGroup:
+    """Start torch.distributed on every rank of ``comm``; returns the default process group.
+
+    Collective: every rank of ``comm`` must call it. The TCP rendezvous store listens on rank 0's
+    host; on clusters whose host names do not resolve between nodes, that is a site problem
+    torch would hit the same way under torchrun.
+    """
+    address = (socket.gethostname(), _free_port()) if comm.rank == 0 else None
+    host, port = comm.bcast(address)
+    dist.init_process_group(backend_for(device), init_method=f"tcp://{host}:{port}", rank=comm.rank,
+                            world_size=comm.size, timeout=COLLECTIVE_TIMEOUT)
+    return dist.group.WORLD
+
+
+def shutdown(group=None) -> None:
+    """Leave torch.distributed (every rank). Safe to call when it was never started."""
+    if dist.is_initialized():
+        dist.destroy_process_group(group)
