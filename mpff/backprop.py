@@ -27,7 +27,7 @@ travels between ranks (DDP keeps the replicas equal), it only goes into checkpoi
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -35,14 +35,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from .ff import FORWARD_CHUNK, cooldown_lr, generator, make_adam
+from .halt import Diverged, Halt, from_code
 from .plan import Buf, Task
+from .progress import Record
 
 NUM_CLASSES = 10
 
 #: Random streams of backprop (apart from FF's, so that the two never share a draw by accident).
 INIT_STREAM, SHUFFLE_STREAM = 0xB1, 0xB5
 
-Record = tuple[str, int, int, float]
+#: data-parallel ranks agree on a halt every this many steps (see BPState._halt_point)
+VOTE_EVERY = 16
 
 
 class MLP(nn.Module):
@@ -108,7 +111,8 @@ class BPState:
     """
 
     def __init__(self, cfg, plan, rank: int, world_size: int, dataset, tracer, device: torch.device,
-                 *, process_group=None) -> None:
+                 *, process_group=None, check: Callable[[], None] | None = None,
+                 pending: Callable[[], Halt | None] | None = None) -> None:
         t = cfg.train
         if t.algorithm != "backprop":  # pragma: no cover - internal invariant (the executor picks)
             raise AssertionError("BPState runs backprop configurations only")
@@ -116,6 +120,11 @@ class BPState:
         self.plan = plan
         self.rank = rank
         self.world_size = world_size
+        #: one process: raises a halt (a stop signal...) at every step. Data-parallel ranks must
+        #: not leave a step alone (the others would wait in DDP's all-reduce), so they vote every
+        #: VOTE_EVERY steps on what ``pending`` says and all leave at the same step.
+        self.check = check
+        self.pending = pending
         self.tracer = tracer
         self.device = device
         self.C = t.epochs_per_chapter
@@ -194,6 +203,20 @@ class BPState:
             dist.all_reduce(values, group=self.process_group)
         return values
 
+    def _halt_point(self) -> None:
+        if not self.data_parallel:
+            if self.check is not None:
+                self.check()
+            return
+        if self.pending is None or self.steps % VOTE_EVERY:
+            return
+        import torch.distributed as dist
+        halt = self.pending()
+        vote = torch.tensor([halt.code if halt is not None else 0], dtype=torch.int32)
+        dist.all_reduce(vote, op=dist.ReduceOp.MAX, group=self.process_group)  # ~tens of us, gloo
+        if int(vote.item()):
+            raise halt if halt is not None and halt.code == int(vote.item()) else from_code(int(vote.item()))
+
     def _sync(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)  # note: sync point so spans measure GPU work
@@ -218,6 +241,7 @@ class BPState:
             perm = perm.to(self.device)
             total.zero_()
             for i in range(0, n, bg):
+                self._halt_point()
                 b = min(bg, n - i)
                 lo, hi = batch_slice(b, rank, ranks)
                 idx = perm[i + lo:i + hi]
@@ -246,17 +270,22 @@ class BPState:
             with self.tracer.span("train", c, 0):
                 loss = self.train_chapter(c)
                 self._sync()
+            # every rank sees the same loss (all-reduced) and weights: all stop together
+            if not math.isfinite(loss) or not all(bool(torch.isfinite(p).all()) for p in self.net.parameters()):
+                what = "loss" if not math.isfinite(loss) else "weights"
+                raise Diverged(f"the {what} of backprop became {loss if what == 'loss' else 'NaN or infinite'} "
+                               f"in chapter {c + 1}; lower train.bp_lr (now {self.cfg.train.bp_lr:g}) and start again")
             self.version = c
             self.losses[c] = loss
             self.tracer.scalar("loss", c, 0, loss)
-            return [("loss", c, 0, loss)] if self.rank == 0 else []
+            return [Record("loss", c, 0, loss)] if self.rank == 0 else []
         if task.kind == "eval":
             with self.tracer.span("eval", c, -1):
                 self.net.eval()
                 acc = self.net.accuracy(self.x_test, self.y_test)
             self.test_accuracy[c] = acc
             self.tracer.scalar("test_accuracy", c, -1, acc)
-            return [("accuracy", c, -1, acc)]
+            return [Record("accuracy", c, -1, acc)]
         if task.kind == "final":
             return []  # the executor writes model.h5 from self.net (modelfile.save_bp_model)
         raise AssertionError(f"backprop has no {task.kind!r} tasks")  # plan invariant

@@ -93,6 +93,13 @@ class Stalled(Halt):
 HALTS = {cls.__name__: cls for cls in (Halt, Preempted, Diverged, IOFailure, Stalled)}
 
 
+def from_code(code: int) -> Halt:
+    """The halt another rank voted for, known only by its exit code (data-parallel votes)."""
+    cls = {c.code: c for c in (Preempted, Diverged, IOFailure, Stalled)}.get(code, Halt)
+    what = "stopped" if cls is Preempted else "halted"
+    return cls(f"{what} on another rank (exit code {code})", received=True)
+
+
 def from_notice(notice: tuple[str, str, int]) -> Halt:
     name, reason, origin = notice
     return HALTS.get(name, Halt)(reason, origin=origin, received=True)
@@ -143,17 +150,28 @@ class Watch:
         self.should_stop = should_stop
         self.probe_every = probe_every
         self._next_probe = 0.0
+        self._received: Halt | None = None
 
     def check(self) -> None:
+        halt = self.pending()
+        if halt is not None:
+            raise halt
+
+    def pending(self) -> Halt | None:
+        """The halt :meth:`check` would raise, or None (for ranks that must agree first)."""
         sig = stop_signal()
         if sig is not None:
-            raise Preempted(f"stopped by signal {sig}")
+            return Preempted(f"stopped by signal {sig}")
         if self.should_stop is not None and self.should_stop():
-            raise Preempted("stop requested")
+            return Preempted("stop requested")
+        if self._received is not None:
+            return self._received
         if self.comm is not None and self.comm.size > 1:
             now = time.monotonic()
             if now >= self._next_probe:
                 self._next_probe = now + self.probe_every
                 notice = self.comm.halt_notice()
                 if notice is not None:
-                    raise from_notice(notice)
+                    self._received = from_notice(notice)
+                    return self._received
+        return None

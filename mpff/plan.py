@@ -95,6 +95,10 @@ def assign(schedule: str, task: Task, num_layers: int, num_chapters: int, world_
     if schedule in ("all_layers", "federated"):
         chapter = task.chapter if task.kind != "final" else num_chapters - 1
         return chapter % world_size
+    if schedule == "data_parallel":
+        # backprop: every rank runs every train task on its slice of each batch (Plan.replicated);
+        # rank 0 is the one that evaluates and writes, and the nominal producer of the model
+        return 0
     raise ConfigError(f"unknown schedule {schedule!r}")  # pragma: no cover (validated in config)
 
 
@@ -110,8 +114,12 @@ class Plan:
         self.num_layers = cfg.model.num_layers
         self.num_chapters = cfg.train.chapters
         self.start_chapter = start_chapter
-        self.softmax = cfg.train.classifier == "softmax"
-        self.adaptive = cfg.train.negatives == "adaptive"
+        #: backprop: one train task per chapter trains the whole MLP (buffer "model")
+        self.backprop = cfg.train.algorithm == "backprop"
+        #: data-parallel: train tasks run on every rank (DDP averages the gradients inside them)
+        self.replicated = self.schedule == "data_parallel"
+        self.softmax = cfg.train.classifier == "softmax" and not self.backprop
+        self.adaptive = cfg.train.negatives == "adaptive" and not self.backprop
         self.lag = cfg.train.adaptive_lag
         self.newest = self.adaptive and cfg.train.adaptive_mode == "newest"
         self.full_exchange = cfg.run.exchange == "full"
@@ -132,8 +140,9 @@ class Plan:
     def _validate(self) -> None:
         n, s = self.world_size, self.schedule
         if s == "sequential" and n != 1:
+            others = "data_parallel" if self.backprop else "single_layer, all_layers or federated"
             raise ConfigError(f"schedule 'sequential' runs on one rank, not {n}; use mpiexec -n 1 "
-                              "or choose single_layer, all_layers or federated")
+                              f"or choose {others}")
         if s == "single_layer":
             layer_blocks(self.num_layers, n)
         if s == "federated":
@@ -155,7 +164,7 @@ class Plan:
         last = self.num_chapters - 1
         every = self.cfg.train.eval_every
         for c in range(self.start_chapter, self.num_chapters):
-            tasks += [Task("train", c, k) for k in range(self.num_layers)]
+            tasks += [Task("train", c, k) for k in range(1 if self.backprop else self.num_layers)]
             if self.softmax:
                 tasks.append(Task("head", c))
             if self.adaptive and c + 1 + self.lag < self.num_chapters:
@@ -168,6 +177,8 @@ class Plan:
 
     def network(self, c: int) -> list[Buf]:
         """Everything a whole-network task after chapter c needs."""
+        if self.backprop:
+            return [Buf("model", 0, c)]
         bufs = [Buf("layer", k, c) for k in range(self.num_layers)]
         if self.softmax:
             bufs.append(Buf("head", -1, c))
@@ -175,6 +186,8 @@ class Plan:
 
     def inputs(self, t: Task) -> list[tuple[Buf, bool]]:
         """(buffer, trainable) pairs the task needs; trainable ones carry optimizer state when full."""
+        if t.kind == "train" and self.backprop:
+            return [(Buf("model", 0, t.chapter - 1), True)]
         if t.kind == "train":
             ins = [(Buf("layer", t.layer, t.chapter - 1), True)]
             ins += [(Buf("layer", j, t.chapter), False) for j in range(t.layer)]
@@ -188,7 +201,7 @@ class Plan:
 
     def outputs(self, t: Task) -> list[Buf]:
         if t.kind == "train":
-            return [Buf("layer", t.layer, t.chapter)]
+            return [Buf("model", 0, t.chapter)] if self.backprop else [Buf("layer", t.layer, t.chapter)]
         if t.kind == "head":
             return [Buf("head", -1, t.chapter)]
         if t.kind == "negatives":
@@ -201,7 +214,7 @@ class Plan:
 
     # ----- communication, derived -----
     def tag(self, b: Buf) -> int:
-        slot = {"layer": b.index, "head": self.num_layers, "neg": self.num_layers + 1}[b.kind]
+        slot = {"layer": b.index, "head": self.num_layers, "neg": self.num_layers + 1, "model": 0}[b.kind]
         return (b.chapter + 1) * (self.num_layers + 2) + slot
 
     def _derive_transfers(self) -> None:
@@ -230,7 +243,8 @@ class Plan:
             self.recvs[r].append((t, Transfer(b, src, full, self.tag(b))))
 
     def rank_tasks(self, rank: int) -> list[Task]:
-        return [t for t in self.tasks if self.rank_of[t] == rank]
+        return [t for t in self.tasks
+                if self.rank_of[t] == rank or (self.replicated and t.kind == "train")]
 
     def final_rank(self) -> int:
         return self.rank_of[Task("final", self.num_chapters - 1)]

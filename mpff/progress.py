@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
@@ -35,8 +35,8 @@ class ProgressError(RuntimeError):
     """Rank 0 gave up waiting for progress records; the message names what is missing."""
 
 
-@dataclass(frozen=True)
-class Record:
+class Record(NamedTuple):
+    """(kind, chapter, layer, value); a tuple, so ``rec[3]`` is its value."""
     kind: str
     chapter: int
     layer: int

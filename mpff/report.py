@@ -56,7 +56,7 @@ __all__ = ["CATEGORIES", "analyze_run", "load_run", "main", "pipeline_bubble", "
 CATEGORIES = ("compute", "communication", "waiting", "evaluation", "other")
 KIND_CATEGORY = {
     "train": "compute", "forward": "compute", "negatives": "compute", "head": "compute",
-    "send": "communication", "recv": "communication",
+    "send": "communication", "recv": "communication", "allreduce": "communication",
     "wait": "waiting",
     "eval": "evaluation",
     "checkpoint": "other", "io": "other", "setup": "other",
@@ -66,7 +66,8 @@ assert set(KIND_CATEGORY) == set(trace_mod.SPAN_KINDS)  # internal invariant: on
 CATEGORY_COLORS = {"compute": "#1f77b4", "communication": "#ff7f0e", "waiting": "#d62728",
                    "evaluation": "#9467bd", "other": "#7f7f7f"}
 KIND_COLORS = {"train": "#1f77b4", "forward": "#6baed6", "negatives": "#2ca02c", "head": "#98df8a",
-               "send": "#ff7f0e", "recv": "#ffbb78", "wait": "#d62728", "eval": "#9467bd",
+               "send": "#ff7f0e", "recv": "#ffbb78", "allreduce": "#e6550d", "wait": "#d62728",
+               "eval": "#9467bd",
                "checkpoint": "#7f7f7f", "io": "#bcbd22", "setup": "#c7c7c7"}
 OTHER_KIND_COLOR = "#444444"
 

@@ -45,6 +45,8 @@ RUN_FIELDS: dict[str, Any] = {
     "algorithm": "ff",
     "schedule": None,
     "world_size": None,
+    "scaling": None,                   # data-parallel backprop: "strong" (global batch fixed) or "weak"
+    "global_batch": None,              # rows per optimizer step over all ranks
     "started": None,                   # ISO 8601, the first attempt
     "ended": None,                     # ISO 8601, the latest attempt's end
     "wall_time": None,                 # seconds, the latest attempt (process start of rank 0 to end)
@@ -244,8 +246,11 @@ class RunDir:
         attempts = list(previous.get("attempts", [])) + [{
             "started": started, "ended": None, "status": "running", "world_size": world_size,
             "resumed_after_chapter": resume_after}]
+        dp = cfg.run.schedule == "data_parallel"
         self.update(status="running", reason=None, exit_code=None, signal=None, name=cfg.name,
-                    algorithm=getattr(cfg.train, "algorithm", "ff"), schedule=cfg.run.schedule,
+                    algorithm=cfg.train.algorithm, schedule=cfg.run.schedule,
+                    scaling=cfg.run.scaling if dp else None,
+                    global_batch=cfg.train.batch_size * (world_size if dp and cfg.run.scaling == "weak" else 1),
                     world_size=world_size, started=previous.get("started") or started, ended=None,
                     config=cfg.to_dict(), resumed_after_chapter=resume_after, attempts=attempts,
                     accuracy_per_chapter=previous.get("accuracy_per_chapter", {}),

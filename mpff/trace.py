@@ -32,6 +32,7 @@ FORMAT_VERSION = 1
 SPAN_KINDS = (
     "train", "forward", "negatives", "head",  # compute
     "send", "recv",                           # communication (posting, packing, unpacking)
+    "allreduce",                              # data-parallel backprop: a gradient bucket (overlaps train)
     "wait",                                   # blocked on a buffer that has not arrived
     "eval",                                   # test-set evaluation
     "checkpoint", "io", "setup",              # other

@@ -91,6 +91,8 @@ class Setup:
     resume: tuple[int, int] | None = None  # (chapters done, world size that wrote the checkpoint)
     start: float = field(default_factory=time.perf_counter)
     board: Any = None                      # rank 0's progress board, once the run started
+    memory_base: Any = None                # mpff.memory.Baseline: resident memory after the data loaded
+    ddp_group: Any = None                  # torch.distributed group of data-parallel backprop
 
 
 def _collectively(comm, step: Callable[[], Any]) -> tuple[Any, tuple[int, str] | None]:
@@ -141,7 +143,7 @@ def prepare(comm, args: argparse.Namespace) -> Setup | int:
             return 0
         ready, error = _collectively(comm, lambda: _load_data(comm, cfg, rundir, resume))
     if error is None:
-        device, dataset, plan, snapshot = ready
+        device, dataset, plan, snapshot, memory_base = ready
         _, error = _on_root(comm, lambda: _take_run_dir(rundir))
     if error is not None:
         code, message = error
@@ -152,7 +154,7 @@ def prepare(comm, args: argparse.Namespace) -> Setup | int:
                 print(f"mpff train: error: {message}", file=sys.stderr, flush=True)
         return code
     return Setup(comm=comm, args=args, cfg=cfg, plan=plan, rundir=rundir, dataset=dataset, device=device,
-                 snapshot=snapshot, resume=resume)
+                 snapshot=snapshot, resume=resume, memory_base=memory_base)
 
 
 def _load_config(comm, args: argparse.Namespace):
@@ -176,6 +178,7 @@ def _check_run_dir(cfg: Config, args: argparse.Namespace, world_size: int):
 
 
 def _load_data(comm, cfg: Config, rundir, resume):
+    from . import memory
     from .checkpoint import load_checkpoint
     from .data import load_dataset
     from .plan import build_plan
@@ -191,7 +194,7 @@ def _load_data(comm, cfg: Config, rundir, resume):
     plan = build_plan(cfg, comm.size, start_chapter=resume[0] if resume else 0,
                       n_train=dataset.x_train.shape[0])
     snapshot = load_checkpoint(rundir.path, resume[0], comm.rank, comm.size) if resume else None
-    return device, dataset, plan, snapshot
+    return device, dataset, plan, snapshot, memory.start(device)
 
 
 def _take_run_dir(rundir) -> None:
@@ -245,7 +248,6 @@ def execute(setup: Setup, quiet: bool = False) -> Outcome:
     signal, divergence, an I/O error, a stall) on any rank ends it on every rank."""
     from .comm import mpi_info
     from .executor import Executor
-    from .ffstate import FFState
     from .modelfile import versions
     from .progress import Board, Reporter
     from .trace import Tracer, trace_path
@@ -279,7 +281,7 @@ def execute(setup: Setup, quiet: bool = False) -> Outcome:
             _banner(setup)
         board = setup.board = Board(plan, setup.start, quiet=quiet) if rank == 0 else None
         with tracer.span("setup"):  # model, optimizers and data on the device
-            state = FFState(cfg, plan, setup.dataset, tracer, setup.device, rank=rank, check=watch.check)
+            state = _make_state(setup, tracer, watch)
             if setup.snapshot:
                 state.restore(setup.snapshot)
         executor = Executor(plan, comm, state, tracer, reporter=Reporter(comm, board), watch=watch,
@@ -292,11 +294,17 @@ def execute(setup: Setup, quiet: bool = False) -> Outcome:
             if rank == 0:
                 executor.reporter.collect(timeout=cfg.run.stall_timeout, on_idle=watch.check)
             comm.await_all(watch.check)  # ranks done early wait here, still stoppable
-        memory = _peak_memory(setup.device)
-        for name, value in memory.items():
-            tracer.scalar(name, -1, -1, value)
-        for key in ("bytes_sent", "bytes_received", "train_start", "train_end"):
+        memory = _memory(setup, state)
+        for name, value in memory["memory"].items():
+            if isinstance(value, (int, float)):
+                tracer.scalar(name, -1, -1, value)
+        if setup.ddp_group is not None:
+            from .ddp import shutdown
+            shutdown(setup.ddp_group)
+        for key in ("train_start", "train_end"):
             tracer.set_attr(key, getattr(result, key))
+        for key in ("bytes_sent", "bytes_received"):
+            tracer.set_attr(key, memory.get(key, getattr(result, key)))
         try:
             tracer.close("finished")
         except OSError as exc:
@@ -315,16 +323,48 @@ def execute(setup: Setup, quiet: bool = False) -> Outcome:
     return Outcome("finished", result, memory)
 
 
+def _make_state(setup: Setup, tracer, watch):
+    """The rank state of the run's algorithm (data-parallel backprop first starts torch.distributed
+    from this MPI job: collective)."""
+    cfg, plan, comm = setup.cfg, setup.plan, setup.comm
+    if not plan.backprop:
+        from .ffstate import FFState
+        return FFState(cfg, plan, setup.dataset, tracer, setup.device, rank=comm.rank, check=watch.check)
+    from .backprop import BPState
+    if plan.replicated and comm.size > 1:
+        from .ddp import init_process_group
+        setup.ddp_group = init_process_group(comm, setup.device)
+    return BPState(cfg, plan, comm.rank, comm.size, setup.dataset, tracer, setup.device,
+                   process_group=setup.ddp_group, check=watch.check, pending=watch.pending)
+
+
 def _write_model(setup: Setup, state) -> None:
-    from .modelfile import save_model
+    from .modelfile import save_bp_model, save_model
 
     cfg, ds = setup.cfg, setup.dataset
+    acc = state.test_accuracy.get(cfg.train.chapters - 1)
+    extra = {"world_size": setup.comm.size, "schedule": cfg.run.schedule}
     try:
-        save_model(setup.rundir.model_path, state.net, cfg, input_mean=ds.input_mean, input_std=ds.input_std,
-                   input_scale=ds.input_scale, test_accuracy=state.test_accuracy.get(cfg.train.chapters - 1),
-                   extra={"world_size": setup.comm.size, "schedule": cfg.run.schedule})
+        if setup.plan.backprop:
+            save_bp_model(setup.rundir.model_path, state.net, cfg, ds.input_mean, ds.input_std, ds.input_scale,
+                          acc, {**extra, "scaling": cfg.run.scaling})
+        else:
+            save_model(setup.rundir.model_path, state.net, cfg, input_mean=ds.input_mean, input_std=ds.input_std,
+                       input_scale=ds.input_scale, test_accuracy=acc, extra=extra)
     except OSError as exc:
         raise IOFailure(io_reason(f"the model {setup.rundir.model_path}", exc)) from None
+
+
+def _memory(setup: Setup, state) -> dict:
+    """This rank's memory: measured since the data was loaded, and the analytic breakdown."""
+    from . import memory
+    measured = memory.finish(setup.memory_base, setup.device)
+    out = {"memory": measured,
+           "memory_analytic": memory.analytic(setup.cfg, setup.dataset.x_train.shape[0], setup.comm.size)}
+    if setup.plan.backprop:  # DDP moves the gradients: bytes as a ring all-reduce sends them
+        out.update(bytes_allreduced=state.bytes_allreduced, global_batch=state.global_batch,
+                   bytes_sent=state.bytes_sent, bytes_received=state.bytes_received)
+    return out
 
 
 def _close_quietly(tracer, status: str) -> None:
@@ -373,9 +413,14 @@ class _Checkpointer:
 def _banner(setup: Setup) -> None:
     cfg, size, ds = setup.cfg, setup.comm.size, setup.dataset
     mode = {"sequential": "sequential plan on rank 0"}.get(cfg.run.schedule, cfg.run.schedule)
+    if setup.plan.backprop:
+        what = (f"backprop (Adam lr {cfg.train.bp_lr:g}, global batch "
+                f"{cfg.train.batch_size * (size if cfg.run.scaling == 'weak' else 1)}"
+                + (f", {cfg.run.scaling} scaling" if cfg.run.schedule == "data_parallel" else "") + ")")
+    else:
+        what = f"{cfg.train.negatives} negatives, {cfg.train.classifier} classifier"
     print(f"mpff: {cfg.name}: {mode}, {size} rank(s), dims {list(cfg.model.dims)}, "
-          f"E={cfg.train.epochs} S={cfg.train.chapters}, {cfg.train.negatives} negatives, "
-          f"{cfg.train.classifier} classifier, {ds.x_train.shape[0]} train / "
+          f"E={cfg.train.epochs} S={cfg.train.chapters}, {what}, {ds.x_train.shape[0]} train / "
           f"{ds.x_test.shape[0]} test samples, device {setup.device}", flush=True)
     print(f"mpff: writing {setup.rundir.path}", flush=True)
     if setup.resume is not None:
@@ -426,8 +471,9 @@ def finish(setup: Setup, outcome: Outcome) -> int:
         rundir.clear_failure_notes()
         rundir.release()
         acc_text = f"{100 * final_acc:.2f}%" if final_acc is not None else "n/a"
-        print(f"mpff: done in {wall:.1f}s: test accuracy {acc_text} ({cfg.train.classifier} classifier), "
-              f"model {rundir.model_path}", flush=True)
+        how = "backprop" if setup.plan.backprop else f"{cfg.train.classifier} classifier"
+        print(f"mpff: done in {wall:.1f}s: test accuracy {acc_text} ({how}), model {rundir.model_path}",
+              flush=True)
         if cfg.run.report and cfg.run.trace:
             if stop_signal() is not None:  # the run is done; a stop now skips only the report
                 print(f"mpff: stopped before the report; write it with: python -m mpff report {rundir.path}",
@@ -506,14 +552,6 @@ def _write_report(run_dir: str) -> int:
         print(f"mpff: the report failed ({exc.__class__.__name__}: {exc}); "
               f"rerun: python -m mpff report {run_dir}", file=sys.stderr)
         return 0
-
-
-def _peak_memory(device: torch.device) -> dict[str, float]:
-    import resource
-    out = {"peak_host_mem": float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024.0}
-    if device.type == "cuda":
-        out["peak_gpu_mem"] = float(torch.cuda.max_memory_allocated(device))
-    return out
 
 
 # ------------------------------------------------------------------------------ in one process
