@@ -1,0 +1,141 @@
+"""Backprop through ``mpff train``, as users run it: Sequential and data-parallel on 2 ranks give
+the same outputs an FF run gives (run.json, traces, model.h5, progress lines, checkpoints,
+preemption and resume), and FF-only settings are refused."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import h5py
+import numpy as np
+import pytest
+
+from mpff import load_model
+from mpff.checkpoint import complete_checkpoints
+from mpff.modelfile import weights_of
+
+pytestmark = pytest.mark.mpi
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PY = sys.executable
+MPIEXEC = os.path.join(os.path.dirname(PY), "mpiexec")
+ENV = dict(os.environ, MPIR_CVAR_ENABLE_HEAVY_YIELD="1", OMP_NUM_THREADS="1")
+BP = os.path.join(ROOT, "configs", "backprop.toml")
+SMALL = ("model.dims=[784,64,64]", "data.train_subset=1200", "data.test_subset=300", "train.epochs=4",
+         "train.chapters=4", "run.report=false")
+
+
+def cmd(out, *settings, ranks=1, extra=()):
+    args = ["train", "--config", BP, "--out", str(out), *extra]
+    for s in SMALL + settings:
+        args += ["--set", s]
+    if ranks == 1:
+        return [PY, "-m", "mpff", *args]
+    return [MPIEXEC, "-n", str(ranks), PY, "-m", "mpi4py", "-m", "mpff", *args]
+
+
+def run(c, timeout=300):
+    return subprocess.run(c, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Sequential (1 rank) and data-parallel (2 ranks, strong and weak scaling) runs, two at a time."""
+    base = tmp_path_factory.mktemp("bp")
+    specs = {"seq": cmd(base / "seq"),
+             "dp": cmd(base / "dp", "run.schedule=data_parallel", ranks=2),
+             "weak": cmd(base / "weak", "run.schedule=data_parallel", "run.scaling=weak", ranks=2)}
+    procs = {k: subprocess.Popen(c, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for k, c in list(specs.items())[:2]}
+    out = {}
+    for k, p in procs.items():
+        stdout, stderr = p.communicate(timeout=300)
+        out[k] = (p.returncode, stdout, stderr, base / k)
+    r = run(specs["weak"])
+    out["weak"] = (r.returncode, r.stdout, r.stderr, base / "weak")
+    return out
+
+
+@pytest.mark.parametrize("name", ["seq", "dp", "weak"])
+def test_a_backprop_run_writes_what_an_ff_run_writes(name, runs):
+    rc, stdout, stderr, out = runs[name]
+    assert rc == 0, stdout + stderr
+    info = json.loads((out / "run.json").read_text())
+    assert info["status"] == "finished" and info["algorithm"] == "backprop"
+    ranks = 1 if name == "seq" else 2
+    assert info["world_size"] == ranks and len(info["ranks"]) == ranks
+    assert info["scaling"] == (None if name == "seq" else ("weak" if name == "weak" else "strong"))
+    assert info["global_batch"] == (128 if name == "weak" else 64)
+    assert sorted(info["accuracy_per_chapter"], key=int) == ["1", "2", "3", "4"]
+    assert info["test_accuracy"] > 0.5  # 1200 samples, 4 epochs: well above chance
+    for r in info["ranks"]:
+        assert r["memory"]["rss_peak_bytes"] >= r["memory"]["rss_baseline_bytes"] > 0
+        assert r["memory_analytic"]["algorithm"] == "backprop" and r["memory_analytic"]["peak"] > 0
+    # progress lines, one per chapter, from rank 0 only
+    assert [line.split()[1] for line in stdout.splitlines() if line.startswith("chapter")] == \
+        ["1/4", "2/4", "3/4", "4/4"]
+    # traces: training steps, eval, setup; gradient all-reduce on the data-parallel ranks
+    for rank in range(ranks):
+        with h5py.File(out / "trace" / f"rank{rank:04d}.h5", "r") as f:
+            kinds = {k.decode() if isinstance(k, bytes) else str(k) for k in f["spans"]["kind"]}
+        assert {"train", "setup"} <= kinds, kinds
+        assert ("allreduce" in kinds) == (ranks > 1), kinds
+        assert ("eval" in kinds) == (rank == 0), kinds
+    # the model file reads back and predicts
+    model = load_model(str(out / "model.h5"))
+    images = np.random.default_rng(0).integers(0, 256, (5, 28, 28)).astype(np.uint8)
+    assert model.predict(images).shape == (5,)
+
+
+def test_data_parallel_strong_scaling_matches_sequential(runs):
+    """The same global batch of 64: the same training, up to float summation order."""
+    seq, dp = (weights_of(str(runs[k][3] / "model.h5")) for k in ("seq", "dp"))
+    assert sorted(seq) == sorted(dp)
+    for k in seq:
+        if k.startswith("layers/"):
+            np.testing.assert_allclose(dp[k], seq[k], rtol=0, atol=1e-4, err_msg=k)
+    weak = weights_of(str(runs["weak"][3] / "model.h5"))
+    assert any(not np.allclose(weak[k], seq[k], atol=1e-4) for k in seq if k.startswith("layers/"))
+
+
+def test_data_parallel_preempted_and_resumed_ends_as_uninterrupted(runs, tmp_path):
+    out = tmp_path / "run"
+    settings = ("run.schedule=data_parallel", "train.epochs=40", "train.chapters=4", "run.checkpoint_every=1")
+    proc = subprocess.Popen(cmd(out, *settings, ranks=2), cwd=ROOT, env=ENV, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.monotonic() + 240
+    while not any(c >= 1 for c, _ in complete_checkpoints(str(out))):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 75, stdout + stderr
+    assert json.loads((out / "run.json").read_text())["status"] == "preempted"
+    assert stderr.strip() == "", stderr
+    resumed = run(cmd(out, *settings, ranks=2, extra=("--resume",)))
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert "mpff: resuming after chapter" in resumed.stdout
+    plain = run(cmd(tmp_path / "plain", *settings, ranks=2))
+    assert plain.returncode == 0, plain.stderr
+    got, want = weights_of(str(out / "model.h5")), weights_of(str(tmp_path / "plain" / "model.h5"))
+    for k in want:
+        if k.startswith("layers/"):
+            np.testing.assert_allclose(got[k], want[k], rtol=0, atol=1e-5, err_msg=k)
+
+
+@pytest.mark.parametrize("setting, message", [
+    ("train.negatives=random", "train.negatives = 'random' is a Forward-Forward setting that backprop does not use"),
+    ("run.schedule=all_layers", "run.schedule = 'all_layers' is a Forward-Forward schedule; backprop runs"),
+    ("train.lr=0.1", "backprop's rate is train.bp_lr"),
+])
+def test_ff_only_settings_are_refused(setting, message, tmp_path):
+    r = run(cmd(tmp_path / "run", setting))
+    assert r.returncode == 2, r.stdout + r.stderr
+    lines = r.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("mpff train: error: ") and message in lines[0], r.stderr
+    assert not (tmp_path / "run").exists()
