@@ -317,12 +317,16 @@ def summarize_rank(rt: RankTrace) -> RankSummary:
     uncovered = max(wall - sum(seconds.values()), 0.0)
     seconds["other"] += uncovered
     idle = seconds["waiting"] + uncovered
+    # the rank's own count when it recorded one (data-parallel backprop: its gradient all-reduce,
+    # as a ring sends it); else its send and receive spans
+    counted = _rank_attrs(rt, ("bytes_sent", "bytes_received"))
     return RankSummary(
         rank=rt.rank, host=rt.host, device=rt.device, wall=wall, seconds=seconds,
         uncovered=uncovered, clipped=raw - float(durations.sum()), busy=wall - idle, idle=idle,
-        bytes_sent=int(spans["bytes"][rt.kinds == "send"].sum()),
-        bytes_received=int(spans["bytes"][rt.kinds == "recv"].sum()),
-        peak_host_mem=_peak(rt, "peak_host_mem"), peak_gpu_mem=_peak(rt, "peak_gpu_mem"),
+        bytes_sent=int(counted.get("bytes_sent", spans["bytes"][rt.kinds == "send"].sum())),
+        bytes_received=int(counted.get("bytes_received", spans["bytes"][rt.kinds == "recv"].sum())),
+        peak_host_mem=_peak(rt, "rss_peak_bytes") or _peak(rt, "peak_host_mem"),
+        peak_gpu_mem=_peak(rt, "cuda_peak_bytes") or _peak(rt, "peak_gpu_mem"),
     )
 
 
@@ -512,7 +516,7 @@ PROBLEM_SETTINGS = (
     ("data", "shards"),
     ("train", "epochs"), ("train", "chapters"), ("train", "batch_size"), ("train", "lr"),
     ("train", "head_lr"), ("train", "cooldown_final"), ("train", "negatives"), ("train", "classifier"),
-    ("train", "eval_every"),
+    ("train", "eval_every"), ("train", "algorithm"), ("train", "bp_lr"),
 )
 
 
@@ -656,9 +660,11 @@ def comparison_rows(summaries: list[RunSummary], baselines: list[RunSummary | No
     rows = []
     for i, (s, b) in enumerate(zip(summaries, baselines)):
         tp = s.training
+        bp = s.setting("train", "algorithm", "ff") == "backprop"
         row = [
-            s.name, str(s.setting("run", "schedule")), str(s.setting("train", "negatives")),
-            str(s.setting("train", "classifier")), str(s.run.world_size), _sec(s.wall),
+            s.name, str(s.setting("run", "schedule")),
+            "(backprop)" if bp else str(s.setting("train", "negatives")),
+            "argmax" if bp else str(s.setting("train", "classifier")), str(s.run.world_size), _sec(s.wall),
             _pct(s.final_accuracy, 2),
             _ratio(speedup(b, s)) if b else "–", _pct(efficiency(b, s)) if b else "–",
             _pct(s.bubble_measured), _pct(s.bubble_modelled),
@@ -1041,6 +1047,93 @@ def plot_accuracy(summaries: list[RunSummary], path: str) -> None:
     fig.savefig(path, dpi=110)
 
 
+# ---------------------------------------------------------------- FF against backprop: cost
+
+#: test accuracies whose time to reach the cost table reports (fractions)
+DEFAULT_ACCURACIES = (0.90, 0.95, 0.98)
+
+
+def accuracy_timeline(s: RunSummary) -> list[tuple[float, float]]:
+    """(training seconds, test accuracy) at each evaluated chapter, in order.
+
+    Training seconds: from the start of the training phase to the end of that chapter's
+    evaluation, less the evaluation time spent on the evaluating rank until then. In Sequential
+    and data-parallel runs that is the training time exactly; in a pipeline, evaluation on one
+    rank overlaps training on others, and only the evaluating rank's own evaluations are
+    subtracted."""
+    start = s.training.start
+    out = []
+    for rt in s.run.ranks:
+        names = rt.scalar_names
+        sel = rt.scalars[names == "test_accuracy"]
+        evals = rt.kinds == "eval"
+        ends, durs = rt.spans["end"][evals], rt.spans["end"][evals] - rt.spans["start"][evals]
+        for t, value in zip(sel["time"].tolist(), sel["value"].tolist()):
+            spent = float(durs[ends <= t + 1e-9].sum())
+            out.append((max(t - start - spent, 0.0), float(value)))
+    return sorted(out)
+
+
+def cost_record(s: RunSummary, accuracies: tuple[float, ...] = DEFAULT_ACCURACIES) -> dict:
+    """The figures of the FF/PFF/BP comparison for one run (SPEC section 4)."""
+    epochs = int(s.setting("train", "epochs", 0) or 0)
+    eval_seconds = max((float((rt.spans["end"] - rt.spans["start"])[rt.kinds == "eval"].sum())
+                        for rt in s.run.ranks), default=0.0)
+    train_seconds = max(s.training.seconds - eval_seconds, 0.0)
+    timeline = accuracy_timeline(s)
+    to_reach = {}
+    for a in accuracies:
+        hit = next((t for t, v in timeline if v >= a), None)
+        to_reach[f"{100 * a:g}%"] = hit
+    peaks = [r.get("memory", {}).get("rss_peak_bytes") for r in s.run.info.get("ranks", [])
+             if isinstance(r, dict)]
+    peaks = [p for p in peaks if isinstance(p, (int, float))] or [
+        p for p in (_peak(rt, "rss_peak_bytes") or _peak(rt, "peak_host_mem") for rt in s.run.ranks) if p]
+    return {"run": s.name, "algorithm": s.setting("train", "algorithm", "ff"),
+            "schedule": s.setting("run", "schedule"), "ranks": s.run.world_size,
+            "training_seconds_per_epoch": train_seconds / epochs if epochs else None,
+            "evaluation_seconds": eval_seconds, "seconds_to_accuracy": to_reach,
+            "peak_rss_bytes": max(peaks) if peaks else None,
+            "bytes_sent_per_epoch": s.bytes_sent / epochs if epochs else None,
+            "final_accuracy": s.final_accuracy}
+
+
+def cost_table(records: list[dict]) -> str:
+    thresholds = list(records[0]["seconds_to_accuracy"]) if records else []
+    headers = (["run", "algorithm", "schedule", "ranks", "training s/epoch"]
+               + [f"s to {t}" for t in thresholds]
+               + ["peak memory / rank", "sent / epoch", "final accuracy"])
+    rows = [[r["run"], r["algorithm"], str(r["schedule"]), str(r["ranks"]), _sec(r["training_seconds_per_epoch"])]
+            + [_sec(r["seconds_to_accuracy"][t]) if r["seconds_to_accuracy"][t] is not None else "not reached"
+               for t in thresholds]
+            + [_bytes(r["peak_rss_bytes"]), _bytes(r["bytes_sent_per_epoch"]), _pct(r["final_accuracy"], 2)]
+            for r in records]
+    return _table(headers, rows, numeric_from=3)
+
+
+def plot_time_to_accuracy(summaries: list[RunSummary], path: str) -> None:
+    """Test accuracy against training seconds (evaluation apart), a line per run."""
+    fig = _figure(7, 4)
+    ax = fig.add_subplot()
+    plotted = False
+    for s in summaries:
+        timeline = accuracy_timeline(s)
+        if timeline:
+            ax.plot([t for t, _ in timeline], [100 * v for _, v in timeline], marker=".",
+                    label=f"{s.name} ({s.setting('train', 'algorithm', 'ff')}, {s.setting('run', 'schedule')}, "
+                          f"{s.run.world_size} rank{'s' if s.run.world_size > 1 else ''})")
+            plotted = True
+    if plotted:
+        ax.set_xlabel("training seconds (evaluation apart)")
+        ax.set_ylabel("test accuracy (%)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    else:
+        ax.text(0.5, 0.5, "no test accuracy recorded", ha="center", va="center", transform=ax.transAxes)
+    ax.set_title("time to accuracy")
+    fig.savefig(path, dpi=110)
+
+
 def plot_comparison(summaries: list[RunSummary], path: str) -> None:
     fig = _figure(max(7, 1.3 * len(summaries) + 3), 6)
     ax_time, ax_bubble = fig.subplots(2, 1, sharex=True)
@@ -1187,7 +1280,7 @@ def _replace_contents(out: str, build: Callable[[str], None]) -> None:
 
 
 def write_comparison(summaries: list[RunSummary], base: RunSummary | None, out: str, *,
-                     predict: bool = False) -> list[str]:
+                     predict: bool = False, accuracies: tuple[float, ...] = DEFAULT_ACCURACIES) -> list[str]:
     """The report of several runs in ``out``: report.md, comparison.csv / .json,
     comparison-groups.csv, comparison.png, scaling.png / .pdf, accuracy.png and a sub-folder
     per run; returns the blocks to print."""
@@ -1222,6 +1315,14 @@ def write_comparison(summaries: list[RunSummary], base: RunSummary | None, out: 
         lines += ["## Runs that differ only in their seed", "",
                   "Mean ± sample standard deviation over the seeds (min and max in comparison-groups.csv).",
                   "", group_table(groups), ""]
+    costs = [cost_record(s, accuracies) for s in summaries]
+    lines += ["## Training cost and time to accuracy", "",
+              ("Training s/epoch: the training phase less evaluation, per epoch; s to X: training "
+               "seconds (evaluation apart) until the first evaluated chapter at or above X test "
+               "accuracy; peak memory: the largest resident set of a rank; sent: bytes every rank "
+               "sent together (PFF: weights per chapter; data-parallel backprop: the gradient "
+               "all-reduce, as a ring sends it)."), "", cost_table(costs), "",
+              "![time to accuracy](time_to_accuracy.png)", ""]
     lines += ["Tables as data: [comparison.csv](comparison.csv), [comparison-groups.csv](comparison-groups.csv), "
               "[comparison.json](comparison.json).", "",
               "![speedup against ranks](scaling.png)", "", "![comparison](comparison.png)", "",
@@ -1238,13 +1339,15 @@ def write_comparison(summaries: list[RunSummary], base: RunSummary | None, out: 
         with open(os.path.join(tmp, "report.md"), "w", encoding="utf-8") as fh:
             fh.write("\n".join(lines))
         write_table_files(tmp, run_records(summaries, pairs, subdirs, predicted), groups,
-                          {"predicted": curves} if predict else None)
+                          {"cost": costs, **({"predicted": curves} if predict else {})})
         plot_comparison(summaries, os.path.join(tmp, "comparison.png"))
         plot_scaling(summaries, pairs, os.path.join(tmp, "scaling.png"), curves)
         plot_accuracy(summaries, os.path.join(tmp, "accuracy.png"))
+        plot_time_to_accuracy(summaries, os.path.join(tmp, "time_to_accuracy.png"))
 
     _replace_contents(out, build)
-    return ["\n".join(f"note: {n}" for n in notes), table] + ([group_table(groups)] if grouped else [])
+    return (["\n".join(f"note: {n}" for n in notes), table] + ([group_table(groups)] if grouped else [])
+            + [cost_table(costs)])
 
 
 def default_out(run_dirs: list[str]) -> str:
@@ -1255,7 +1358,7 @@ def default_out(run_dirs: list[str]) -> str:
 
 def run_report(run_dirs: list[str] | str, baseline: str | None = None, out: str | None = None, *,
                simulate: Simulator | None = None, stream: TextIO | None = None,
-               predict: bool = False) -> str:
+               predict: bool = False, accuracies: tuple[float, ...] = DEFAULT_ACCURACIES) -> str:
     """Analyse the runs, write the report, print its tables; returns the output directory.
     ``predict``: add the task-graph prediction to the comparison of several runs."""
     run_dirs = [run_dirs] if isinstance(run_dirs, str) else list(run_dirs)
@@ -1272,7 +1375,7 @@ def run_report(run_dirs: list[str] | str, baseline: str | None = None, out: str 
             text = ["\n".join(f"note: {n}" for n in s.notes), summary_table(s, base),
                     breakdown_table(s), bubble_table(s)]
         else:
-            text = write_comparison(summaries, base, out, predict=predict)
+            text = write_comparison(summaries, base, out, predict=predict, accuracies=accuracies)
     except OSError as exc:
         raise ConfigError(f"cannot write the report to {out} ({_one_line(exc)}); "
                           "choose another directory with --out") from None
@@ -1297,6 +1400,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--predict", action="store_true",
                         help="several runs: add each run's predicted time and the predicted speedup "
                              "curve, simulated from its problem's Sequential run (mpff predict)")
+    parser.add_argument("--accuracies", default=",".join(f"{a:g}" for a in DEFAULT_ACCURACIES), metavar="A,B,...",
+                        help="test accuracies (fractions) whose time to reach the cost table shows "
+                             "(default %(default)s)")
     return parser
 
 
@@ -1308,7 +1414,13 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as exc:  # argparse has printed usage or help
         return int(exc.code or 0)
     try:
-        run_report(args.runs, baseline=args.baseline, out=args.out, predict=args.predict)
+        try:
+            accuracies = tuple(float(a) for a in args.accuracies.split(","))
+        except ValueError:
+            raise ConfigError(f"--accuracies {args.accuracies!r} must be fractions such as 0.9,0.95") from None
+        if not all(0 < a <= 1 for a in accuracies):
+            raise ConfigError(f"--accuracies {args.accuracies!r}: give fractions between 0 and 1, e.g. 0.9,0.95")
+        run_report(args.runs, baseline=args.baseline, out=args.out, predict=args.predict, accuracies=accuracies)
     except ConfigError as exc:
         print(f"mpff report: error: {_one_line(exc)}", file=sys.stderr)
         return 2

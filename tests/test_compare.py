@@ -43,7 +43,9 @@ def four_runs(tmp_path):
 
 
 def _rows(text: str, first: str) -> list[str]:
-    return [line for line in text.splitlines() if line.startswith(f"| {first}")]
+    """Rows of the comparison table (the report's first table) whose run is ``first``."""
+    table = text.split("## Training cost")[0]  # that section has a table of the same runs
+    return [line for line in table.splitlines() if line.startswith(f"| {first}")]
 
 
 # ------------------------------------------------------------------------------ baselines

@@ -242,7 +242,8 @@ def test_comparison_of_several_runs(tmp_path, capsys):
     out = tmp_path / "cmp"
     assert report.main([seq, a, b, "--out", str(out)]) == 0
     text = (out / "report.md").read_text()
-    rows = [line for line in text.splitlines() if line.startswith("| ") and "schedule" not in line]
+    table = text.split("## Training cost")[0]  # that section has a table of the same runs
+    rows = [line for line in table.splitlines() if line.startswith("| ") and "schedule" not in line]
     assert len(rows) == 3
     assert rows[0].startswith("| seq | sequential | fixed | goodness | 1 | 20.00 | 90.00 % | 1.00 |")
     assert rows[1].startswith("| a | single_layer | fixed | goodness | 2 | 10.00 | – | 2.00 | 100.0 % | 30.0 % |")
