@@ -10,6 +10,8 @@ import os
 import re
 import subprocess
 
+import h5py
+import numpy as np
 import pytest
 from fake_runs import make_config, make_run, sequential_spans
 
@@ -258,3 +260,36 @@ def test_sweep_spreads_ranks_over_nodes(tmp_path):
 def test_sweep_rejects_bad_axes(tmp_path, env, fragment):
     proc, _, _ = _dry_run(tmp_path, **env)
     assert proc.returncode == 2 and fragment in proc.stderr, proc.stderr
+
+
+# ------------------------------------------------------------------------------ FF against backprop
+
+def test_the_cost_table_by_hand(tmp_path):
+    """Three chapters, evaluated after each: accuracies 0.50, 0.92, 0.97 at 4, 7 and 10 s; each
+    evaluation takes 1 s, training starts at 1 s. Training seconds until an evaluation: its end,
+    less the start of training, less the evaluation time until then: 2, 4 and 6 s."""
+    spans = [("setup", -1, -1, 0.0, 1.0)]
+    for c in range(3):
+        t = 1.0 + 3 * c
+        spans += [("train", c, 0, t, t + 2.0), ("eval", c, -1, t + 2.0, t + 3.0)]
+    spans.append(("io", 2, -1, 10.0, 10.2))
+    cfg = make_config("sequential", dims=(784, 8), chapters=3, algorithm="ff")
+    run = make_run(tmp_path / "ff", [spans], cfg, attrs=[{"train_start": 1.0, "train_end": 10.0}],
+                   info={"ranks": [{"memory": {"rss_peak_bytes": 3 * 2 ** 20}}]}, accuracy=0.97)
+    with h5py.File(tmp_path / "ff" / "trace" / "rank0000.h5", "a") as fh:  # scalars at times we choose
+        ds = fh["scalars"]
+        rows = ds[()]
+        extra = np.zeros(3, dtype=rows.dtype)
+        for i, (t, acc) in enumerate([(4.0, 0.5), (7.0, 0.92), (10.0, 0.97)]):
+            extra[i] = (b"test_accuracy", i + (1 if int(fh.attrs["format_version"]) >= 2 else 0), -1, t, acc)
+        ds.resize((0,))
+        ds.resize((3,))
+        ds[...] = extra
+    s = report.analyze_run(run)
+    assert report.accuracy_timeline(s) == [(2.0, 0.5), (4.0, 0.92), (6.0, 0.97)]
+    rec = report.cost_record(s, (0.9, 0.95, 0.98))
+    assert rec["training_seconds_per_epoch"] == pytest.approx((9.0 - 3.0) / 3)
+    assert rec["seconds_to_accuracy"] == {"90%": 4.0, "95%": 6.0, "98%": None}
+    assert rec["peak_rss_bytes"] == 3 * 2 ** 20 and rec["algorithm"] == "ff"
+    table = report.cost_table([rec])
+    assert "| ff | ff | sequential | 1 | 2.00 | 4.00 | 6.00 | not reached | 3.0 MiB | 0 B | 97.00 % |" in table
