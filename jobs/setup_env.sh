@@ -2,8 +2,8 @@
 # Create (once) the project's virtual environment in .venv and install mpff into it.
 # Extras: mpi (MPICH), test (pytest, ruff), otf2 (OTF2 export; installs nothing
 # where PyPI has no otf2 wheel, see setup.py). Idempotent and quick the second
-# time: it reinstalls only when setup.py or constraints.txt changed. Override the interpreter with PYTHON=..., the
-# location with MPFF_VENV=...
+# time: it reinstalls only when setup.py or constraints.txt changed. Override
+# the interpreter with PYTHON=..., the location with MPFF_VENV=...
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 venv="${MPFF_VENV:-$root/.venv}"

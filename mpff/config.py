@@ -15,8 +15,8 @@ import dataclasses
 import json
 import os
 import sys
-from importlib import resources
 from dataclasses import dataclass, field, fields
+from importlib import resources
 from typing import Any
 
 if sys.version_info >= (3, 11):
