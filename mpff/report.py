@@ -604,12 +604,30 @@ def _figure(width: float, height: float):
     return Figure(figsize=(width, height), layout="constrained")
 
 
-def _title(fig, ax, text: str) -> None:
-    """A title wrapped to the figure's width, so a long run name is never cut off."""
+TITLE_SIZE = 11.0  # points
+
+
+def _title(fig, text: str) -> None:
+    """The figure's title, wrapped (at spaces, hyphens, underscores, or anywhere in the last
+    resort) to the figure's width, so that a long run name is never cut off."""
     import textwrap
-    # about 11 characters of the default 12 pt title per inch of figure
-    width = max(20, int(fig.get_figwidth() * 11))
-    ax.set_title("\n".join(textwrap.wrap(text, width, break_on_hyphens=False)) or text)
+
+    from matplotlib.font_manager import FontProperties
+    from matplotlib.textpath import TextToPath
+    font, measure = FontProperties(size=TITLE_SIZE), TextToPath()
+    available = 0.94 * fig.get_figwidth() * 72.0  # points
+
+    def width(line: str) -> float:
+        return measure.get_text_width_height_descent(line, font, ismath=False)[0]
+
+    breakable = text.replace("_", "_\u200b")  # a zero-width space after "_" allows a break there
+    lines = [text]
+    for chars in range(len(breakable), 4, -1):
+        lines = [line.replace("\u200b", "") for line in
+                 textwrap.wrap(breakable, chars, break_on_hyphens=True)]
+        if max(width(line) for line in lines) <= available:
+            break
+    fig.suptitle("\n".join(lines), fontsize=TITLE_SIZE)
 
 
 def save_figure(fig, path: str) -> list[str]:
@@ -635,6 +653,11 @@ def _spaced(xs: list[float], min_gap: float) -> list[bool]:
 
 
 def plot_timeline(run: Run, path: str) -> None:
+    save_figure(timeline_figure(run), path)
+
+
+def timeline_figure(run: Run):
+    """One row per rank: spans coloured by kind over the untraced (idle) wall, chapter ticks."""
     from matplotlib.patches import Patch
     n = run.world_size
     fig = _figure(12, 1.4 + 0.7 * n)
@@ -670,16 +693,21 @@ def plot_timeline(run: Run, path: str) -> None:
     ax.set_xlim(0, wall)
     ax.set_xlabel("time since the first rank started (s); a tick c<N> marks where a rank begins "
                   "chapter N (1 = first)")
-    _title(fig, ax, f"{run.name}: timeline")
+    _title(fig, f"{run.name}: timeline")
     kinds = [k for k in trace_mod.SPAN_KINDS if k in used] + sorted(used - set(trace_mod.SPAN_KINDS))
     handles = [Patch(color=KIND_COLORS.get(k, OTHER_KIND_COLOR), label=k) for k in kinds]
     handles.append(Patch(facecolor=UNTRACED_COLOR, edgecolor="#b0b0b0", hatch=UNTRACED_HATCH,
                          label="untraced (idle)"))
     ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8)
-    save_figure(fig, path)
+    return fig
 
 
 def plot_breakdown(s: RunSummary, path: str) -> None:
+    save_figure(breakdown_figure(s), path)
+
+
+def breakdown_figure(s: RunSummary):
+    """One stacked bar per rank: the five categories, the untraced part of "other" apart."""
     fig = _figure(max(6.0, 1.1 * len(s.ranks) + 4.0), 4.2)
     ax = fig.add_subplot()
     x = np.arange(len(s.ranks))
@@ -696,12 +724,17 @@ def plot_breakdown(s: RunSummary, path: str) -> None:
         bottom += values
     ax.set_xticks(x, [f"rank {r.rank}\n{_pct(r.bubble)} bubble" for r in s.ranks])
     ax.set_ylabel("seconds")
-    _title(fig, ax, f"{s.name}: time per rank")
+    _title(fig, f"{s.name}: time per rank")
     ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8)
-    save_figure(fig, path)
+    return fig
 
 
 def plot_accuracy(summaries: list[RunSummary], path: str) -> None:
+    save_figure(accuracy_figure(summaries), path)
+
+
+def accuracy_figure(summaries: list[RunSummary]):
+    """Test accuracy per (1-based) chapter, one line per run."""
     from matplotlib.ticker import MaxNLocator
     fig = _figure(7, 4)
     ax = fig.add_subplot()
@@ -720,8 +753,8 @@ def plot_accuracy(summaries: list[RunSummary], path: str) -> None:
             ax.legend(fontsize=8)
     else:
         ax.text(0.5, 0.5, "no test accuracy recorded", ha="center", va="center", transform=ax.transAxes)
-    _title(fig, ax, "test accuracy per chapter")
-    save_figure(fig, path)
+    _title(fig, "test accuracy per chapter")
+    return fig
 
 
 def plot_comparison(summaries: list[RunSummary], path: str) -> None:
