@@ -334,7 +334,8 @@ def test_real_two_rank_run_adds_up(tmp_path):
     proc = subprocess.run(
         [MPIEXEC, "-n", "2", sys.executable, "-m", "mpi4py", "-m", "mpff", "train",
          "--config", os.path.join(ROOT, "configs", "tiny.toml"), "--set", "run.schedule=single_layer",
-         "--set", "run.report=false", "--out", str(out)],
+         "--set", "model.dims=[784,64,64,64]", "--set", "data.train_subset=2000",
+         "--set", "data.test_subset=500", "--set", "run.report=false", "--out", str(out)],
         check=False, cwd=ROOT, env=env, timeout=600, capture_output=True, text=True)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
     s = report.analyze_run(str(out))
