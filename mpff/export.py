@@ -38,7 +38,6 @@ import json
 import os
 import shutil
 import sys
-import tempfile
 
 import numpy as np
 
@@ -76,24 +75,17 @@ def default_out(run_dir: str, fmt: str) -> str:
 
 def export_chrome(run: Run, path: str) -> str:
     """Write the run's Chrome trace event JSON to ``path`` (atomically); returns the path."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=folder)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp-{os.getpid()}"  # open() creates it as the umask says
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        with open(tmp, "w", encoding="utf-8") as fh:
             json.dump(chrome_trace(run), fh)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it 0600; follow the umask like open()
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
     return path
-
-
-def _umask() -> int:
-    from .modelfile import current_umask
-    return current_umask()
 
 
 # ---------------------------------------------------------------- OTF2
@@ -137,10 +129,12 @@ def export_otf2(run: Run, out_dir: str) -> str:
     out_dir = os.path.abspath(out_dir)
     if os.path.lexists(out_dir) and not os.path.isdir(out_dir):
         raise ConfigError(f"--out {out_dir} is a file; OTF2 export writes a directory")
-    parent = os.path.dirname(out_dir)
-    os.makedirs(parent, exist_ok=True)
-    # OTF2 refuses to write into an existing archive: build it in a fresh folder, then move it
-    staging = tempfile.mkdtemp(prefix=".tmp-otf2-", dir=parent)
+    os.makedirs(os.path.dirname(out_dir), exist_ok=True)
+    # OTF2 refuses to write into an existing archive: build it in a fresh folder beside the
+    # destination (mkdir, not mkdtemp: the folder gets the umask's permissions), then move it
+    staging = f"{out_dir}.tmp-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    os.mkdir(staging)
     try:
         with otf2.writer.open(staging, archive_name=OTF2_ARCHIVE,
                               timer_resolution=TIMER_RESOLUTION) as trace:
@@ -249,14 +243,9 @@ def export_otf2(run: Run, out_dir: str) -> str:
 
 def _move_into_place(staging: str, out_dir: str) -> None:
     """Replace out_dir by staging, keeping the old one until the new one is in place."""
-    mask = _umask()
-    for folder, dirs, _ in os.walk(staging):  # mkdtemp made the folder 0700
-        for name in dirs:
-            os.chmod(os.path.join(folder, name), 0o777 & ~mask)
-    os.chmod(staging, 0o777 & ~mask)
     old = None
     if os.path.lexists(out_dir):
-        old = out_dir + f".old-{os.getpid()}"
+        old = f"{out_dir}.old-{os.getpid()}"
         os.replace(out_dir, old)
     os.replace(staging, out_dir)
     if old is not None:

@@ -321,7 +321,8 @@ def test_tiny_preset_learns_in_seconds_from_any_directory(tmp_path):
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     proc = subprocess.run([sys.executable, "-m", "mpff", "train", "--config", "tiny", "--out", "run"],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+                          preexec_fn=lambda: os.umask(0o022))
     wall = time.perf_counter() - start
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
@@ -334,6 +335,11 @@ def test_tiny_preset_learns_in_seconds_from_any_directory(tmp_path):
     per_chapter = [info["accuracy_per_chapter"][k] for k in sorted(info["accuracy_per_chapter"], key=int)]
     assert per_chapter[-1] > per_chapter[0] + 0.2
     assert (tmp_path / "run" / "report" / "report.md").is_file()
+    # under umask 022 everything the run wrote is readable by the group and the world
+    for folder, _, files in os.walk(tmp_path / "run"):
+        for name in files:
+            mode = os.stat(os.path.join(folder, name)).st_mode
+            assert mode & 0o044 == 0o044, (os.path.join(folder, name), oct(mode))
 
 
 # ------------------------------------------------------------------ mpff settings and train --help
