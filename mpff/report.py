@@ -620,10 +620,10 @@ def _title(fig, text: str) -> None:
     def width(line: str) -> float:
         return measure.get_text_width_height_descent(line, font, ismath=False)[0]
 
-    breakable = text.replace("_", "_\u200b")  # a zero-width space after "_" allows a break there
+    breakable = text.replace("_", "_\x00 ")  # a break is allowed after "_" (marked, removed below)
     lines = [text]
     for chars in range(len(breakable), 4, -1):
-        lines = [line.replace("\u200b", "") for line in
+        lines = [line.replace("\x00 ", "").replace("\x00", "") for line in
                  textwrap.wrap(breakable, chars, break_on_hyphens=True)]
         if max(width(line) for line in lines) <= available:
             break

@@ -193,6 +193,17 @@ def test_figures_fit_a_paper(tmp_path):
     assert "untraced (idle)" in breakdown_legend
 
 
+@pytest.mark.parametrize("name", ["outputs_of_a_sweep_with_underscores_only_in_its_rather_long_name_x",
+                                  "x" * 150, "short"])
+def test_titles_wrap_to_the_figure(name):
+    fig = report._figure(5, 3)
+    fig.add_subplot()
+    report._title(fig, f"{name}: time per rank")
+    _draw(fig)
+    assert _inside(fig, fig._suptitle), fig.get_suptitle()
+    assert fig.get_suptitle().replace("\n", "").replace(": ", ":") == f"{name}:time per rank"
+
+
 def test_every_figure_is_a_200_dpi_png_and_a_pdf(tmp_path):
     run_dir = _run_with_long_name(tmp_path, chapters=6)
     assert report.main([run_dir]) == 0
