@@ -132,7 +132,7 @@ examples:
   mpiexec -n 2 python -m mpi4py -m mpff train --config workstation --set run.schedule=all_layers
   mpiexec -n 4 python -m mpi4py -m mpff train --config paper --set run.schedule=single_layer \\
       --set train.negatives=random --out outputs/paper-sl4
-  mpff train --config workstation --set 'model.dims=[784,200,200]' --set train.epochs=4 --set train.chapters=4
+  mpff train --config workstation --set train.epochs=4 --set train.chapters=4 --out outputs/short
   mpiexec -n 4 python -m mpi4py -m mpff train --resume --out outputs/paper-sl4   # after a stop
   mpff report outputs/paper-sl4          # tables and figures (also written at the end of a run)
 
