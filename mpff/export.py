@@ -59,6 +59,8 @@ REGIONS = {
     "head": ("FUNCTION", "USER", "training the softmax head"),
     "send": ("POINT2POINT", "MPI", "packing and posting a nonblocking send (MPI_Isend)"),
     "recv": ("POINT2POINT", "MPI", "unpacking a received buffer (after MPI_Irecv completed)"),
+    # data-parallel backprop (torch.distributed, not MPI): the all-reduce of a gradient bucket
+    "allreduce": ("COLL_ALL2ALL", "USER", "all-reduce of a gradient bucket (torch.distributed)"),
     "wait": ("POINT2POINT", "MPI", "blocked on a buffer that has not arrived (the bubble)"),
     "eval": ("FUNCTION", "USER", "test-set evaluation"),
     "checkpoint": ("FILE_IO", "USER", "writing a checkpoint"),
