@@ -180,9 +180,7 @@ class Tracer:
             self._spans.clear()
             self._scalars.clear()
             return
-        rss = resident_bytes()  # a memory counter per chapter: reading /proc takes microseconds
-        if rss is not None:
-            self._scalars.append(("host_mem", -1, -1, self.now(), rss))
+        self._sample_memory()
         for name, rows, dtype in (("spans", self._spans, SPAN_DTYPE),
                                   ("scalars", self._scalars, SCALAR_DTYPE)):
             if not rows:
@@ -195,6 +193,12 @@ class Tracer:
             rows.clear()
         self._file.attrs["wall_end"] = self.now()
         self._file.flush()
+
+    def _sample_memory(self) -> None:
+        """A point of the memory counter (at every flush: chapter ends and the close)."""
+        rss = resident_bytes()  # reading /proc takes microseconds
+        if rss is not None:
+            self._scalars.append(("host_mem", -1, -1, self.now(), rss))
 
     def set_attr(self, key: str, value: Any) -> None:
         if self._file is not None:
