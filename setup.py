@@ -2,11 +2,16 @@
 
 Install for development on a workstation (CPU torch pinned for that machine):
 
-    pip install -c constraints.txt -e '.[mpi,test]'
+    pip install -c constraints.txt -e '.[mpi,test,otf2]'
 
 On a cluster, install the site's CUDA build of torch first and build mpi4py
 against the site MPI (`pip install --no-binary mpi4py mpi4py`), then
 `pip install -e .` (no `[mpi]`: the PyPI MPICH is for workstations).
+
+Extras: ``mpi`` (a self-contained MPICH), ``test`` (pytest, ruff), ``otf2`` (the Score-P
+``otf2`` package for ``mpff export --format otf2``; PyPI has wheels for CPython 3.10 and 3.11
+on x86-64 Linux only, so elsewhere the extra installs nothing and OTF2 export says how to get
+the package: from the site's Score-P/OTF2 module, or a Python 3.10/3.11 environment).
 """
 
 from setuptools import find_packages, setup
@@ -34,6 +39,9 @@ setup(
         # A self-contained MPI for workstations (mpiexec in the virtualenv).
         "mpi": ["mpich"],
         "test": ["pytest>=7", "ruff"],
+        # OTF2 archives for Vampir, Scalasca and Pipit (mpff export --format otf2).
+        "otf2": ["otf2>=3.0; python_version >= '3.10' and python_version < '3.12' "
+                 "and platform_machine == 'x86_64' and sys_platform == 'linux'"],
     },
     entry_points={"console_scripts": ["mpff=mpff.cli:main"]},
 )

@@ -27,7 +27,7 @@ def main() -> None:
     args = p.parse_args()
     E = args.epochs
     base = ["model.dims=[784,1000,1000,1000]", f"train.epochs={E}", f"train.chapters={E}",
-            "train.batch_size=64", "train.negatives=random", "train.classifier=goodness",
+            "train.batch_size=64", "train.lr=0.01", "train.negatives=random", "train.classifier=goodness",
             "train.threads=1", "train.eval_every=0", "run.schedule=sequential", "run.report=false",
             "data.test_subset=0", f"data.train_subset={args.train_subset}"]
     runs = []

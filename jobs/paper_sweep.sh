@@ -113,6 +113,21 @@ report() {
   if [ "${MPFF_SWEEP_PREDICT:-0}" = 1 ]; then
     extra+=(--predict)
   fi
+  # the site's set-up (module loads, conda), as jobs/slurm_launch.sh sources it for the runs
+  local setup="${MPFF_SETUP-jobs/site_setup.sh}" status
+  if [ -n "$setup" ]; then
+    if [ -f "$setup" ]; then
+      say "sourcing $setup"
+      set +u
+      # shellcheck source=/dev/null
+      source "$setup"
+      status=$?
+      set -u
+      [ "$status" = 0 ] || die "the set-up file $setup failed (exit $status)"
+    elif [ -n "${MPFF_SETUP:-}" ]; then
+      die "MPFF_SETUP=$setup: no such file"
+    fi
+  fi
   local python rc=0
   python="$(pick_python)"
   say "$python -m mpff report ${finished[*]} ${extra[*]} --out $dir/report"

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Create (once) the project's virtual environment in .venv and install mpff into it.
-# Idempotent and quick the second time: it reinstalls only when setup.py or
-# constraints.txt changed. Override the interpreter with PYTHON=..., the
-# location with MPFF_VENV=...
+# Extras: mpi (MPICH), test (pytest, ruff), otf2 (OTF2 export; installs nothing
+# where PyPI has no otf2 wheel, see setup.py). Idempotent and quick the second
+# time: it reinstalls only when setup.py or constraints.txt changed. Override
+# the interpreter with PYTHON=..., the location with MPFF_VENV=...
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 venv="${MPFF_VENV:-$root/.venv}"
@@ -18,5 +19,5 @@ if [ ! -x "$venv/bin/python" ]; then
 fi
 echo "mpff: installing mpff and its dependencies (first run only; torch is large)" >&2
 "$venv/bin/python" -m pip install --quiet --disable-pip-version-check \
-  -c "$root/constraints.txt" -e "${root}[mpi,test]"
+  -c "$root/constraints.txt" -e "${root}[mpi,test,otf2]"
 echo "$want" > "$stamp"

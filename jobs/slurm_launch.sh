@@ -11,11 +11,18 @@
 # the repository (the sbatch scripts cd to $SLURM_SUBMIT_DIR first).
 #
 # Environment (all optional):
-#   MPFF_CONFIG       preset (default configs/paper.toml)
+#   MPFF_SETUP        a bash file sourced inside the job, on the first node, before
+#                     anything else: module loads, `conda activate`, site variables
+#                     (default jobs/site_setup.sh if it exists; copy
+#                     jobs/site_setup.example.sh there). MPFF_SETUP= sources nothing.
+#                     srun passes the environment it leaves on to every rank.
+#   MPFF_CONFIG       preset: a name (paper, workstation, tiny) or a TOML file
+#                     (default configs/paper.toml)
 #   MPFF_OUT          run directory (default outputs/slurm-<jobid>, next to the
 #                     log outputs/slurm-<jobid>.out; arrays: <arrayjob>_<task>)
 #   MPFF_PYTHON       interpreter with mpff and mpi4py (default .venv/bin/python if
-#                     present, else python3 on PATH, e.g. from `module load`/conda)
+#                     present, else python3 on PATH, e.g. from MPFF_SETUP's
+#                     `module load`/conda)
 #   MPFF_LAUNCHER     srun (default) or mpiexec, for sites whose MPI cannot be
 #                     started by srun: then `mpiexec -n $SLURM_NTASKS` is used, and
 #                     the site's mpiexec finds the allocation itself (Open MPI and
@@ -49,6 +56,24 @@ die() {
 [ -n "${SLURM_JOB_ID:-}" ] || die "not inside a SLURM job; submit with sbatch (see docs/cluster.md)"
 if [ ! -f mpff/__init__.py ] || [ ! -d jobs ]; then
   die "run from the repository root (submit with sbatch from there; now in $(pwd))"
+fi
+
+# The site's set-up first, so that the python, mpiexec and libraries it provides are
+# the ones found below. Sourced with `set -u` off: module and conda scripts read unset
+# variables.
+setup="${MPFF_SETUP-jobs/site_setup.sh}"
+if [ -n "$setup" ]; then
+  if [ -f "$setup" ]; then
+    say "sourcing $setup"
+    set +u
+    # shellcheck source=/dev/null
+    source "$setup"
+    status=$?
+    set -u
+    [ "$status" = 0 ] || die "the set-up file $setup failed (exit $status)"
+  elif [ -n "${MPFF_SETUP:-}" ]; then
+    die "MPFF_SETUP=$setup: no such file"
+  fi
 fi
 
 config="${MPFF_CONFIG:-configs/paper.toml}"

@@ -10,7 +10,8 @@
 # Environment (defaults in brackets):
 #   MPFF_NP       MPI ranks [2]; the schedule must suit it: sequential is 1 rank,
 #                 single_layer needs ranks <= layers, all_layers/federated take any
-#   MPFF_CONFIG   preset [configs/workstation.toml]; configs/tiny.toml runs in seconds
+#   MPFF_CONFIG   preset name (workstation, tiny, paper) or TOML file [workstation];
+#                 tiny runs in seconds
 #   MPFF_OUT      run directory [mpff's default: outputs/<preset>-<schedule>-n<ranks>-<time>]
 #   MPFF_MPIEXEC  mpiexec to use [.venv/bin/mpiexec, the PyPI MPICH; else mpiexec on PATH]
 #   MPIR_CVAR_ENABLE_HEAVY_YIELD [1]: MPICH ranks yield the CPU while waiting instead of
@@ -20,7 +21,7 @@
 # Examples:
 #   bash jobs/workstation.sh --set run.schedule=all_layers --set train.epochs=2
 #   MPFF_NP=1 bash jobs/workstation.sh --set run.schedule=sequential
-#   MPFF_CONFIG=configs/tiny.toml MPFF_OUT=outputs/smoke bash jobs/workstation.sh --force
+#   MPFF_CONFIG=tiny MPFF_OUT=outputs/smoke bash jobs/workstation.sh --force
 # The run directory gets model.h5, run.json, trace/ and report/report.md; compare
 # runs with `.venv/bin/python -m mpff report RUN_DIR RUN_DIR ...`.
 set -euo pipefail
@@ -28,7 +29,7 @@ set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 venv="${MPFF_VENV:-$root/.venv}"
 np="${MPFF_NP:-2}"
-config="${MPFF_CONFIG:-$root/configs/workstation.toml}"
+config="${MPFF_CONFIG:-workstation}"
 
 case "$np" in
   '' | *[!0-9]* | 0)
@@ -39,8 +40,11 @@ esac
 if [ ! -f "$config" ] && [ -f "$root/$config" ]; then
   config="$root/$config" # MPFF_CONFIG=configs/tiny.toml from outside the repository
 fi
-if [ ! -f "$config" ]; then
-  echo "workstation.sh: no preset '$config' (MPFF_CONFIG); presets are in $root/configs" >&2
+preset="${config%.toml}"
+if [ ! -f "$config" ] && [ ! -f "$root/mpff/presets/$preset.toml" ]; then
+  names=()
+  for f in "$root"/mpff/presets/*.toml; do names+=("$(basename "$f" .toml)"); done
+  echo "workstation.sh: no preset or file '$config' (MPFF_CONFIG); presets: ${names[*]}" >&2
   exit 2
 fi
 

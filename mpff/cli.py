@@ -1,4 +1,4 @@
-"""Command line: ``python -m mpff {train,report,predict,info}``.
+"""Command line: ``python -m mpff {train,report,predict,export,settings,info}``.
 
     mpiexec -n 2 python -m mpi4py -m mpff train --config configs/workstation.toml [--set k=v] [--out DIR]
     python -m mpff report RUN_DIR [RUN_DIR ...] [--baseline RUN_DIR]
@@ -37,6 +37,18 @@ def cmd_predict(comm, argv: list[str]) -> int:  # noqa: ARG001 (no MPI: runs on 
     from . import predict
 
     return int(predict.main(argv) or 0)
+
+
+def cmd_export(comm, argv: list[str]) -> int:  # noqa: ARG001 (no MPI)
+    from . import export
+
+    return int(export.main(argv) or 0)
+
+
+def cmd_settings(comm, argv: list[str]) -> int:  # noqa: ARG001 (no MPI)
+    from . import settings
+
+    return int(settings.main(argv) or 0)
 
 
 def cmd_info(comm, args: argparse.Namespace) -> int:  # noqa: ARG001
@@ -92,8 +104,9 @@ def _rank() -> int:
 
 def train_epilog() -> str:
     from .halt import EXIT_CODES
+    from .settings import TRAIN_EPILOG
     codes = "\n".join(f"  {code:>3}  {text}" for code, text in EXIT_CODES.items())
-    return f"exit codes (the same on every rank; docs/faults.md):\n{codes}"
+    return f"{TRAIN_EPILOG}\n\nexit codes (the same on every rank; docs/faults.md):\n{codes}"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -107,13 +120,16 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("report", help="timing and bubble report of finished runs (no MPI needed)", add_help=False)
     sub.add_parser("predict", help="predict time and speedup on more ranks from a run (no MPI needed)",
                    add_help=False)
+    sub.add_parser("export", help="a run's traces as OTF2 (Vampir, Scalasca, Pipit) or Chrome JSON (no MPI)",
+                   add_help=False)
+    sub.add_parser("settings", help="every setting with its type, default and meaning", add_help=False)
     sub.add_parser("info", help="versions, devices and world size")
     return parser
 
 
 #: name -> (command, whether it runs under MPI); commands that parse their own arguments get argv
 COMMANDS = {"train": (cmd_train, True), "info": (cmd_info, True)}
-RAW_COMMANDS = {"report": cmd_report, "predict": cmd_predict}
+RAW_COMMANDS = {"report": cmd_report, "predict": cmd_predict, "export": cmd_export, "settings": cmd_settings}
 
 
 def main(argv: list[str] | None = None, comm=None) -> int:
@@ -132,6 +148,7 @@ def main(argv: list[str] | None = None, comm=None) -> int:
             command = argv[0] if argv and argv[0] in COMMANDS else ""
             print(f"mpff{' ' + command if command else ''}: error: {exc}", file=sys.stderr)
         return 2
+    args.argv = argv  # the command line, for run.json's provenance
     fn, needs_mpi = COMMANDS[args.command]
     if needs_mpi and comm is None:
         from .comm import world

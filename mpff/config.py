@@ -1,8 +1,10 @@
 """Run configuration: frozen dataclasses, TOML presets, ``--set`` overrides, validation.
 
 A configuration has four sections (``model``, ``train``, ``data``, ``run``), each a
-keyword-only frozen dataclass whose fields carry their documentation. Presets live
-in ``configs/*.toml``; ``--set section.key=value`` overrides any field. Every
+keyword-only frozen dataclass whose fields carry their documentation (``mpff settings``
+prints them all). Presets ship inside the package, in ``mpff/presets/*.toml`` (``configs/``
+in a clone links to them): ``--config tiny`` names one from any directory, and a path names
+any TOML file. ``--set section.key=value`` overrides any field. Every
 problem a user can fix raises :class:`ConfigError` (a ``ValueError``) with one
 sentence that says what to do; the CLI prints it once and exits with code 2.
 """
@@ -15,6 +17,7 @@ import math
 import os
 import sys
 from dataclasses import dataclass, field, fields
+from importlib import resources
 from typing import Any
 
 if sys.version_info >= (3, 11):
@@ -381,13 +384,31 @@ def parse_override(text: str) -> tuple[str, str, Any]:
     return section, key, value
 
 
+def preset_names() -> list[str]:
+    """The presets shipped in the package (``mpff/presets/<name>.toml``), sorted."""
+    folder = resources.files("mpff") / "presets"
+    return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".toml"))
+
+
+def resolve_config_path(path: str) -> str:
+    """The TOML file ``--config`` names: an existing file, else a packaged preset given by
+    its bare name (``tiny``) or file name (``tiny.toml``), so presets work from any directory."""
+    if os.path.isfile(path):
+        return path
+    name = path[:-5] if path.endswith(".toml") else path
+    if os.sep not in path and (os.altsep is None or os.altsep not in path) and name in preset_names():
+        # resources.files is a real directory for a normal (or editable) install, not a zip
+        return str(resources.files("mpff") / "presets" / f"{name}.toml")
+    raise ConfigError(f"config file {path!r} not found; give a TOML file or a preset name "
+                      f"({', '.join(preset_names())})")
+
+
 def load(path: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Read a TOML preset (or the defaults when path is None) and apply --set overrides."""
+    """Read a TOML file or packaged preset (the defaults when path is None), apply --set overrides."""
     data: dict[str, Any] = {}
     name = "run"
     if path:
-        if not os.path.isfile(path):
-            raise ConfigError(f"config file {path!r} not found; see configs/ for presets")
+        path = resolve_config_path(path)
         try:
             with open(path, "rb") as fh:
                 data = tomllib.load(fh)

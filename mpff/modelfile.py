@@ -11,6 +11,14 @@ Layout (``docs/traces.md`` has the run directory as a whole)::
     /input/mean, /input/std  (input_dim,) float32: raw pixel / 255 -> (x - mean) / std
     /config/<section>      attrs: the resolved configuration, one attribute per key
 
+Every dataset says what it holds in its attributes: ``layout`` (the meaning of each axis,
+e.g. ``(out_features, in_features)``: ``y = x @ weight.T + bias`` as torch.nn.Linear),
+``units`` and ``description``. Adding them left the layout as it was, so files written
+before them (the same format_version 1) read the same.
+
+Files are created with the permissions the umask gives a new file (0644 under umask 022),
+like any file a program writes, not mkstemp's private 0600: a group can read its runs.
+
 ``mpff.load_model(path).predict(images)`` classifies raw images (uint8 0..255, any shape with
 ``input_dim`` values per sample) with the goodness or softmax classifier.
 
@@ -63,10 +71,26 @@ def host_facts() -> dict[str, Any]:
     return facts
 
 
+def current_umask() -> int:
+    """The process's umask, read without changing it where Linux shows it (/proc, kernel >= 4.7);
+    elsewhere set and restored at once (mpff writes files from one thread)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_h5(path: str):
     """Context manager: an h5py.File built in memory, written to ``path`` atomically when the
     block succeeds (:func:`mpff.fsutil.write_atomic`): a crash, a full disk or an I/O error never
-    leaves a half-written file at ``path``, nor a temporary file beside it."""
+    leaves a half-written file at ``path``, nor a temporary file beside it. The file gets the
+    permissions the umask gives new files."""
     class _Atomic:
         def __enter__(self):
             os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -95,8 +119,14 @@ def save_model(path: str, net: FFNet, cfg, *, input_mean: np.ndarray, input_std:
         a["threshold_coeff"] = cfg.model.threshold_coeff
         a["goodness"] = cfg.model.goodness
         a["norm_eps"] = cfg.model.norm_eps
+        for k in range(len(net.layers)):
+            f.create_group(f"layers/{k}").attrs["description"] = (
+                f"FF layer {k}: y = relu(x_n @ weight.T + bias), x_n = x / (||x||_2 + norm_eps), x the "
+                f"{'input' if k == 0 else 'layer below'}")
         _write_layers(f, net.layers)
-        f.create_dataset("head/weight", data=net.head.weight.detach().cpu().numpy())
+        _dataset(f, "head/weight", net.head.weight, "(classes, sum(dims[2:]))", "1",
+                 "bias-free softmax head: logits = concat(activations of layers 1..L-1 on a neutral "
+                 "sample) @ weight.T (layer 0 is skipped, as the paper does)")
 
 
 def save_bp_model(path: str, net, cfg, input_mean: np.ndarray, input_std: np.ndarray,
@@ -107,6 +137,10 @@ def save_bp_model(path: str, net, cfg, input_mean: np.ndarray, input_std: np.nda
         _write_common(f, net.dims, cfg, input_mean, input_std, input_scale, test_accuracy, extra)
         f.attrs["algorithm"] = "backprop"
         f.attrs["classifier"] = "argmax"
+        for k in range(len(net.layers)):
+            last = k == len(net.layers) - 1
+            f.create_group(f"layers/{k}").attrs["description"] = (
+                f"MLP layer {k}: y = {'x @ weight.T + bias (the logits)' if last else 'relu(x @ weight.T + bias)'}")
         _write_layers(f, net.layers)
 
 
@@ -125,9 +159,14 @@ def _write_common(f: h5py.File, dims, cfg, input_mean, input_std, input_scale: f
         a[f"host_{k}"] = v if isinstance(v, (str, int)) else json.dumps(v)
     for k, v in (extra or {}).items():
         a[k] = v if isinstance(v, (str, int, float)) else json.dumps(v)
-    f.create_dataset("input/mean", data=np.asarray(input_mean, dtype=np.float32))
-    f.create_dataset("input/std", data=np.asarray(input_std, dtype=np.float32))
+    a["weights_layout"] = "(out_features, in_features), as torch.nn.Linear: y = x @ weight.T + bias"
+    _dataset(f, "input/mean", np.asarray(input_mean, dtype=np.float32), "(input_dim,)",
+             "raw / scale", "per-input mean subtracted after dividing raw values by scale")
+    _dataset(f, "input/std", np.asarray(input_std, dtype=np.float32), "(input_dim,)",
+             "raw / scale", "per-input standard deviation: x = (raw / scale - mean) / std")
     f["input"].attrs["scale"] = float(input_scale)
+    f["input"].attrs["description"] = ("input normalisation: x = (raw / scale - mean) / std, raw "
+                                       "the data set's values (0..255 pixels for MNIST)")
     for section, values in cfg.to_dict().items():
         if isinstance(values, dict):
             g = f.create_group(f"config/{section}")
@@ -137,9 +176,10 @@ def _write_common(f: h5py.File, dims, cfg, input_mean, input_std, input_scale: f
 
 def _write_layers(f: h5py.File, layers) -> None:
     for k, layer in enumerate(layers):
-        g = f.create_group(f"layers/{k}")
-        g.create_dataset("weight", data=layer.weight.detach().cpu().numpy())
-        g.create_dataset("bias", data=layer.bias.detach().cpu().numpy())
+        g = f.require_group(f"layers/{k}")
+        _dataset(g, "weight", layer.weight, "(out_features, in_features)", "1",
+                 f"weights of layer {k} ({layer.weight.shape[1]} inputs -> {layer.weight.shape[0]} units)")
+        _dataset(g, "bias", layer.bias, "(out_features,)", "1", f"biases of layer {k}")
 
 
 def _normalize_images(images, mean: torch.Tensor, std: torch.Tensor, scale: float) -> torch.Tensor:
@@ -172,6 +212,15 @@ def _normalize_images(images, mean: torch.Tensor, std: torch.Tensor, scale: floa
         if floating and 0 < hi <= 1.0:
             raise ValueError("the images look scaled to 0..1; pass raw 0..255 pixel values (multiply by 255)")
     return (x / scale - mean) / std
+
+
+def _dataset(group, name: str, data, layout: str, units: str, description: str) -> None:
+    if torch.is_tensor(data):
+        data = data.detach().cpu().numpy()
+    ds = group.create_dataset(name, data=data)
+    ds.attrs["layout"] = layout
+    ds.attrs["units"] = units
+    ds.attrs["description"] = description
 
 
 class FFModel(nn.Module):
@@ -243,6 +292,10 @@ def load_model(path: str, device: str = "cpu") -> FFModel | BPModel:
     with f:
         if f.attrs.get("format") != FORMAT:
             raise ConfigError(f"{path!r} is not an mpff model file")
+        version = int(f.attrs.get("format_version", 1))
+        if version > FORMAT_VERSION:
+            raise ConfigError(f"{path!r} has model format version {version}, newer than this mpff "
+                              f"reads ({FORMAT_VERSION}); upgrade mpff")
         a = dict(f.attrs)
         dims = [int(d) for d in a["dims"]]
         if a.get("algorithm", "ff") == "backprop":

@@ -97,8 +97,8 @@ class RankTrace:
     wall_end: float
     config: dict | None
     kinds: np.ndarray       # str, one per span
-    spans: np.ndarray       # trace.SPAN_DTYPE
-    scalars: np.ndarray     # trace.SCALAR_DTYPE
+    spans: np.ndarray       # SPAN_FIELDS: chapter (1-based, -1 none), layer, start, end, bytes, peer
+    scalars: np.ndarray     # SCALAR_FIELDS: chapter (1-based, -1 none), layer, time, value
     scalar_names: np.ndarray
 
     @property
@@ -133,8 +133,32 @@ def _attr_str(attrs: h5py.AttributeManager, key: str, default: str = "") -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
+#: What the report keeps of a trace's records: the numbers (kinds and names apart, as str).
+SPAN_FIELDS = np.dtype([("chapter", "<i4"), ("layer", "<i4"), ("start", "<f8"), ("end", "<f8"),
+                        ("bytes", "<i8"), ("peer", "<i4")])
+SCALAR_FIELDS = np.dtype([("chapter", "<i4"), ("layer", "<i4"), ("time", "<f8"), ("value", "<f8")])
+
+
+def _numbers(records: np.ndarray, dtype: np.dtype, version: int) -> np.ndarray:
+    """The numeric fields of a trace's records, chapters 1-based whatever the file version."""
+    out = np.empty(records.shape, dtype=dtype)
+    for name in dtype.names:
+        out[name] = records[name]
+    if version < 2:  # version 1 stored 0-based chapters
+        out["chapter"] = np.where(out["chapter"] >= 0, out["chapter"] + 1, -1)
+    return out
+
+
+def _texts(column: np.ndarray) -> np.ndarray:
+    """A string field as str: NUL-padded bytes (version 1) or variable-length UTF-8 (version 2)."""
+    return np.array([v.decode() if isinstance(v, bytes) else str(v) for v in column.tolist()],
+                    dtype=object).astype(str) if column.size else np.array([], dtype=str)
+
+
 def read_trace(path: str) -> RankTrace:
-    """Read one rank file; anything unreadable is a ConfigError naming the file."""
+    """Read one rank file (format version 1 or 2); anything unreadable is a ConfigError naming it.
+
+    Chapters come back 1-based, as the report shows them, from either version."""
     if not os.path.isfile(path):
         raise ConfigError(f"trace file {path} is missing; the run did not finish writing its traces, "
                           "so rerun it (or report another run)")
@@ -149,16 +173,17 @@ def read_trace(path: str) -> RankTrace:
                 raise ConfigError(f"{path} has trace format version {version}, newer than this mpff "
                                   f"reads ({trace_mod.FORMAT_VERSION}); upgrade mpff")
             config_text = attrs.get("config")
-            spans = fh["spans"][()].astype(trace_mod.SPAN_DTYPE)
-            scalars = fh["scalars"][()].astype(trace_mod.SCALAR_DTYPE)
+            spans = fh["spans"][()]
+            scalars = fh["scalars"][()]
             rt = RankTrace(
                 path=path, rank=int(attrs["rank"]), world_size=int(attrs.get("world_size", 0)),
                 host=_attr_str(attrs, "host", "?"), device=_attr_str(attrs, "device", "?"),
                 status=_attr_str(attrs, "status", "?"),
                 wall_start=float(attrs["wall_start"]), wall_end=float(attrs["wall_end"]),
                 config=json.loads(config_text) if config_text is not None else None,
-                kinds=spans["kind"].astype(str), spans=spans, scalars=scalars,
-                scalar_names=scalars["name"].astype(str),
+                kinds=_texts(spans["kind"]), spans=_numbers(spans, SPAN_FIELDS, version),
+                scalars=_numbers(scalars, SCALAR_FIELDS, version),
+                scalar_names=_texts(scalars["name"]),
             )
     except ConfigError:
         raise
@@ -263,7 +288,7 @@ class RunSummary:
     bubble_measured: float
     bubble_modelled: float | None
     model_note: str
-    accuracy_by_chapter: dict[int, float]   # fractions
+    accuracy_by_chapter: dict[int, float]   # 1-based chapter -> fraction
     final_accuracy: float | None
     notes: list[str]
 
@@ -331,7 +356,7 @@ def summarize_rank(rt: RankTrace) -> RankSummary:
 
 
 def accuracy_by_chapter(run: Run) -> dict[int, float]:
-    """Test accuracy (fraction) per chapter, from whichever rank evaluated it (latest wins)."""
+    """Test accuracy (fraction) per 1-based chapter, from whichever rank evaluated it (latest wins)."""
     found: dict[int, tuple[float, float]] = {}
     for rt in run.ranks:
         sel = rt.scalars[rt.scalar_names == "test_accuracy"]
@@ -342,7 +367,7 @@ def accuracy_by_chapter(run: Run) -> dict[int, float]:
 
 
 def task_durations(run: Run) -> dict[tuple[str, int, int], float]:
-    """Measured task times for the task-graph model.
+    """Measured task times for the task-graph model, keyed by 0-based chapter as the plan is.
 
     ("train", c, k) and ("forward", c, k): the train spans of chapter c, layer k, and the
     forward passes that made its inputs, on the rank that trained (c, k);
@@ -353,7 +378,9 @@ def task_durations(run: Run) -> dict[tuple[str, int, int], float]:
     trained: dict[tuple[int, int], list[int]] = {}
     for rt in run.ranks:
         acc: dict[tuple[str, int, int], float] = {}
-        for kind, c, k, start, end in zip(rt.kinds.tolist(), rt.spans["chapter"].tolist(),
+        # the one place where the traces' 1-based chapters become the plan's 0-based ones
+        chapters = np.where(rt.spans["chapter"] > 0, rt.spans["chapter"] - 1, -1)
+        for kind, c, k, start, end in zip(rt.kinds.tolist(), chapters.tolist(),
                                           rt.spans["layer"].tolist(), rt.spans["start"].tolist(),
                                           rt.spans["end"].tolist()):
             dur = max(end - start, 0.0)
@@ -952,60 +979,130 @@ def plot_scaling(summaries: list[RunSummary], pairs: list[Pairing], path: str,
     else:
         ax.text(0.5, 0.5, "no run has a Sequential baseline of its problem", ha="center", va="center",
                 transform=ax.transAxes)
-    ax.set_title("speedup against ranks" + (" (error bars: min to max over seeds)"
-                                            if any(len(v) > 1 for p in series.values() for v in p.values()) else ""))
-    fig.savefig(path, dpi=110)
-    fig.savefig(os.path.splitext(path)[0] + ".pdf")
+    _title(fig, "speedup against ranks" + (" (error bars: min to max over seeds)"
+                                           if any(len(v) > 1 for p in series.values() for v in p.values()) else ""))
+    save_figure(fig, path)
 
 
 # ---------------------------------------------------------------- pictures and trace.json
 
+#: Every figure is written twice: PNG at this resolution, and a vector PDF beside it for papers.
+FIGURE_DPI = 200
+UNTRACED_COLOR = "#e8e8e8"   # wall time no span covers (idle), hatched in every figure
+UNTRACED_HATCH = "////"
+
+
 def _figure(width: float, height: float):
-    # Figure without pyplot: no global backend state, PNG through Agg
+    # Figure without pyplot: no global backend state, PNG and PDF through Agg
     from matplotlib.figure import Figure
     return Figure(figsize=(width, height), layout="constrained")
 
 
+TITLE_SIZE = 11.0  # points
+
+
+def _title(fig, text: str) -> None:
+    """The figure's title, wrapped (at spaces, hyphens, underscores, or anywhere in the last
+    resort) to the figure's width, so that a long run name is never cut off."""
+    import textwrap
+
+    from matplotlib.font_manager import FontProperties
+    from matplotlib.textpath import TextToPath
+    font, measure = FontProperties(size=TITLE_SIZE), TextToPath()
+    available = 0.94 * fig.get_figwidth() * 72.0  # points
+
+    def width(line: str) -> float:
+        return measure.get_text_width_height_descent(line, font, ismath=False)[0]
+
+    breakable = text.replace("_", "_\x00 ")  # a break is allowed after "_" (marked, removed below)
+    lines = [text]
+    for chars in range(len(breakable), 4, -1):
+        lines = [line.replace("\x00 ", "").replace("\x00", "") for line in
+                 textwrap.wrap(breakable, chars, break_on_hyphens=True)]
+        if max(width(line) for line in lines) <= available:
+            break
+    fig.suptitle("\n".join(lines), fontsize=TITLE_SIZE)
+
+
+def save_figure(fig, path: str) -> list[str]:
+    """Write ``path`` (a .png name) at FIGURE_DPI and the same figure as PDF beside it;
+    returns both paths. Fonts are embedded as TrueType (Type 42), which journals accept."""
+    from matplotlib import rc_context
+    root, _ = os.path.splitext(path)
+    paths = [root + ".png", root + ".pdf"]
+    with rc_context({"pdf.fonttype": 42, "ps.fonttype": 42}):
+        fig.savefig(paths[0], dpi=FIGURE_DPI)
+        fig.savefig(paths[1])
+    return paths
+
+
+def _spaced(xs: list[float], min_gap: float) -> list[bool]:
+    """Which of the sorted positions xs to label so that labels are at least min_gap apart."""
+    keep, last = [], -math.inf
+    for x in xs:
+        keep.append(x - last >= min_gap)
+        if keep[-1]:
+            last = x
+    return keep
+
+
 def plot_timeline(run: Run, path: str) -> None:
+    save_figure(timeline_figure(run), path)
+
+
+def timeline_figure(run: Run):
+    """One row per rank: spans coloured by kind over the untraced (idle) wall, chapter ticks."""
     from matplotlib.patches import Patch
     n = run.world_size
-    fig = _figure(12, 1.2 + 0.7 * n)
+    fig = _figure(12, 1.4 + 0.7 * n)
     ax = fig.add_subplot()
     t0 = run.wall_start
+    wall = max(run.wall, 1e-9)
     used: set[str] = set()
     for rt in run.ranks:
         y = n - 1 - rt.rank
-        ax.broken_barh([(rt.wall_start - t0, rt.wall)], (y - 0.4, 0.8), facecolors="none",
-                       edgecolors="#999999", linewidth=0.6)
+        # the rank's wall underneath: what no span covers shows as untraced (idle) time
+        ax.broken_barh([(rt.wall_start - t0, rt.wall)], (y - 0.35, 0.7), facecolors=UNTRACED_COLOR,
+                       edgecolors="#b0b0b0", hatch=UNTRACED_HATCH, linewidth=0.4)
         for kind in dict.fromkeys(rt.kinds):
             sel = rt.spans[rt.kinds == kind]
             bars = list(zip(sel["start"] - t0, np.maximum(sel["end"] - sel["start"], 0.0)))
             ax.broken_barh(bars, (y - 0.35, 0.7), facecolors=KIND_COLORS.get(kind, OTHER_KIND_COLOR),
                            linewidth=0)
             used.add(kind)
-        # chapter boundaries: where this rank starts its work of each chapter
-        chapter_spans = rt.spans[rt.spans["chapter"] >= 0]
+        # chapter boundaries: where this rank starts its work of each chapter (1-based)
+        chapter_spans = rt.spans[rt.spans["chapter"] >= 1]
         starts: dict[int, float] = {}
         for c, s in zip(chapter_spans["chapter"], chapter_spans["start"]):
             starts[int(c)] = min(starts.get(int(c), math.inf), float(s))
-        step = max(1, math.ceil(len(starts) / 20))
-        for i, (c, s) in enumerate(sorted(starts.items())):
+        ordered = sorted(starts.items(), key=lambda item: item[1])
+        # a label "c100" is about 0.25 inch wide at 6.5 pt; the axes are about 10 inches
+        labelled = _spaced([s - t0 for _, s in ordered], 0.03 * wall)
+        for (c, s), label in zip(ordered, labelled):
             ax.vlines(s - t0, y - 0.45, y + 0.45, colors="black", linewidth=0.5)
-            if i % step == 0:
-                ax.text(s - t0, y + 0.42, f"c{c}", fontsize=6, va="bottom", ha="left")
+            if label:
+                ax.text(s - t0, y + 0.41, f"c{c}", fontsize=6.5, va="bottom", ha="left")
     ax.set_yticks(range(n), [f"rank {n - 1 - i}" for i in range(n)])
-    ax.set_ylim(-0.6, n - 0.2)
-    ax.set_xlim(0, max(run.wall, 1e-9))
-    ax.set_xlabel("time since the first rank started (s); ticks c<N>: chapter N begins")
-    ax.set_title(f"{run.name}: timeline")
+    ax.set_ylim(-0.6, n - 0.1)
+    ax.set_xlim(0, wall)
+    ax.set_xlabel("time since the first rank started (s); a tick c<N> marks where a rank begins "
+                  "chapter N (1 = first)")
+    _title(fig, f"{run.name}: timeline")
     kinds = [k for k in trace_mod.SPAN_KINDS if k in used] + sorted(used - set(trace_mod.SPAN_KINDS))
-    ax.legend(handles=[Patch(color=KIND_COLORS.get(k, OTHER_KIND_COLOR), label=k) for k in kinds],
-              loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8)
-    fig.savefig(path, dpi=110)
+    handles = [Patch(color=KIND_COLORS.get(k, OTHER_KIND_COLOR), label=k) for k in kinds]
+    handles.append(Patch(facecolor=UNTRACED_COLOR, edgecolor="#b0b0b0", hatch=UNTRACED_HATCH,
+                         label="untraced (idle)"))
+    ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8)
+    return fig
 
 
 def plot_breakdown(s: RunSummary, path: str) -> None:
-    fig = _figure(max(4, 1.2 * len(s.ranks) + 2.5), 4)
+    save_figure(breakdown_figure(s), path)
+
+
+def breakdown_figure(s: RunSummary):
+    """One stacked bar per rank: the five categories, the untraced part of "other" apart."""
+    fig = _figure(max(6.0, 1.1 * len(s.ranks) + 4.0), 4.2)
     ax = fig.add_subplot()
     x = np.arange(len(s.ranks))
     bottom = np.zeros(len(s.ranks))
@@ -1014,19 +1111,25 @@ def plot_breakdown(s: RunSummary, path: str) -> None:
         if c == "other":  # show the untraced part of "other" apart: it counts as idle
             untraced = np.array([r.uncovered for r in s.ranks])
             ax.bar(x, values - untraced, bottom=bottom, color=CATEGORY_COLORS[c], label="other (spans)")
-            ax.bar(x, untraced, bottom=bottom + values - untraced, color="#e0e0e0", hatch="//",
-                   edgecolor="#9e9e9e", linewidth=0, label="other (untraced)")
+            ax.bar(x, untraced, bottom=bottom + values - untraced, color=UNTRACED_COLOR,
+                   hatch=UNTRACED_HATCH, edgecolor="#b0b0b0", linewidth=0, label="untraced (idle)")
         else:
             ax.bar(x, values, bottom=bottom, color=CATEGORY_COLORS[c], label=c)
         bottom += values
     ax.set_xticks(x, [f"rank {r.rank}\n{_pct(r.bubble)} bubble" for r in s.ranks])
     ax.set_ylabel("seconds")
-    ax.set_title(f"{s.name}: time per rank")
+    _title(fig, f"{s.name}: time per rank")
     ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8)
-    fig.savefig(path, dpi=110)
+    return fig
 
 
 def plot_accuracy(summaries: list[RunSummary], path: str) -> None:
+    save_figure(accuracy_figure(summaries), path)
+
+
+def accuracy_figure(summaries: list[RunSummary]):
+    """Test accuracy per (1-based) chapter, one line per run."""
+    from matplotlib.ticker import MaxNLocator
     fig = _figure(7, 4)
     ax = fig.add_subplot()
     plotted = False
@@ -1036,15 +1139,16 @@ def plot_accuracy(summaries: list[RunSummary], path: str) -> None:
             ax.plot(chapters, [100.0 * v for v in s.accuracy_by_chapter.values()], marker=".", label=s.name)
             plotted = True
     if plotted:
-        ax.set_xlabel("chapter")
+        ax.set_xlabel("chapter (1 = first)")
         ax.set_ylabel("test accuracy (%)")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
         ax.grid(alpha=0.3)
         if len(summaries) > 1:
             ax.legend(fontsize=8)
     else:
         ax.text(0.5, 0.5, "no test accuracy recorded", ha="center", va="center", transform=ax.transAxes)
-    ax.set_title("test accuracy per chapter")
-    fig.savefig(path, dpi=110)
+    _title(fig, "test accuracy per chapter")
+    return fig
 
 
 # ---------------------------------------------------------------- FF against backprop: cost
@@ -1130,8 +1234,8 @@ def plot_time_to_accuracy(summaries: list[RunSummary], path: str) -> None:
         ax.legend(fontsize=7)
     else:
         ax.text(0.5, 0.5, "no test accuracy recorded", ha="center", va="center", transform=ax.transAxes)
-    ax.set_title("time to accuracy")
-    fig.savefig(path, dpi=110)
+    _title(fig, "time to accuracy")
+    save_figure(fig, path)
 
 
 def plot_comparison(summaries: list[RunSummary], path: str) -> None:
@@ -1145,7 +1249,7 @@ def plot_comparison(summaries: list[RunSummary], path: str) -> None:
     ax_time.bar(x, training, bottom=setup, color="#1f77b4", label="training")
     ax_time.bar(x, np.maximum(rest, 0.0), bottom=setup + training, color="#bcbd22", label="after training")
     ax_time.set_ylabel("wall time (s)")
-    ax_time.set_title("runs compared")
+    _title(fig, "runs compared")
     ax_time.legend(fontsize=8)
     measured = [100 * s.bubble_measured for s in summaries]
     in_training = [100 * s.training.bubble for s in summaries]
@@ -1157,31 +1261,113 @@ def plot_comparison(summaries: list[RunSummary], path: str) -> None:
     ax_bubble.legend(fontsize=8)
     ax_bubble.set_xticks(x, [f"{s.name}\n{s.setting('run', 'schedule')}, N={s.run.world_size}"
                              for s in summaries], fontsize=8)
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path)
+
+
+@dataclass(frozen=True)
+class Message:
+    """One buffer that went from rank ``src`` to rank ``dst``: the indices of its send span
+    (in ``run.ranks[src].spans``) and of its recv span (in ``run.ranks[dst].spans``)."""
+    src: int
+    send: int
+    dst: int
+    recv: int
+    chapter: int    # 1-based, -1: none
+    layer: int      # the buffer's index (-1: the head or the negatives)
+    nbytes: int
+
+
+def messages(run: Run) -> tuple[list[Message], int, int]:
+    """Pair every send span with its recv span; returns (pairs, unmatched sends, unmatched recvs).
+
+    A send span on rank r with peer p is the recv span on rank p with peer r that has the
+    same chapter, layer and bytes (the engine labels both with the buffer's chapter and index).
+    Where several match -- the head and the negatives of one chapter are both layer -1, and
+    could have the same size -- they pair in time order, as MPI delivers messages between two
+    ranks. A send without a recv is a buffer the receiver never unpacked (a killed run, or
+    adaptive negatives in 'newest' mode that a newer set overtook)."""
+    def grouped(kind: str) -> dict[tuple, list[tuple[float, int]]]:
+        out: dict[tuple, list[tuple[float, int]]] = {}
+        for rt in run.ranks:
+            for i in np.flatnonzero(rt.kinds == kind):
+                sp = rt.spans[i]
+                here, there = rt.rank, int(sp["peer"])
+                src, dst = (here, there) if kind == "send" else (there, here)
+                key = (src, dst, int(sp["chapter"]), int(sp["layer"]), int(sp["bytes"]))
+                out.setdefault(key, []).append((float(sp["start"]), int(i)))
+        return out
+
+    sends, recvs = grouped("send"), grouped("recv")
+    pairs: list[Message] = []
+    for key, sent in sends.items():
+        received = sorted(recvs.get(key, []))
+        for (_, i), (_, j) in zip(sorted(sent), received):
+            pairs.append(Message(key[0], i, key[1], j, key[2], key[3], key[4]))
+    n_send = sum(len(v) for v in sends.values())
+    n_recv = sum(len(v) for v in recvs.values())
+    return pairs, n_send - len(pairs), n_recv - len(pairs)
+
+
+#: Counter tracks of trace.json: scalar name -> (track name, scale, series label).
+COUNTERS = {
+    "loss": ("FF loss", 1.0, "layer {layer}"),
+    "head_loss": ("head loss", 1.0, "head"),
+    "test_accuracy": ("test accuracy (%)", 100.0, "accuracy"),
+    "negatives_changed": ("negatives changed (%)", 100.0, "changed"),
+    "host_mem": ("host memory (MiB)", 1 / 2**20, "resident"),
+    "peak_host_mem": ("host memory (MiB)", 1 / 2**20, "peak"),
+    "peak_gpu_mem": ("GPU memory (MiB)", 1 / 2**20, "peak allocated"),
+}
+
+
+def _us(seconds: float) -> float:
+    return round(seconds * 1e6, 3)
 
 
 def chrome_trace(run: Run) -> dict:
-    """Chrome trace event JSON: one process per rank, spans as complete ("X") events in µs."""
+    """Chrome trace event JSON (Perfetto, chrome://tracing): one process per rank with one named
+    thread, spans as complete ("X") events in µs, a flow arrow from each send to its receive
+    ("s"/"f" events bound to the two slices), and counter tracks ("C") for the losses, the test
+    accuracy and memory."""
     t0 = run.wall_start
     events: list[dict] = []
     for rt in run.ranks:
-        events.append({"name": "process_name", "ph": "M", "pid": rt.rank, "tid": 0,
+        pid = rt.rank
+        events.append({"name": "process_name", "ph": "M", "pid": pid, "tid": 0,
                        "args": {"name": f"rank {rt.rank} ({rt.host}, {rt.device})"}})
-        events.append({"name": "process_sort_index", "ph": "M", "pid": rt.rank, "tid": 0,
+        events.append({"name": "process_sort_index", "ph": "M", "pid": pid, "tid": 0,
                        "args": {"sort_index": rt.rank}})
+        events.append({"name": "thread_name", "ph": "M", "pid": pid, "tid": 0,
+                       "args": {"name": f"rank {rt.rank} tasks"}})
         for kind, span in zip(rt.kinds, rt.spans):
             chapter, layer = int(span["chapter"]), int(span["layer"])
             name = kind + (f" c{chapter}" if chapter >= 0 else "") + (f" L{layer}" if layer >= 0 else "")
             events.append({
                 "name": name, "cat": KIND_CATEGORY.get(kind, "other"), "ph": "X",
-                "ts": round((float(span["start"]) - t0) * 1e6, 3),
-                "dur": round(max(float(span["end"] - span["start"]), 0.0) * 1e6, 3),
-                "pid": rt.rank, "tid": 0,
+                "ts": _us(float(span["start"]) - t0),
+                "dur": _us(max(float(span["end"] - span["start"]), 0.0)),
+                "pid": pid, "tid": 0,
                 "args": {"chapter": chapter, "layer": layer, "bytes": int(span["bytes"]),
                          "peer": int(span["peer"])},
             })
+        for name, span in zip(rt.scalar_names, rt.scalars):
+            if name not in COUNTERS:
+                continue
+            track, scale, series = COUNTERS[name]
+            events.append({"name": track, "ph": "C", "pid": pid, "tid": 0,
+                           "ts": _us(float(span["time"]) - t0),
+                           "args": {series.format(layer=int(span["layer"])): float(span["value"]) * scale}})
+    pairs, _, _ = messages(run)
+    for flow_id, m in enumerate(pairs):
+        # each end sits in the middle of its slice and binds to it ("bp": "e": enclosing slice)
+        for ph, rank, index in (("s", m.src, m.send), ("f", m.dst, m.recv)):
+            span = run.ranks[rank].spans[index]
+            middle = (float(span["start"]) + max(float(span["end"]), float(span["start"]))) / 2
+            events.append({"name": "message", "cat": "message", "ph": ph, "id": flow_id, "bp": "e",
+                           "pid": rank, "tid": 0, "ts": _us(middle - t0)})
     return {"traceEvents": events, "displayTimeUnit": "ms",
-            "otherData": {"run": run.name, "time_base": "seconds since the first rank's wall_start"}}
+            "otherData": {"run": run.name, "time_base": "microseconds since the first rank's wall_start",
+                          "chapters": "1-based", "layers": "0-based (model.h5 layers/<k>)"}}
 
 
 # ---------------------------------------------------------------- writing
@@ -1206,8 +1392,12 @@ def run_markdown(s: RunSummary, baseline: RunSummary | None) -> str:
         "## Bytes moved", "", bytes_table(s), "",
         "## Peak memory", "", memory_table(s), "",
         "## Timeline", "", "![timeline](timeline.png)", "",
-        "Open `trace.json` in https://ui.perfetto.dev or chrome://tracing for a zoomable timeline.", "",
-        "## Test accuracy per chapter", "", "![accuracy](accuracy.png)", "",
+        ("Open `trace.json` in https://ui.perfetto.dev or chrome://tracing for a zoomable timeline "
+         "(arrows from each send to its receive, counter tracks for loss, accuracy and memory); "
+         "`mpff export RUN_DIR --format otf2` writes an OTF2 archive for Vampir, Scalasca and "
+         "Pipit. Every figure is also written as PDF beside its PNG."), "",
+        "## Test accuracy per chapter", "", "Chapters are counted from 1.", "",
+        "![accuracy](accuracy.png)", "",
         accuracy_table(s) if s.accuracy_by_chapter else "No test accuracy was recorded.", "",
     ]
     return "\n".join(parts)

@@ -255,11 +255,14 @@ def execute(setup: Setup, quiet: bool = False) -> Outcome:
     comm, cfg, plan, rundir = setup.comm, setup.cfg, setup.plan, setup.rundir
     rank, size = comm.rank, comm.size
     reason = None
+    hosts = comm.gather(mpi_info()["host"])
     if rank == 0:
+        from .provenance import provenance
+        prov = {**provenance(getattr(setup.args, "argv", sys.argv[1:])), "hosts": hosts}
         try:
             rundir.prepare(cfg, force=setup.args.force, resume_after=setup.resume[0] if setup.resume else None,
                            world_size=size, n_train=setup.dataset.x_train.shape[0],
-                           n_test=setup.dataset.x_test.shape[0])
+                           n_test=setup.dataset.x_test.shape[0], provenance=prov)
         except OSError as exc:
             reason = io_reason(f"the run directory {rundir.path}", exc)
     reason = comm.bcast(reason)

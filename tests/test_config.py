@@ -34,7 +34,7 @@ def test_presets_load():
         cfg = load(f"configs/{name}.toml")
         assert cfg.name == name
     tiny = load("configs/tiny.toml")
-    assert tiny.model.dims == (784, 64, 64, 64) and tiny.train.epochs_per_chapter == 1
+    assert tiny.model.dims == (784, 256, 256, 256) and tiny.train.epochs_per_chapter == 1
 
 
 def test_toml_round_trip(tmp_path):
@@ -151,11 +151,11 @@ def test_overrides_apply_in_order_over_the_preset():
                                      "run.schedule=federated", "model.dims=[784,5,5]"])
     assert cfg.train.epochs == 6 and cfg.train.chapters == 2 and cfg.train.epochs_per_chapter == 3
     assert cfg.run.schedule == "federated" and cfg.model.dims == (784, 5, 5)
-    assert cfg.data.train_subset == 2000  # from the preset
+    assert cfg.data.train_subset == 10000  # from the preset
 
 
 def test_load_errors(tmp_path):
-    with pytest.raises(ConfigError, match="config file .* not found; see configs/ for presets"):
+    with pytest.raises(ConfigError, match="config file .* not found; give a TOML file or a preset name"):
         load(str(tmp_path / "missing.toml"))
     bad = tmp_path / "bad.toml"
     bad.write_text("[train\nepochs = 4\n")

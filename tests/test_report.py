@@ -214,7 +214,7 @@ def test_single_run_outputs(tmp_path, capsys):
     for name in ("timeline.png", "accuracy.png", "breakdown.png"):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     text = (out / "report.md").read_text()
-    assert "| 1 | 75.00 % |" in text            # accuracy per chapter
+    assert "| 2 | 75.00 % |" in text            # accuracy per chapter, counted from 1
     assert "| 1 | 3.0 MiB | – |" in text          # peak memory
     assert "| total | 2.0 KiB | 250 B |" in text   # bytes moved: 2 x 1000 sent
     assert ("| 0 | 10.00 | 4.00 (40.0 %) | 1.00 (10.0 %) | 1.50 (15.0 %) | 1.00 (10.0 %) | 2.50 (25.0 %) | 1.50 |"
@@ -228,9 +228,9 @@ def test_single_run_outputs(tmp_path, capsys):
     spans = [e for e in events if e["ph"] == "X"]
     assert len(spans) == len(BUSY7) + 3
     assert all(e["dur"] >= 0 and e["ts"] >= 0 for e in spans)
-    send = next(e for e in spans if e["name"] == "send c0 L0" and e["pid"] == 0)
+    send = next(e for e in spans if e["name"] == "send c1 L0" and e["pid"] == 0)
     assert send["ts"] == 5e6 and send["dur"] == 5e5
-    assert send["args"] == {"chapter": 0, "layer": 0, "bytes": 1000, "peer": 1}
+    assert send["args"] == {"chapter": 1, "layer": 0, "bytes": 1000, "peer": 1}
 
 
 def test_comparison_of_several_runs(tmp_path, capsys):
@@ -335,7 +335,8 @@ def test_real_two_rank_run_adds_up(tmp_path):
     proc = subprocess.run(
         [MPIEXEC, "-n", "2", sys.executable, "-m", "mpi4py", "-m", "mpff", "train",
          "--config", os.path.join(ROOT, "configs", "tiny.toml"), "--set", "run.schedule=single_layer",
-         "--set", "run.report=false", "--out", str(out)],
+         "--set", "model.dims=[784,64,64,64]", "--set", "data.train_subset=2000",
+         "--set", "data.test_subset=500", "--set", "run.report=false", "--out", str(out)],
         check=False, cwd=ROOT, env=env, timeout=600, capture_output=True, text=True)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
     s = report.analyze_run(str(out))
@@ -347,6 +348,6 @@ def test_real_two_rank_run_adds_up(tmp_path):
         assert r.seconds["compute"] > 0
     assert s.bytes_sent == s.bytes_received > 0
     assert s.bubble_modelled is not None and 0 <= s.bubble_modelled < 1, s.model_note
-    assert sorted(s.accuracy_by_chapter) == [0, 1, 2, 3]
+    assert sorted(s.accuracy_by_chapter) == [1, 2, 3, 4]
     assert report.main([str(out)]) == 0
     assert (out / "report" / "trace.json").stat().st_size > 0

@@ -78,7 +78,7 @@ def _unavailable(reason: str):
 def test_every_script_is_here():
     names = {p.name for p in SCRIPTS}
     for want in ("workstation.sh", "slurm_single_node.sbatch", "slurm_multi_node.sbatch",
-                 "paper_sweep.sh", "slurm_launch.sh"):
+                 "paper_sweep.sh", "slurm_launch.sh", "site_setup.example.sh"):
         assert want in names
 
 
@@ -126,6 +126,14 @@ def test_launcher_refuses_to_run_outside_slurm():
                           capture_output=True, text=True)
     assert proc.returncode == 2
     assert "not inside a SLURM job" in proc.stderr
+
+
+def test_workstation_rejects_an_unknown_preset():
+    env = dict(os.environ, MPFF_CONFIG="no-such-preset")
+    proc = subprocess.run(["bash", str(JOBS / "workstation.sh")], cwd=ROOT, env=env,
+                          capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert "presets: paper tiny workstation" in proc.stderr
 
 
 def test_workstation_rejects_bad_rank_count():
@@ -228,6 +236,16 @@ def cluster():
         _run(["bash", str(ROOT / ".ci" / "slurm.sh"), "stop"], timeout=120)
 
 
+#: Over the tiny preset: a smaller network on fewer samples, so that a job is mostly its start-up
+#: (the jobs check the scripts, not learning).
+SMALL = ("model.dims=[784,64,64,64]", "data.train_subset=2000", "data.test_subset=500")
+
+
+def small(*args: str) -> list[str]:
+    """``mpff train`` arguments after the script: the SMALL overrides, then ``args``."""
+    return [x for kv in SMALL for x in ("--set", kv)] + list(args)
+
+
 def job_env(**extra: str) -> dict:
     """The environment sbatch passes on to the job (it exports everything)."""
     env = {k: v for k, v in os.environ.items()
@@ -235,6 +253,7 @@ def job_env(**extra: str) -> dict:
     env.update(
         MPFF_PYTHON=sys.executable,  # the interpreter running the tests has mpff installed
         MPFF_CONFIG="configs/tiny.toml",
+        MPFF_SETUP="",  # no site set-up file, even if one exists in jobs/
         MPIR_CVAR_ENABLE_HEAVY_YIELD="1",  # more ranks than cores: yield, do not spin
         OMP_NUM_THREADS="1",
     )
@@ -322,8 +341,8 @@ def test_single_node_job_as_written(cluster, tmp_path):
     """The header unchanged: 1 node, 4 tasks, a (pretend) GPU per task; the log and the run
     directory where the script says: outputs/slurm-<jobid>.out and outputs/slurm-<jobid>/."""
     env = job_env()
-    job = sbatch(["jobs/slurm_single_node.sbatch", "--set", "run.schedule=all_layers",
-                  "--set", "train.threads=1", "--set", "run.device=cpu"], env)
+    job = sbatch(["jobs/slurm_single_node.sbatch", *small("--set", "run.schedule=all_layers",
+                  "--set", "train.threads=1", "--set", "run.device=cpu")], env)
     log = slurm_log(job)
     run_dir = ROOT / "outputs" / f"slurm-{job}"
     records = wait_for(job, log)
@@ -346,7 +365,7 @@ def test_multi_node_job_on_a_cpu_only_request(cluster, tmp_path):
     run_dir = tmp_path / "run"
     env = job_env(MPFF_OUT=str(run_dir), SBATCH_GPUS_PER_TASK="0")
     job = sbatch(["--ntasks-per-node=1", "jobs/slurm_multi_node.sbatch",
-                  "--set", "run.schedule=all_layers", "--set", "train.threads=1"], env)
+                  *small("--set", "run.schedule=all_layers", "--set", "train.threads=1")], env)
     log = slurm_log(job)
     records = wait_for(job, log)
     assert_completed(records, log)
@@ -369,7 +388,7 @@ def test_mpiexec_fallback_across_nodes(cluster, tmp_path):
     env = job_env(MPFF_OUT=str(run_dir), SBATCH_GPUS_PER_TASK="0", MPFF_LAUNCHER="mpiexec",
                   MPFF_MPIEXEC=str(mpiexec))
     job = sbatch(["--ntasks-per-node=1", "jobs/slurm_multi_node.sbatch",
-                  "--set", "run.schedule=single_layer", "--set", "train.threads=1"], env)
+                  *small("--set", "run.schedule=single_layer", "--set", "train.threads=1")], env)
     log = slurm_log(job)
     assert_completed(wait_for(job, log), log)
     assert_finished_run(run_dir, 2, "single_layer")
@@ -398,9 +417,9 @@ def test_time_limit_warning_checkpoints_requeues_and_resumes(cluster, tmp_path):
     run_dir = tmp_path / "run"
     env = job_env(MPFF_OUT=str(run_dir), SBATCH_GPUS_PER_TASK="0")
     job = sbatch(["--ntasks-per-node=2", "jobs/slurm_single_node.sbatch",
-                  "--set", "run.schedule=all_layers", "--set", "train.threads=1",
-                  "--set", "train.epochs=30", "--set", "train.chapters=30",
-                  "--set", "run.checkpoint_every=1"], env)
+                  *small("--set", "run.schedule=all_layers", "--set", "train.threads=1",
+                         "--set", "train.epochs=30", "--set", "train.chapters=30",
+                         "--set", "run.checkpoint_every=1")], env)
     log = slurm_log(job)
     deadline = time.time() + JOB_TIMEOUT
     while not (log.exists() and re.search(r"^chapter +2/30 ", log.read_text(), re.M)):
@@ -437,7 +456,7 @@ def test_paper_sweep_shrunk(cluster, tmp_path):
         MPFF_SWEEP_NEGATIVES="random",
         MPFF_SWEEP_CLASSIFIERS="goodness softmax",
         MPFF_SWEEP_NP_ALL_LAYERS="2",
-        MPFF_SWEEP_SET="train.threads=1 run.device=cpu",
+        MPFF_SWEEP_SET=" ".join(("train.threads=1", "run.device=cpu") + SMALL),
         MPFF_SWEEP_TIME="00:20:00",
         MPFF_GPUS_PER_TASK="0",
     )
@@ -472,3 +491,69 @@ def test_paper_sweep_shrunk(cluster, tmp_path):
     assert (sweep / "report" / "comparison.png").stat().st_size > 0
     log = report_log.read_text()
     assert "mpff report" in log and "report written to" in log
+
+
+@pytest.mark.slurm
+def test_a_missing_setup_file_fails_the_job(cluster, tmp_path):
+    env = job_env(MPFF_OUT=str(tmp_path / "run"), SBATCH_GPUS_PER_TASK="0",
+                  MPFF_SETUP=str(tmp_path / "no-such-setup.sh"))
+    job = sbatch(["--ntasks-per-node=1", "jobs/slurm_single_node.sbatch"], env)
+    log = slurm_log(job)
+    rec = wait_for(job, log)[0]
+    assert rec["JobState"] == "FAILED" and rec["ExitCode"] == "2:0", (rec, log.read_text())
+    assert f"MPFF_SETUP={tmp_path / 'no-such-setup.sh'}: no such file" in log.read_text()
+    assert not (tmp_path / "run").exists()
+    log.unlink()
+
+
+@pytest.fixture
+def cluster_without_gpus(cluster):
+    """The throw-away SLURM restarted with no GPUs at all (no GresTypes, no gres.conf), as a
+    CPU-only site's; restarted as it was (4 pretend GPUs per node) afterwards."""
+    env = dict(os.environ, MPFF_SLURM_GPUS="0")
+    proc = _run(["bash", str(ROOT / ".ci" / "slurm.sh"), "start"], env=env, timeout=300)
+    if proc.returncode != 0:
+        _unavailable(f"could not restart SLURM without GPUs: {proc.stderr.strip()[-2000:]}")
+    try:
+        config = _run(["scontrol", "show", "config"], timeout=20).stdout
+        assert not re.search(r"^GresTypes\s*=\s*\S*gpu", config, re.M), "the cluster still has GPUs"
+        deadline = time.time() + 30
+        while not _nodes_up():
+            if time.time() > deadline:
+                _unavailable("SLURM nodes are not up after the restart without GPUs")
+            time.sleep(0.5)
+        yield
+    finally:
+        _run(["bash", str(ROOT / ".ci" / "slurm.sh"), "start"], timeout=300)
+
+
+@pytest.mark.slurm
+def test_cpu_only_route_on_a_slurm_without_gpus(cluster_without_gpus, tmp_path):
+    """A site with no GPUs: the scripts' #SBATCH --gpus-per-task=1 cannot be placed, and the
+    documented CPU-only route (SBATCH_GPUS_PER_TASK=0) runs the job on the CPU. The site
+    set-up file (MPFF_SETUP) is sourced inside the job before python is looked for."""
+    as_written = _run(["sbatch", "--test-only", "jobs/slurm_single_node.sbatch"], cwd=ROOT,
+                      env=job_env(), timeout=60)
+    assert as_written.returncode != 0 and "gres" in as_written.stderr.lower(), as_written.stderr
+    run_dir = tmp_path / "run"
+    setup = tmp_path / "site_setup.sh"
+    marker = tmp_path / "setup-ran"
+    setup.write_text(f"# a site's set-up: modules, conda, ...\n"
+                     f"export MPFF_PYTHON={sys.executable}\n"
+                     f"echo \"$SLURM_JOB_ID\" > {marker}\n"
+                     f"[ -n \"$UNSET_IN_A_MODULE_SCRIPT\" ] || true\n")
+    env = job_env(MPFF_OUT=str(run_dir), SBATCH_GPUS_PER_TASK="0", MPFF_SETUP=str(setup))
+    del env["MPFF_PYTHON"]  # only the set-up file names the interpreter
+    job = sbatch(["--ntasks-per-node=2", "jobs/slurm_single_node.sbatch",
+                  *small("--set", "run.schedule=all_layers", "--set", "train.threads=1")], env)
+    log = slurm_log(job)
+    records = wait_for(job, log)
+    assert_completed(records, log)
+    assert not re.search(r"gpu:[1-9]", records[0].get("TresPerTask", "")), records[0]  # gres:gpu:0
+    info = assert_finished_run(run_dir, 2, "all_layers")
+    assert all(r["device"] == "cpu" for r in info["ranks"]), info["ranks"]
+    text = log.read_text()
+    assert f"mpff-slurm: sourcing {setup}" in text
+    assert f"srun --mpi=pmi2 --kill-on-bad-exit=1 {sys.executable} -m mpi4py -m mpff train" in text
+    assert marker.read_text().strip() == job
+    log.unlink()
