@@ -289,6 +289,9 @@ def build_profile(run: report_mod.Run, spans: list[list[Span]], contention: Cont
     ``spans`` and ``message_spans`` (other runs' spans: a 1-rank run sends nothing)."""
     cfg = run.config
     t = cfg.get("train", {})
+    if t.get("algorithm", "ff") == "backprop":
+        raise ConfigError(f"run {run.path} is backprop: mpff predict models the Forward-Forward "
+                          "schedules; predict from an FF run")
     chapters = int(t.get("chapters", 1))
     epc = int(t.get("epochs", chapters)) // max(chapters, 1)
     attrs = {k: _trace_attr(run.ranks[0], k) for k in ("n_train", "n_test")}
@@ -442,12 +445,9 @@ class Target:
 
 
 def _sanitized(raw: dict) -> dict:
-    """The plan does not depend on where the data lives (on a login node it may not be there):
-    validate against the embedded MNIST instead (only dims[0] is tied to the data)."""
-    config = json.loads(json.dumps(raw))
-    config["data"] = {k: v for k, v in config.get("data", {}).items() if k == "shards"}
-    config.setdefault("model", {})["dims"] = [784] + list(config["model"].get("dims", [784, 1])[1:])
-    return config
+    """A copy of a run's configuration to edit (validation checks values only: the data need
+    not be on this login node)."""
+    return json.loads(json.dumps(raw))
 
 
 def make_target(profile: Profile, overrides: Iterable[str] = ()) -> Target:

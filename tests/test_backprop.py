@@ -188,8 +188,8 @@ def test_spans_and_scalars(mnist_500, tmp_path):
         kinds = [(k.decode(), c, layer) for k, c, layer in zip(f["spans"]["kind"], f["spans"]["chapter"],
                                                                 f["spans"]["layer"])]
         names = [n.decode() for n in f["scalars"]["name"]]
-    assert kinds == [("train", 0, 0), ("eval", 0, -1)]
-    assert names == ["loss", "test_accuracy"]
+    assert kinds == [("train", 1, 0), ("eval", 1, -1)]  # trace format 2: chapters counted from 1
+    assert names == ["loss", "test_accuracy", "host_mem"]  # and a memory point at every flush
     assert state.bytes_sent == 0  # one rank: no all-reduce
 
 

@@ -286,7 +286,7 @@ def test_model_files_without_the_attributes_still_load_and_newer_ones_are_refuse
 # ------------------------------------------------------------------ presets and first contact
 
 def test_presets_ship_in_the_package(tmp_path):
-    assert preset_names() == ["paper", "tiny", "workstation"]
+    assert preset_names() == ["backprop", "paper", "tiny", "workstation"]
     for name in preset_names():
         packaged = os.path.join(ROOT, "mpff", "presets", f"{name}.toml")
         link = os.path.join(ROOT, "configs", f"{name}.toml")

@@ -298,12 +298,26 @@ def test_truncated_trace(tmp_path, capsys):
     _expect_error(capsys, [run], path)
 
 
-def test_missing_rank_file(tmp_path, capsys):
+@pytest.mark.parametrize("damage", ["missing", "corrupt"])
+def test_a_missing_or_damaged_rank_file_is_named_and_the_rest_reported(damage, tmp_path, capsys):
+    """One bad trace file must not cost the report of the others (nor advice to delete a run
+    directory that holds a good model): the report names the file and reports the rest."""
     run = make_run(tmp_path / "run", [BUSY7, BUSY7])
-    os.remove(trace_path(run, 1))
-    with pytest.raises(ConfigError, match="missing"):
-        report.load_run(run)
-    _expect_error(capsys, [run], trace_path(run, 1))
+    path = trace_path(run, 1)
+    if damage == "missing":
+        os.remove(path)
+    else:
+        with open(path, "r+b") as fh:
+            fh.truncate(os.path.getsize(path) // 2)
+    loaded = report.load_run(run)
+    assert [rt.status for rt in loaded.ranks] == ["finished", "damaged"]
+    note = next(n for n in loaded.notes if path in n)
+    assert ("missing" if damage == "missing" else "corrupt or truncated") in note and "Rank 1 is left out" in note
+    assert report.main([run]) == 0
+    text = (tmp_path / "run" / "report" / "report.md").read_text()
+    assert path in text and "delete" not in text
+    s = report.analyze_run(run)
+    assert s.ranks[0].seconds["compute"] > 0 and s.ranks[1].busy == 0
 
 
 def test_not_a_run_directory(tmp_path, capsys):

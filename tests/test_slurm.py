@@ -133,7 +133,7 @@ def test_workstation_rejects_an_unknown_preset():
     proc = subprocess.run(["bash", str(JOBS / "workstation.sh")], cwd=ROOT, env=env,
                           capture_output=True, text=True)
     assert proc.returncode == 2
-    assert "presets: paper tiny workstation" in proc.stderr
+    assert "presets: backprop paper tiny workstation" in proc.stderr
 
 
 def test_workstation_rejects_bad_rank_count():
