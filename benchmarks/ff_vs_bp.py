@@ -52,7 +52,8 @@ def run_cases(width: int, epochs: int, train_subset: int, keep: str) -> dict:
     dims = f"[784,{width},{width},{width}]"
     common = [f"model.dims={dims}", f"train.epochs={epochs}", f"train.chapters={epochs}",
               "train.batch_size=64", "train.threads=1", "train.eval_every=1",
-              f"data.train_subset={train_subset}", "data.test_subset=0", "run.report=false"]
+              f"data.train_subset={train_subset}", "data.test_subset=0", "run.report=false",
+              "run.checkpoint_every=0"]
     ff = common + ["train.negatives=random", "train.classifier=goodness", "train.lr=0.01"]
     cases = [
         ("ff_sequential", "configs/workstation.toml", 1, ff + ["run.schedule=sequential"]),

@@ -96,7 +96,8 @@ def part_two_ranks(args, keep: str, link: interconnect.Link) -> dict:
     data = ["data.train_subset=6000", "data.test_subset=1000"] if args.quick else \
         [f"data.train_subset={args.train_subset}", "data.test_subset=0"]
     base = [f"model.dims={dims}", "train.batch_size=64", "train.negatives=random",
-            "train.classifier=goodness", "train.eval_every=0", "train.threads=1", "run.report=false"] + data
+            "train.classifier=goodness", "train.eval_every=0", "train.threads=1", "run.report=false",
+            "train.lr=0.01", "run.checkpoint_every=0"] + data
     cases = [("sequential", 1, E), ("calibration_all_layers", 2, 3), ("all_layers", 2, E), ("single_layer", 2, E)]
     dirs = {}
     for name, ranks, chapters in cases:
@@ -124,7 +125,7 @@ def part_two_ranks(args, keep: str, link: interconnect.Link) -> dict:
 
 def part_paper(args, keep: str) -> dict:
     sets = ["train.epochs=1", "train.chapters=1", "run.schedule=sequential", "train.threads=1",
-            "run.report=false"]
+            "run.report=false", "run.checkpoint_every=0"]
     if args.quick:
         sets += ["model.dims=[784,200,200,200,200]", "data.train_subset=6000", "data.test_subset=1000"]
     run_dir = os.path.join(keep, "paper_one_chapter")

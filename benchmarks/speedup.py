@@ -27,7 +27,8 @@ def main() -> None:
     E = args.epochs
     base = ["model.dims=[784,1000,1000]", f"train.epochs={E}", f"train.chapters={E}", "train.batch_size=64",
             "train.lr=0.01", "train.negatives=random", "train.classifier=goodness", "train.eval_every=0",
-            f"data.train_subset={args.train_subset}", "data.test_subset=0", "run.report=true"]
+            f"data.train_subset={args.train_subset}", "data.test_subset=0", "run.report=true",
+            "run.checkpoint_every=0"]  # as measured before checkpoints were on by default
     cases = [
         ("sequential", 1, 1, "sequential"),
         ("single_layer", 2, 1, "single_layer"),
