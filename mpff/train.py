@@ -243,87 +243,109 @@ class Outcome:
 
 
 def execute(setup: Setup, quiet: bool = False) -> Outcome:
-    """This rank's part of the run: the run directory prepared by rank 0, the tracer, the rank
-    state, the executor; the model written by the rank that runs the final task. A halt (a stop
-    signal, divergence, an I/O error, a stall) on any rank ends it on every rank."""
-    from .comm import mpi_info
+    """This rank's part of the run: the attempt recorded by rank 0, the tracer, the rank state,
+    the executor; the model written by the rank that runs the final task. A halt (a stop signal,
+    divergence, an I/O error, a stall) on any rank ends it on every rank."""
     from .executor import Executor
-    from .modelfile import versions
     from .progress import Board, Reporter
-    from .trace import Tracer, trace_path
 
-    comm, cfg, plan, rundir = setup.comm, setup.cfg, setup.plan, setup.rundir
-    rank, size = comm.rank, comm.size
-    reason = None
-    hosts = comm.gather(mpi_info()["host"])
-    if rank == 0:
-        from .provenance import provenance
-        prov = {**provenance(getattr(setup.args, "argv", sys.argv[1:])), "hosts": hosts}
-        try:
-            rundir.prepare(cfg, force=setup.args.force, resume_after=setup.resume[0] if setup.resume else None,
-                           world_size=size, n_train=setup.dataset.x_train.shape[0],
-                           n_test=setup.dataset.x_test.shape[0], provenance=prov)
-        except OSError as exc:
-            reason = io_reason(f"the run directory {rundir.path}", exc)
-    reason = comm.bcast(reason)
-    if reason is not None:
-        return Outcome("failed", halt=IOFailure(reason, origin=0))
-    offset, t0 = comm.clock_offset()
-    meta = {"world_size": size, "host": mpi_info()["host"], "device": str(setup.device),
-            "schedule": cfg.run.schedule, "config": cfg.to_json(), "versions": versions(),
-            "mpi": mpi_info(), "torch_threads": torch.get_num_threads()}
+    comm, cfg, plan = setup.comm, setup.cfg, setup.plan
+    halt = _start_attempt(setup)
+    if halt is not None:
+        return Outcome("failed", halt=halt)
     watch = Watch(comm)
     tracer = None
     try:
-        try:
-            tracer = Tracer(trace_path(rundir.path, rank), rank, meta, clock_offset=offset, t0=t0,
-                            enabled=cfg.run.trace)
-        except OSError as exc:
-            raise IOFailure(io_reason(f"the trace {trace_path(rundir.path, rank)}", exc)) from None
-        if rank == 0:
+        tracer = _open_trace(setup)
+        if comm.rank == 0:
             _banner(setup)
-        board = setup.board = Board(plan, setup.start, quiet=quiet) if rank == 0 else None
+        board = setup.board = Board(plan, setup.start, quiet=quiet) if comm.rank == 0 else None
         with tracer.span("setup"):  # model, optimizers and data on the device
             state = _make_state(setup, tracer, watch)
             if setup.snapshot:
                 state.restore(setup.snapshot)
         executor = Executor(plan, comm, state, tracer, reporter=Reporter(comm, board), watch=watch,
-                            checkpointer=_Checkpointer(setup, rank), stall_timeout=cfg.run.stall_timeout)
+                            checkpointer=_Checkpointer(setup, comm.rank), stall_timeout=cfg.run.stall_timeout)
         result = executor.run()
-        if rank == plan.final_rank() and plan.tasks:
+        if comm.rank == plan.final_rank() and plan.tasks:
             with tracer.span("io", plan.num_chapters - 1, -1):
                 _write_model(setup, state)
         with tracer.span("wait", -1, -1):
-            if rank == 0:
+            if comm.rank == 0:
                 executor.reporter.collect(timeout=cfg.run.stall_timeout, on_idle=watch.check)
             comm.await_all(watch.check)  # ranks done early wait here, still stoppable
         memory = _memory(setup, state)
-        for name, value in memory["memory"].items():
-            if isinstance(value, (int, float)):
-                tracer.scalar(name, -1, -1, value)
-        if setup.ddp_group is not None:
-            from .ddp import shutdown
-            shutdown(setup.ddp_group)
-        for key in ("train_start", "train_end"):
-            tracer.set_attr(key, getattr(result, key))
-        for key in ("bytes_sent", "bytes_received"):
-            tracer.set_attr(key, memory.get(key, getattr(result, key)))
-        try:
-            tracer.close("finished")
-        except OSError as exc:
-            raise IOFailure(io_reason(f"the trace {tracer.path}", exc)) from None
+        _close_trace(tracer, result, memory)
     except Halt as halt:
-        if not halt.received and size > 1:
-            comm.notify_halt(halt.notice(rank))  # the others stop at their next check
+        if not halt.received and comm.size > 1:
+            comm.notify_halt(halt.notice(comm.rank))  # the others stop at their next check
         _close_quietly(tracer, halt.status)
         return Outcome(halt.status, halt=halt)
     except BaseException as exc:
         # a bug: leave a note in the run directory, then let mpi4py abort the job
-        rundir.write_failure_note(rank, traceback.format_exc())
-        _record_bug(rundir, rank, exc)
+        setup.rundir.write_failure_note(comm.rank, traceback.format_exc())
+        _record_bug(setup.rundir, comm.rank, exc)
         _close_quietly(tracer, "failed")
         raise
+    finally:
+        if setup.ddp_group is not None:
+            from .ddp import shutdown
+            shutdown(setup.ddp_group)
     return Outcome("finished", result, memory)
+
+
+def _start_attempt(setup: Setup) -> Halt | None:
+    """Rank 0 records the attempt in the run directory (run.json "running", config.toml, the
+    provenance with every rank's host); every rank learns whether that worked."""
+    from .comm import mpi_info
+
+    comm, rundir = setup.comm, setup.rundir
+    hosts = comm.gather(mpi_info()["host"])
+    reason = None
+    if comm.rank == 0:
+        from .provenance import provenance
+        try:
+            rundir.prepare(setup.cfg, force=setup.args.force,
+                           resume_after=setup.resume[0] if setup.resume else None, world_size=comm.size,
+                           n_train=setup.dataset.x_train.shape[0], n_test=setup.dataset.x_test.shape[0],
+                           provenance={**provenance(getattr(setup.args, "argv", sys.argv[1:])), "hosts": hosts})
+        except OSError as exc:
+            reason = io_reason(f"the run directory {rundir.path}", exc)
+    reason = comm.bcast(reason)
+    return IOFailure(reason, origin=0) if reason is not None else None
+
+
+def _open_trace(setup: Setup):
+    """This rank's tracer, on the time base of rank 0 (ping-pong offset)."""
+    from .comm import mpi_info
+    from .modelfile import versions
+    from .trace import Tracer, trace_path
+
+    comm, cfg = setup.comm, setup.cfg
+    offset, t0 = comm.clock_offset()
+    meta = {"world_size": comm.size, "host": mpi_info()["host"], "device": str(setup.device),
+            "schedule": cfg.run.schedule, "config": cfg.to_json(), "versions": versions(),
+            "mpi": mpi_info(), "torch_threads": torch.get_num_threads()}
+    path = trace_path(setup.rundir.path, comm.rank)
+    try:
+        return Tracer(path, comm.rank, meta, clock_offset=offset, t0=t0, enabled=cfg.run.trace)
+    except OSError as exc:
+        raise IOFailure(io_reason(f"the trace {path}", exc)) from None
+
+
+def _close_trace(tracer, result, memory: dict) -> None:
+    """The run's last records in the trace: memory, bytes moved, the training phase."""
+    for name, value in memory["memory"].items():
+        if isinstance(value, (int, float)):
+            tracer.scalar(name, -1, -1, value)
+    for key in ("train_start", "train_end"):
+        tracer.set_attr(key, getattr(result, key))
+    for key in ("bytes_sent", "bytes_received"):
+        tracer.set_attr(key, memory.get(key, getattr(result, key)))
+    try:
+        tracer.close("finished")
+    except OSError as exc:
+        raise IOFailure(io_reason(f"the trace {tracer.path}", exc)) from None
 
 
 def _make_state(setup: Setup, tracer, watch):
