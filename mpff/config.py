@@ -191,6 +191,10 @@ class RunConfig:
     """Seconds a rank may wait for one message (a peer's buffer, or rank 0 for the other ranks'
     progress) before the job is aborted as stalled, naming the peer and the buffer; 0: wait
     forever. Set it well above the longest task (a chapter of the largest layer)."""
+    blocks: str = "cost"
+    """Single Layer with more layers than ranks: contiguous blocks of layers balanced by their
+    work ('cost': training plus the forward passes that feed a block, from the layer sizes) or
+    by layer count ('count')."""
     scaling: str = "strong"
     """Data-parallel backprop: 'strong' (the global batch is train.batch_size, each of N ranks
     takes 1/N of it) or 'weak' (each rank takes train.batch_size, the global batch is N times it)."""
@@ -198,6 +202,7 @@ class RunConfig:
     def __post_init__(self) -> None:
         _choice("run.schedule", self.schedule, SCHEDULES)
         _choice("run.scaling", self.scaling, ("strong", "weak"))
+        _choice("run.blocks", self.blocks, ("cost", "count"))
         _choice("run.exchange", self.exchange, ("weights", "full"))
         _choice("run.device", self.device, ("auto", "cpu", "cuda"))
         if min(self.poll_interval, self.checkpoint_every, self.checkpoint_keep, self.stall_timeout) < 0:

@@ -248,8 +248,8 @@ def analytic(cfg, n_train: int, world_size: int) -> dict[str, int | str]:
         return {"algorithm": "backprop", "rows_per_update": rows, **bp_analytic(dims, rows, ddp=dp)}
     trained = None
     if cfg.run.schedule == "single_layer" and world_size > 1:
-        from .plan import layer_blocks
-        owner = layer_blocks(cfg.model.num_layers, world_size)
+        from .plan import build_plan
+        owner = build_plan(cfg, world_size).owner
         trained = max(([k for k, r in enumerate(owner) if r == rank] for rank in range(world_size)),
                       key=lambda ks: sum(ff_layer_parameters(dims, k) for k in ks))
     shards = cfg.resolved_shards(world_size)

@@ -68,14 +68,24 @@ class SimResult:
         return 1.0 - sum(self.busy) / total if total > 0 else 0.0
 
 
-def layer_blocks(num_layers: int, world_size: int) -> list[int]:
-    """Single Layer ownership: layer k -> rank, contiguous blocks as equal as possible."""
+def layer_blocks(num_layers: int, world_size: int, costs: list[float] | None = None,
+                 feeds: list[float] | None = None) -> list[int]:
+    """Single Layer ownership: layer k -> rank, in contiguous blocks.
+
+    Without ``costs``, blocks as equal in layer count as possible. With ``costs`` (a layer's
+    training work per chapter) and ``feeds`` (the work of pushing the chapter's data through
+    it), blocks balanced by work: a block of layers i..j costs its layers' training plus the
+    forward passes through layers 0..j-1 that make its inputs (the recomputation below it and
+    the passes between its own layers); the partition minimises the largest block."""
     if world_size > num_layers:
         raise ConfigError(
             f"single_layer needs at most one rank per layer: {world_size} ranks for {num_layers} "
             f"layers; run with -n {num_layers} or fewer, or use all_layers"
         )
-    bounds = np.array_split(np.arange(num_layers), world_size)
+    if costs is None:
+        bounds = [list(b) for b in np.array_split(np.arange(num_layers), world_size)]
+    else:
+        bounds = _balanced_blocks(costs, feeds or [0.0] * num_layers, world_size)
     owner = [0] * num_layers
     for rank, block in enumerate(bounds):
         for k in block:
@@ -83,12 +93,50 @@ def layer_blocks(num_layers: int, world_size: int) -> list[int]:
     return owner
 
 
-def assign(schedule: str, task: Task, num_layers: int, num_chapters: int, world_size: int) -> int:
-    """The whole difference between the PFF variants: which rank runs ``task``."""
+def _balanced_blocks(costs: list[float], feeds: list[float], parts: int) -> list[list[int]]:
+    """Contiguous partition of the layers into ``parts`` non-empty blocks minimising the largest
+    block cost (dynamic programming over the split points; ties: earlier splits)."""
+    n = len(costs)
+    train = np.concatenate([[0.0], np.cumsum(costs)])
+    fed = np.concatenate([[0.0], np.cumsum(feeds)])
+
+    def block(i: int, j: int) -> float:  # layers i..j-1
+        return float(train[j] - train[i] + fed[j - 1])
+
+    inf = float("inf")
+    best = [[inf] * (n + 1) for _ in range(parts + 1)]
+    cut = [[0] * (n + 1) for _ in range(parts + 1)]
+    best[0][0] = 0.0
+    for p in range(1, parts + 1):
+        for j in range(p, n - (parts - p) + 1):
+            for i in range(p - 1, j):
+                value = max(best[p - 1][i], block(i, j))
+                if value < best[p][j] - 1e-12:
+                    best[p][j], cut[p][j] = value, i
+    blocks, j = [], n
+    for p in range(parts, 0, -1):
+        i = cut[p][j]
+        blocks.append(list(range(i, j)))
+        j = i
+    return blocks[::-1]
+
+
+def layer_work(dims, epochs_per_chapter: int) -> tuple[list[float], list[float]]:
+    """(training, forward) work per layer and chapter in multiply-adds per sample: a forward
+    pass through layer k costs in*out; training costs about three passes (forward, and the
+    backward pass's two products) for each of the chapter's epochs."""
+    fwd = [float(dims[k] * dims[k + 1]) for k in range(len(dims) - 1)]
+    return [3.0 * epochs_per_chapter * f for f in fwd], fwd
+
+
+def assign(schedule: str, task: Task, num_layers: int, num_chapters: int, world_size: int,
+           owner: list[int] | None = None) -> int:
+    """The whole difference between the PFF variants: which rank runs ``task`` (``owner``: the
+    Single Layer blocks, layer -> rank; by count when not given)."""
     if schedule == "sequential":
         return 0
     if schedule == "single_layer":
-        owner = layer_blocks(num_layers, world_size)
+        owner = owner or layer_blocks(num_layers, world_size)
         # head, negatives, eval and the final model need the whole network of the chapter:
         # they run where its last layer is trained.
         return owner[task.layer if task.kind == "train" else num_layers - 1]
@@ -127,14 +175,23 @@ class Plan:
         self._validate()
 
         self.tasks: list[Task] = self._global_order()
+        self.owner = self._owner() if self.schedule == "single_layer" else None
         self.rank_of: dict[Task, int] = {
-            t: assign(self.schedule, t, self.num_layers, self.num_chapters, world_size) for t in self.tasks
+            t: assign(self.schedule, t, self.num_layers, self.num_chapters, world_size, self.owner)
+            for t in self.tasks
         }
         self.producer: dict[Buf, Task] = {}
         for t in self.tasks:
             for b in self.outputs(t):
                 self.producer[b] = t
         self._derive_transfers()
+
+    def _owner(self) -> list[int]:
+        """Single Layer blocks: balanced by work (run.blocks = "cost") or by count."""
+        if self.cfg.run.blocks == "count":
+            return layer_blocks(self.num_layers, self.world_size)
+        costs, feeds = layer_work(self.cfg.model.dims, self.cfg.train.epochs_per_chapter)
+        return layer_blocks(self.num_layers, self.world_size, costs, feeds)
 
     # ----- the graph -----
     def _validate(self) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 from collections import Counter
 
+import numpy as np
 import pytest
 
 from mpff.config import Config, ConfigError
@@ -43,13 +44,51 @@ def test_single_layer_blocks_are_contiguous_and_balanced(layers):
 
 
 def test_single_layer_plan_assigns_blocks():
-    plan = build_plan(make_cfg("single_layer", layers=5), 2)
+    plan = build_plan(make_cfg("single_layer", layers=5).replace(run={"blocks": "count"}), 2)
     for t in plan.tasks:
         if t.kind == "train":
             assert plan.rank_of[t] == (0 if t.layer < 3 else 1)
         else:  # whole-network tasks run where the last layer is trained
             assert plan.rank_of[t] == 1
     assert plan.final_rank() == 1
+
+
+def test_blocks_balanced_by_work_by_hand():
+    """Layers 784x8 then four 8x8, one epoch a chapter: training costs 3 x in x out, and a block
+    also pays the forward passes through every layer below its last one. [0] | [1..4] costs
+    18816 | 768 + 6464 = 7232; by count, [0,1,2] | [3,4] would cost 19200 + 6336 | 384 + 6464."""
+    from mpff.plan import layer_work
+    costs, feeds = layer_work((784, 8, 8, 8, 8, 8), 1)
+    assert costs == [3 * 6272.0] + [3 * 64.0] * 4 and feeds == [6272.0] + [64.0] * 4
+    assert layer_blocks(5, 2, costs, feeds) == [0, 1, 1, 1, 1]
+    plan = build_plan(make_cfg("single_layer", layers=5), 2)  # run.blocks = "cost", the default
+    assert [plan.rank_of[Task("train", 0, k)] for k in range(5)] == [0, 1, 1, 1, 1]
+    # the paper's network: the 784x2000 layer is light, so rank 0 takes two layers of four
+    costs, feeds = layer_work((784, 2000, 2000, 2000, 2000), 1)
+    assert layer_blocks(4, 2, costs, feeds) == [0, 0, 1, 1]
+    assert layer_blocks(4, 3, costs, feeds) == [0, 0, 1, 2]
+
+
+@pytest.mark.parametrize("layers", range(1, 8))
+def test_blocks_by_work_are_contiguous_and_minimise_the_largest(layers):
+    import itertools
+    rng = np.random.default_rng(layers)
+    costs, feeds = list(rng.uniform(1, 10, layers)), list(rng.uniform(0, 3, layers))
+    for ranks in range(1, layers + 1):
+        owner = layer_blocks(layers, ranks, costs, feeds)
+        assert owner == sorted(owner) and sorted(set(owner)) == list(range(ranks))
+
+        def worst(o, ranks=ranks):
+            out = 0.0
+            for r in range(ranks):
+                ks = [k for k in range(layers) if o[k] == r]
+                out = max(out, sum(costs[k] for k in ks) + sum(feeds[:max(ks)]))
+            return out
+        # every other contiguous partition is no better (exhaustive over the split points)
+        for cuts in itertools.combinations(range(1, layers), ranks - 1):
+            bounds = [0, *cuts, layers]
+            other = [r for r in range(ranks) for _ in range(bounds[r], bounds[r + 1])]
+            assert worst(owner) <= worst(other) + 1e-9
 
 
 def test_more_ranks_than_layers_is_an_error():
