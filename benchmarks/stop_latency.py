@@ -62,7 +62,7 @@ def main() -> None:
     rows = {}
     for name, ranks, sig, schedule in cases:
         times = []
-        for r in range(args.repeats):
+        for _ in range(args.repeats):
             with tempfile.TemporaryDirectory() as tmp:
                 times.append(one(os.path.join(tmp, "run"), ranks, sig, schedule))
         rows[name] = {"ranks": ranks, "signal": int(sig), "seconds": times, "median_s": median(times),
