@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .ff import FORWARD_CHUNK, cooldown_lr, generator, make_adam
+from .ff import FORWARD_CHUNK, cooldown_lr, generator, make_adam, matmul_precision
 from .halt import Diverged, Halt, from_code
 from .plan import Buf, Task
 from .progress import Record
@@ -73,7 +73,7 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for layer in self.layers[:-1]:
             x = F.relu(layer(x))
-        return self.layers[-1](x)
+        return self.layers[-1](x).float()  # fp32 logits under a lower matmul precision
 
     @torch.no_grad()
     def logits(self, x: torch.Tensor) -> torch.Tensor:
@@ -265,6 +265,10 @@ class BPState:
         """Nothing to prepare: the data is on the device from the start."""
 
     def run(self, task: Task) -> list[Record]:
+        with matmul_precision(self.cfg.train.precision, self.device):
+            return self._run(task)
+
+    def _run(self, task: Task) -> list[Record]:
         c = task.chapter
         if task.kind == "train":
             with self.tracer.span("train", c, 0):

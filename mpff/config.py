@@ -106,6 +106,10 @@ class TrainConfig:
     """torch threads per rank; 0 keeps torch's default. One per rank unless a rank has cores of its own."""
     eval_every: int = 1
     """Evaluate test accuracy every this many chapters (the last chapter always); 0: last only."""
+    precision: str = "fp32"
+    """Matrix products in 'fp32', 'bf16' (bfloat16: CPUs with AVX-512 BF16 or AMX, GPUs from
+    Ampere on) or 'tf32' (CUDA GPUs from Ampere on); weights and Adam's state stay fp32. Runs
+    are bit-identical across schedules within one precision."""
     algorithm: str = "ff"
     """'ff' (Forward-Forward, the PFF schedules) or 'backprop' (the same network as an MLP
     trained end to end with backpropagation, for comparison; SPEC section 4)."""
@@ -115,6 +119,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         _choice("train.algorithm", self.algorithm, ALGORITHMS)
+        _choice("train.precision", self.precision, ("fp32", "bf16", "tf32"))
         if self.bp_lr <= 0:
             raise ConfigError("train.bp_lr must be positive")
         for name in ("epochs", "chapters", "batch_size"):

@@ -7,6 +7,7 @@ already expressed) is passed on. No gradient ever crosses layers.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable
 
@@ -72,7 +73,9 @@ class FFLayer(nn.Module):
         return x / (x.norm(p=2, dim=1, keepdim=True) + self.norm_eps)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.relu(F.linear(self.normalize(x), self.weight, self.bias))
+        # .float(): under a lower matmul precision (train.precision) only the product is bf16;
+        # what follows (goodness, the next layer's normalisation) stays fp32. A no-op in fp32.
+        return F.relu(F.linear(self.normalize(x), self.weight, self.bias)).float()
 
     def goodness(self, h: torch.Tensor) -> torch.Tensor:
         sq = h.pow(2)
@@ -104,6 +107,33 @@ class FFLayer(nn.Module):
 
     def make_optimizer(self, lr: float) -> torch.optim.Adam:
         return make_adam(self.parameters(), lr)
+
+
+PRECISIONS = ("fp32", "bf16", "tf32")
+
+
+def matmul_precision(precision: str, device: torch.device):
+    """A context in which matrix products run in ``precision``; weights, gradients' accumulation
+    and Adam's state stay fp32 (mixed precision). 'bf16': autocast to bfloat16 (CPUs with
+    AVX-512 BF16 or AMX run it natively; GPUs from Ampere on). 'tf32': CUDA's TF32 tensor-core
+    products (fp32 range, 10-bit mantissa). 'fp32': nothing changes."""
+    if precision == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    if precision == "tf32":
+        return _tf32(device)
+    return contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def _tf32(device: torch.device):
+    if device.type != "cuda":  # pragma: no cover - refused when the device is chosen
+        raise RuntimeError("TF32 matrix products need a CUDA device")
+    before = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
 
 
 def make_adam(params, lr: float) -> torch.optim.Adam:
@@ -153,7 +183,7 @@ def train_epochs(layer: FFLayer, opt: torch.optim.Optimizer, x_pos: torch.Tensor
             xb = buf[:2 * b]
             torch.index_select(x_pos, 0, idx, out=xb[:b])
             torch.index_select(x_neg, 0, idx, out=xb[b:])
-            h = F.relu(F.linear(xb, weight, bias))
+            h = F.relu(F.linear(xb, weight, bias)).float()  # fp32 from here (see FFLayer.forward)
             sq = h.pow(2)
             g = sq.mean(dim=1) if use_mean else sq.sum(dim=1)
             loss = F.softplus(torch.cat([theta - g[:b], g[b:] - theta])).mean()

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from .config import Config
-from .ff import cooldown_lr, make_adam, seed_for, train_epochs
+from .ff import cooldown_lr, make_adam, matmul_precision, seed_for, train_epochs
 from .halt import Diverged
 from .model import FFNet, overlay, random_negatives, train_head
 from .plan import Buf, Plan, Task
@@ -194,10 +194,12 @@ class FFState:
     # ------------------------------------------------------------------ tasks
     def prepare(self, task: Task) -> None:
         if task.kind == "train":
-            self._inputs(task.chapter, task.layer)
+            with matmul_precision(self.cfg.train.precision, self.device):
+                self._inputs(task.chapter, task.layer)
 
     def run(self, task: Task) -> list[Record]:
-        return getattr(self, f"_do_{task.kind}")(task)
+        with matmul_precision(self.cfg.train.precision, self.device):
+            return getattr(self, f"_do_{task.kind}")(task)
 
     def _sync(self) -> None:
         if self.device.type == "cuda":

@@ -53,6 +53,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def pick_device(cfg: Config, local_rank: int) -> torch.device:
     want = cfg.run.device
     if want == "cpu" or (want == "auto" and not torch.cuda.is_available()):
+        if cfg.train.precision == "tf32":
+            raise ConfigError("train.precision = 'tf32' needs a CUDA GPU (TF32 is a tensor-core format); "
+                              "use bf16 on a CPU")
         return torch.device("cpu")
     if not torch.cuda.is_available():
         raise ConfigError("run.device = 'cuda' but torch sees no GPU; use run.device=cpu or a CUDA build of torch")

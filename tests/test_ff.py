@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from mpff.comm import Comm, self_comm
-from mpff.config import Config
+from mpff.config import Config, ConfigError
 from mpff.data import Dataset
 from mpff.executor import Executor
 from mpff.ff import FFLayer, cooldown_lr, seed_for, train_epochs
@@ -482,3 +482,31 @@ def test_engine_applies_cooldown_final():
     hold = _final_weights(2, 1, "hold")
     assert all(np.array_equal(a, b) for a, b in zip(one, zero))
     assert not all(np.array_equal(a, b) for a, b in zip(one, hold))
+
+
+# ------------------------------------------------------------------------------ matmul precision
+
+def test_bf16_products_train_in_fp32_state_and_differ_from_fp32():
+    cfg = Config().replace(model={"dims": (784, 16, 16)},
+                           train={"epochs": 2, "chapters": 2, "negatives": "random", "batch_size": 32})
+    init = FFNet.from_config(cfg)
+    fp32 = train_local(cfg, _dataset())
+    bf16 = train_local(cfg.replace(train={"precision": "bf16"}), _dataset())
+    for p0, a, b in zip(init.layers.parameters(), fp32.net.layers.parameters(), bf16.net.layers.parameters()):
+        assert b.dtype == torch.float32  # the weights (and Adam's state) stay fp32
+        assert not torch.equal(a, b)     # the products were not
+        moved_fp32, moved_bf16 = float((a - p0).norm()), float((b - p0).norm())
+        # the same training, to bf16's rounding: as far from the start, and closer to each
+        # other than to it (random data: Adam's sign-like steps flip where gradients are tiny)
+        assert 0.9 < moved_bf16 / moved_fp32 < 1.1
+        assert float((a - b).norm()) < 0.5 * moved_fp32
+    assert all(st["exp_avg"].dtype == torch.float32 for opt in bf16.opts for st in opt.state.values())
+    again = train_local(cfg.replace(train={"precision": "bf16"}), _dataset())
+    assert all(torch.equal(a, b) for a, b in zip(bf16.net.parameters(), again.net.parameters()))
+
+
+def test_tf32_needs_a_gpu():
+    from mpff.train import pick_device
+    cfg = Config().replace(train={"precision": "tf32"}, run={"device": "cpu"})
+    with pytest.raises(ConfigError, match="'tf32' needs a CUDA GPU"):
+        pick_device(cfg, 0)

@@ -267,3 +267,17 @@ def test_executor_suite_at_several_sizes(ranks, mpff_launch):
     summaries = [line for line in proc.stdout.splitlines() if " passed" in line]
     assert len(summaries) == ranks, proc.stdout[-4000:]  # every rank ran the suite
     assert all("failed" not in s and "error" not in s for s in summaries), summaries
+
+
+def test_bf16_products_are_bit_identical_across_schedules(tmp_path, mpff_run, mpff_tiny_args):
+    """Within one matmul precision the schedules still give Sequential's weights bit for bit."""
+    common = BASE + ("train.precision=bf16", "run.exchange=full", "train.negatives=random")
+    seq, sl = tmp_path / "seq", tmp_path / "sl"
+    mpff_run(mpff_tiny_args(seq, *common, "run.schedule=sequential"), check=True)
+    mpff_run(mpff_tiny_args(sl, *common, "run.schedule=single_layer"), ranks=2, check=True)
+    _assert_same_weights(sl, seq)
+    fp32 = tmp_path / "fp32"
+    mpff_run(mpff_tiny_args(fp32, *BASE, "run.exchange=full", "train.negatives=random",
+                            "run.schedule=sequential"), check=True)
+    assert not np.array_equal(weights_of(str(fp32 / "model.h5"))["layers/0/weight"],
+                              weights_of(str(seq / "model.h5"))["layers/0/weight"])
