@@ -196,6 +196,11 @@ class RunConfig:
     """Seconds a rank may wait for one message (a peer's buffer, or rank 0 for the other ranks'
     progress) before the job is aborted as stalled, naming the peer and the buffer; 0: wait
     forever. Set it well above the longest task (a chapter of the largest layer)."""
+    inputs: str = "recompute"
+    """Single Layer: each rank 'recompute's its inputs through the layers below it (received as
+    weights each chapter), or the rank before it 'ship's them (its block's outputs on the
+    chapter's positives and negatives). Shipping moves 2 x samples x width x 4 bytes per block
+    boundary and chapter instead of the forward passes; bit-identical either way."""
     blocks: str = "cost"
     """Single Layer with more layers than ranks: contiguous blocks of layers balanced by their
     work ('cost': training plus the forward passes that feed a block, from the layer sizes) or
@@ -208,6 +213,7 @@ class RunConfig:
         _choice("run.schedule", self.schedule, SCHEDULES)
         _choice("run.scaling", self.scaling, ("strong", "weak"))
         _choice("run.blocks", self.blocks, ("cost", "count"))
+        _choice("run.inputs", self.inputs, ("recompute", "ship"))
         _choice("run.exchange", self.exchange, ("weights", "full"))
         _choice("run.device", self.device, ("auto", "cpu", "cuda"))
         if min(self.poll_interval, self.checkpoint_every, self.checkpoint_keep, self.stall_timeout) < 0:

@@ -85,7 +85,7 @@ class Executor:
     def __init__(self, plan: Plan, comm, state: RankState, tracer, *, reporter: Reporter | None = None,
                  should_stop: Callable[[], bool] | None = None, watch: Watch | None = None,
                  checkpointer: Checkpointer | None = None, window: int | None = None,
-                 stall_timeout: float = 0.0) -> None:
+                 stall_timeout: float = 0.0, recv_budget: int = 512 * 2 ** 20) -> None:
         self.plan = plan
         self.comm = comm
         self.rank = comm.rank
@@ -105,6 +105,9 @@ class Executor:
         self._recv_queue = list(plan.recvs[self.rank])
         self._task_pos = {task: i for i, task in enumerate(self.tasks)}
         self._sends: list[tuple[Any, np.ndarray]] = []
+        #: bytes of receive buffers posted ahead and not yet taken in (see _post_recvs)
+        self._posted_bytes = 0
+        self.recv_budget = recv_budget
 
     # ------------------------------------------------------------------ the loop
     def run(self) -> ExecResult:
@@ -135,7 +138,8 @@ class Executor:
         last_chapter = None
         for pos, task in enumerate(self.tasks):
             self._check_stop()
-            self._post_recvs(pos + self.window)
+            self._post_recvs(pos, force=True)       # what this task reads
+            self._post_recvs(pos + self.window)     # and ahead, within the budget
             if last_chapter is not None and task.chapter != last_chapter:
                 self._flush()  # chapter end: buffered spans go to the file
             self._pass_boundaries(task.chapter - 1)
@@ -175,7 +179,7 @@ class Executor:
     def _drain(self) -> None:
         """Every send must complete before its buffer goes away, and every posted receive
         (newest-mode negatives may never have been needed) must be matched."""
-        self._post_recvs(len(self.tasks) + 1)
+        self._post_recvs(len(self.tasks) + 1, force=True)
         for b, rv in list(self._recvs.items()):
             if not rv.unpacked:
                 self._wait(rv.req, f"{_name(b)} from rank {rv.transfer.peer}", peer=rv.transfer.peer)
@@ -184,13 +188,20 @@ class Executor:
         self._sends.clear()
 
     # ------------------------------------------------------------------ messages
-    def _post_recvs(self, upto: int) -> None:
-        """Post receives for every buffer first needed by a task at position <= upto."""
+    def _post_recvs(self, upto: int, force: bool = False) -> None:
+        """Post receives for every buffer first needed by a task at position <= upto, in order of
+        first use; beyond what the current task needs (``force``), only while the posted
+        buffers stay within ``recv_budget`` bytes (shipped activations are hundreds of MB)."""
         while self._recv_queue and self._task_pos[self._recv_queue[0][0]] <= upto:
-            _, tr = self._recv_queue.pop(0)
+            _, tr = self._recv_queue[0]
             count, dtype = self.plan.buffer_spec(tr.buf, tr.full)
+            nbytes = count * np.dtype(dtype).itemsize
+            if not force and self._posted_bytes and self._posted_bytes + nbytes > self.recv_budget:
+                return
+            self._recv_queue.pop(0)
             array = np.empty(count, dtype=dtype)
             self._recvs[tr.buf] = _Recv(tr, array, self.comm.irecv(array, tr.peer, tr.tag))
+            self._posted_bytes += nbytes
 
     def _need(self, b: Buf, task: Task) -> None:
         """Make buffer ``b`` current in the local state, waiting for it if it is remote."""
@@ -211,6 +222,7 @@ class Executor:
 
     def _unpack(self, b: Buf) -> None:
         rv = self._recvs.pop(b)  # the state holds the values now: the receive buffer can go
+        self._posted_bytes -= rv.array.nbytes
         with self.tracer.span("recv", b.chapter, b.index, peer=rv.transfer.peer, nbytes=rv.array.nbytes):
             self.state.load(b, rv.array, rv.transfer.full)
         self.result.bytes_received += rv.array.nbytes

@@ -57,6 +57,7 @@ REGIONS = {
     "forward": ("FUNCTION", "USER", "pushing the data through the layers below the one trained"),
     "negatives": ("FUNCTION", "USER", "making adaptive negatives"),
     "head": ("FUNCTION", "USER", "training the softmax head"),
+    "ship": ("FUNCTION", "USER", "computing a block's outputs for the next rank (run.inputs = ship)"),
     "send": ("POINT2POINT", "MPI", "packing and posting a nonblocking send (MPI_Isend)"),
     "recv": ("POINT2POINT", "MPI", "unpacking a received buffer (after MPI_Irecv completed)"),
     # data-parallel backprop (torch.distributed, not MPI): the all-reduce of a gradient bucket

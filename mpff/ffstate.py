@@ -59,6 +59,9 @@ class FFState:
         self.neg_labels: dict[int, np.ndarray] = {}   # chapter -> labels for that chapter's shard
         self._cache: tuple | None = None              # (chapter, last layer applied, h_pos, h_neg)
         self.test_accuracy: dict[int, float] = {}     # chapter -> accuracy, of the evals run here
+        #: shipped inputs (run.inputs = "ship"): chapter -> (layer whose outputs, h_pos, h_neg)
+        self._act: dict[int, tuple[int, torch.Tensor, torch.Tensor]] = {}
+        self._act_out: dict[tuple[int, int], np.ndarray] = {}  # (layer, chapter) -> array to send
 
     # ------------------------------------------------------------------ data
     def shard(self, s: int) -> dict:
@@ -95,6 +98,8 @@ class FFState:
     def holds(self, b: Buf) -> bool:
         if b.kind == "neg":
             return b.chapter in self.neg_labels
+        if b.kind == "act":
+            return b.chapter in self._act and self._act[b.chapter][0] == b.index
         return self.version[(b.kind, b.index)] == b.chapter
 
     def _module(self, b: Buf):
@@ -107,6 +112,8 @@ class FFState:
         exp_avg, every exp_avg_sq. Negatives: the int64 labels."""
         if b.kind == "neg":
             return np.ascontiguousarray(self.neg_labels[b.chapter], dtype=np.int64)
+        if b.kind == "act":  # made by the ship task; the executor keeps it alive until sent
+            return self._act_out.pop((b.index, b.chapter)).reshape(-1)
         module, _ = self._module(b)
         size, dtype = self.plan.buffer_spec(b, full)
         out = np.empty(size, dtype=dtype)
@@ -123,6 +130,10 @@ class FFState:
     def load(self, b: Buf, array: np.ndarray, full: bool) -> None:
         if b.kind == "neg":
             self.neg_labels[b.chapter] = array
+            return
+        if b.kind == "act":
+            h = torch.from_numpy(array).view(2, -1, self.cfg.model.dims[b.index + 1]).to(self.device)
+            self._act = {b.chapter: (b.index, h[0], h[1])}  # earlier chapters' are done with
             return
         module, _ = self._module(b)
         flat = torch.from_numpy(array)
@@ -225,11 +236,15 @@ class FFState:
 
     def _inputs(self, chapter: int, layer: int):
         """Inputs of ``layer`` in ``chapter``: this chapter's positives and negatives pushed through
-        layers 0..layer-1 as trained in this chapter (recomputed when not cached here)."""
-        sh = self.shard(self.plan.data_shard(chapter))
-        if self._cache is not None and self._cache[0] == chapter and self._cache[1] < layer:
+        layers 0..layer-1 as trained in this chapter (recomputed when not cached here), or with
+        shipped inputs, from the outputs of the layer before this rank's block."""
+        b0 = self.plan.block_start(layer) if self.plan.ship else 0
+        if self._cache is not None and self._cache[0] == chapter and b0 - 1 <= self._cache[1] < layer:
             _, j, h_pos, h_neg = self._cache
+        elif b0 > 0:
+            j, h_pos, h_neg = self._act[chapter]
         else:
+            sh = self.shard(self.plan.data_shard(chapter))
             if sh["neg_chapter"] != chapter:
                 labels = torch.from_numpy(self.negatives_for(chapter)).to(self.device)
                 overlay(sh["x"], labels, self.cfg.model.label_position, out=sh["x_neg"])
@@ -243,6 +258,24 @@ class FFState:
                 self._sync()
             self._cache = (chapter, k, h_pos, h_neg)
         return h_pos, h_neg
+
+    def _do_ship(self, task: Task) -> list[Record]:
+        """Layer k's outputs on the chapter's positives and negatives, for the next block's rank
+        (the forward pass it would otherwise repeat through every layer below it)."""
+        c, k = task.chapter, task.layer
+        h_pos, h_neg = self._inputs(c, k)
+        layer = self.net.layers[k]
+        with self.tracer.span("ship", c, k):
+            out = np.empty((2, h_pos.shape[0], layer.out_features), dtype=np.float32)
+            if self.device.type == "cpu":  # straight into the send buffer
+                view = torch.from_numpy(out)
+                layer.forward_all(h_pos, out=view[0], check=self.check)
+                layer.forward_all(h_neg, out=view[1], check=self.check)
+            else:  # note: device-to-host copies
+                out[0] = layer.forward_all(h_pos, check=self.check).cpu().numpy()
+                out[1] = layer.forward_all(h_neg, check=self.check).cpu().numpy()
+            self._act_out[(k, c)] = out
+        return []
 
     def _do_train(self, task: Task) -> list[Record]:
         c, k = task.chapter, task.layer

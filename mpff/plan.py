@@ -139,7 +139,8 @@ def assign(schedule: str, task: Task, num_layers: int, num_chapters: int, world_
         owner = owner or layer_blocks(num_layers, world_size)
         # head, negatives, eval and the final model need the whole network of the chapter:
         # they run where its last layer is trained.
-        return owner[task.layer if task.kind == "train" else num_layers - 1]
+        # (a layer's owner also ships its outputs to the next block, run.inputs = "ship")
+        return owner[task.layer if task.kind in ("train", "ship") else num_layers - 1]
     if schedule in ("all_layers", "federated"):
         chapter = task.chapter if task.kind != "final" else num_chapters - 1
         return chapter % world_size
@@ -174,8 +175,12 @@ class Plan:
         self.shards = cfg.resolved_shards(world_size)
         self._validate()
 
-        self.tasks: list[Task] = self._global_order()
         self.owner = self._owner() if self.schedule == "single_layer" else None
+        #: Single Layer, run.inputs = "ship": the owner of the last layer of a block sends its
+        #: outputs on the chapter's data to the next block's rank instead of that rank
+        #: recomputing them through every layer below (tasks "ship", buffers "act")
+        self.ship = self.owner is not None and cfg.run.inputs == "ship" and world_size > 1
+        self.tasks: list[Task] = self._global_order()
         self.rank_of: dict[Task, int] = {
             t: assign(self.schedule, t, self.num_layers, self.num_chapters, world_size, self.owner)
             for t in self.tasks
@@ -202,6 +207,9 @@ class Plan:
                               f"or choose {others}")
         if s == "single_layer":
             layer_blocks(self.num_layers, n)
+        if self.cfg.run.inputs == "ship" and s != "single_layer":
+            raise ConfigError(f"run.inputs = 'ship' is for single_layer (its ranks recompute their "
+                              f"inputs); schedule {s!r} computes them once, set run.inputs = 'recompute'")
         if s == "federated":
             if self.shards != n:
                 raise ConfigError(f"federated needs one data shard per rank: data.shards = {self.shards} "
@@ -221,7 +229,10 @@ class Plan:
         last = self.num_chapters - 1
         every = self.cfg.train.eval_every
         for c in range(self.start_chapter, self.num_chapters):
-            tasks += [Task("train", c, k) for k in range(1 if self.backprop else self.num_layers)]
+            for k in range(1 if self.backprop else self.num_layers):
+                tasks.append(Task("train", c, k))
+                if self.ship and k + 1 < self.num_layers and self.owner[k + 1] != self.owner[k]:
+                    tasks.append(Task("ship", c, k))
             if self.softmax:
                 tasks.append(Task("head", c))
             if self.adaptive and c + 1 + self.lag < self.num_chapters:
@@ -245,9 +256,10 @@ class Plan:
         """(buffer, trainable) pairs the task needs; trainable ones carry optimizer state when full."""
         if t.kind == "train" and self.backprop:
             return [(Buf("model", 0, t.chapter - 1), True)]
-        if t.kind == "train":
-            ins = [(Buf("layer", t.layer, t.chapter - 1), True)]
-            ins += [(Buf("layer", j, t.chapter), False) for j in range(t.layer)]
+        if t.kind in ("train", "ship"):
+            ins = [(Buf("layer", t.layer, t.chapter - 1), True)] if t.kind == "train" else \
+                [(Buf("layer", t.layer, t.chapter), False)]
+            ins += [(b, False) for b in self.data_inputs(t.chapter, t.layer)]
             if self.adaptive and not self.newest and t.chapter > self.lag:
                 ins.append((Buf("neg", -1, t.chapter), False))
             return ins
@@ -256,6 +268,24 @@ class Plan:
                     + [(Buf("head", -1, t.chapter - 1), True)])
         return [(b, False) for b in self.network(t.chapter)]
 
+    def block_start(self, k: int) -> int:
+        """The first layer of the Single Layer block that holds layer k (0 for other schedules)."""
+        if self.owner is None:
+            return 0
+        b = k
+        while b > 0 and self.owner[b - 1] == self.owner[k]:
+            b -= 1
+        return b
+
+    def data_inputs(self, chapter: int, k: int) -> list[Buf]:
+        """What layer k's inputs in ``chapter`` are computed from: the layers below it as trained
+        in that chapter (recomputed from the data), or with shipping, the outputs of the layer
+        before its block (buffer "act") and the layers of its block below it."""
+        if not self.ship or self.block_start(k) == 0:
+            return [Buf("layer", j, chapter) for j in range(k)]
+        b0 = self.block_start(k)
+        return [Buf("act", b0 - 1, chapter)] + [Buf("layer", j, chapter) for j in range(b0, k)]
+
     def outputs(self, t: Task) -> list[Buf]:
         if t.kind == "train":
             return [Buf("model", 0, t.chapter)] if self.backprop else [Buf("layer", t.layer, t.chapter)]
@@ -263,6 +293,8 @@ class Plan:
             return [Buf("head", -1, t.chapter)]
         if t.kind == "negatives":
             return [Buf("neg", -1, t.chapter + 1 + self.lag)]
+        if t.kind == "ship":
+            return [Buf("act", t.layer, t.chapter)]
         return []
 
     def is_initial(self, b: Buf) -> bool:
@@ -271,8 +303,9 @@ class Plan:
 
     # ----- communication, derived -----
     def tag(self, b: Buf) -> int:
-        slot = {"layer": b.index, "head": self.num_layers, "neg": self.num_layers + 1, "model": 0}[b.kind]
-        return (b.chapter + 1) * (self.num_layers + 2) + slot
+        L = self.num_layers
+        slot = {"layer": b.index, "head": L, "neg": L + 1, "act": L + 2 + b.index, "model": 0}[b.kind]
+        return (b.chapter + 1) * (2 * L + 2) + slot
 
     def _derive_transfers(self) -> None:
         self.sends: dict[Task, list[Transfer]] = {t: [] for t in self.tasks}
@@ -324,6 +357,8 @@ class Plan:
         if b.kind == "neg":
             return self.shard_len(self.data_shard(b.chapter)), np.int64
         dims = self.cfg.model.dims
+        if b.kind == "act":  # layer b.index's outputs on the chapter's positives, then negatives
+            return 2 * self.shard_len(self.data_shard(b.chapter)) * dims[b.index + 1], np.float32
         if b.kind == "layer":
             n = dims[b.index] * dims[b.index + 1] + dims[b.index + 1]
         elif b.kind == "head":

@@ -55,7 +55,7 @@ __all__ = ["CATEGORIES", "analyze_run", "load_run", "main", "pipeline_bubble", "
 
 CATEGORIES = ("compute", "communication", "waiting", "evaluation", "other")
 KIND_CATEGORY = {
-    "train": "compute", "forward": "compute", "negatives": "compute", "head": "compute",
+    "train": "compute", "forward": "compute", "negatives": "compute", "head": "compute", "ship": "compute",
     "send": "communication", "recv": "communication", "allreduce": "communication",
     "wait": "waiting",
     "eval": "evaluation",
@@ -66,9 +66,9 @@ assert set(KIND_CATEGORY) == set(trace_mod.SPAN_KINDS)  # internal invariant: on
 CATEGORY_COLORS = {"compute": "#1f77b4", "communication": "#ff7f0e", "waiting": "#d62728",
                    "evaluation": "#9467bd", "other": "#7f7f7f"}
 KIND_COLORS = {"train": "#1f77b4", "forward": "#6baed6", "negatives": "#2ca02c", "head": "#98df8a",
-               "send": "#ff7f0e", "recv": "#ffbb78", "allreduce": "#e6550d", "wait": "#d62728",
-               "eval": "#9467bd",
-               "checkpoint": "#7f7f7f", "io": "#bcbd22", "setup": "#c7c7c7"}
+               "ship": "#17becf", "send": "#ff7f0e", "recv": "#ffbb78", "allreduce": "#e6550d",
+               "wait": "#d62728", "eval": "#9467bd", "checkpoint": "#7f7f7f", "io": "#bcbd22",
+               "setup": "#c7c7c7"}
 OTHER_KIND_COLOR = "#444444"
 
 #: Task kinds of the task graph whose durations come from spans of the same kind.
@@ -421,6 +421,8 @@ def task_durations(run: Run) -> dict[tuple[str, int, int], float]:
                         trained[(c, k)].append(rt.rank)
             elif kind in MODEL_KINDS and c >= 0:
                 key = (kind, c, -1)
+            elif kind == "ship" and c >= 0 and k >= 0:  # a layer's outputs for the next rank
+                key = (kind, c, k)
             else:
                 continue
             acc[key] = acc.get(key, 0.0) + dur

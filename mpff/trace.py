@@ -39,6 +39,7 @@ FORMAT_VERSION = 2
 #: Span kinds, grouped as the report groups them.
 SPAN_KINDS = (
     "train", "forward", "negatives", "head",  # compute
+    "ship",                                   # compute: a block's outputs for the next rank (run.inputs)
     "send", "recv",                           # communication (posting, packing, unpacking)
     "allreduce",                              # data-parallel backprop: a gradient bucket (overlaps train)
     "wait",                                   # blocked on a buffer that has not arrived

@@ -43,6 +43,7 @@ class Case:
     negatives: str
     classifier: str = "goodness"
     exchange: str = "full"
+    inputs: str = "recompute"
 
     @property
     def lag(self) -> int:
@@ -61,11 +62,12 @@ class Case:
     def settings(self) -> tuple[str, ...]:
         return BASE + (f"run.schedule={self.schedule}", f"run.exchange={self.exchange}",
                        f"train.negatives={self.negatives}", f"train.adaptive_lag={self.lag}",
-                       f"train.classifier={self.classifier}")
+                       f"train.classifier={self.classifier}", f"run.inputs={self.inputs}")
 
     def __str__(self) -> str:
         extra = "" if self.classifier == "goodness" else f"-{self.classifier}"
         extra += "" if self.exchange == "full" else f"-{self.exchange}"
+        extra += "" if self.inputs == "recompute" else f"-{self.inputs}"
         return f"{self.schedule}-n{self.ranks}-{self.negatives}{extra}"
 
 
@@ -92,6 +94,8 @@ def _equivalence_cases() -> list[Case]:
     cases += [Case("federated", 3, "random"), Case("federated", 2, "adaptive"),
               Case("federated", 3, "adaptive")]
     cases += [Case("all_layers", 3, "adaptive", "softmax")]
+    # shipped inputs: the next block's rank gets the outputs instead of recomputing them
+    cases += [Case("single_layer", 2, "adaptive", inputs="ship"), Case("single_layer", 3, "random", inputs="ship")]
     return cases
 
 

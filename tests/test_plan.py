@@ -91,6 +91,28 @@ def test_blocks_by_work_are_contiguous_and_minimise_the_largest(layers):
             assert worst(owner) <= worst(other) + 1e-9
 
 
+def test_shipped_inputs_replace_the_layers_below_a_block():
+    """run.inputs = ship: the owner of a block's last layer makes its outputs (a ship task) and
+    sends them to the next block's rank, which trains from them; the layers below reach that
+    rank only for its whole-network tasks (eval)."""
+    cfg = make_cfg("single_layer", layers=3, chapters=2, eval_every=0).replace(
+        run={"inputs": "ship", "blocks": "count"})
+    plan = build_plan(cfg, 3, n_train=10)
+    assert plan.rank_tasks(0) == [Task("train", 0, 0), Task("ship", 0, 0), Task("train", 1, 0), Task("ship", 1, 0)]
+    assert plan.rank_tasks(1) == [Task("train", 0, 1), Task("ship", 0, 1), Task("train", 1, 1), Task("ship", 1, 1)]
+    assert [tr.buf for _, tr in plan.recvs[1]] == [Buf("act", 0, 0), Buf("act", 0, 1)]
+    train_inputs = [b for b, _ in plan.inputs(Task("train", 1, 2))]
+    assert train_inputs == [Buf("layer", 2, 0), Buf("act", 1, 1)]
+    received = [tr.buf for _, tr in plan.recvs[2]]
+    assert Buf("act", 1, 0) in received and Buf("layer", 0, 1) in received  # the last eval's network
+    assert Buf("layer", 0, 0) not in received  # no eval after chapter 1: no weights needed then
+    assert plan.buffer_spec(Buf("act", 1, 0), False) == (2 * 10 * 8, np.float32)
+    tags = {plan.tag(b) for b in plan.producer}
+    assert len(tags) == len(plan.producer)  # every buffer its own tag
+    with pytest.raises(ConfigError, match="run.inputs = 'ship' is for single_layer"):
+        build_plan(make_cfg("all_layers").replace(run={"inputs": "ship"}), 2)
+
+
 def test_more_ranks_than_layers_is_an_error():
     with pytest.raises(ConfigError, match="single_layer needs at most one rank per layer: 5 ranks for 4 layers"):
         build_plan(make_cfg("single_layer", layers=4), 5)
