@@ -14,7 +14,7 @@ for round in 1 2; do
    if [ $code = old ]; then dir=/work/wt-old; extra=""; else dir=/work/main; extra="--set run.checkpoint_every=0"; fi
    out=/tmp/oldnew/$code-$sched-$round
    rm -rf $out
-   cd $dir
+   cd "$dir" || exit 1
    t0=$(date +%s.%N)
    $MPX -n 2 $PY -m mpi4py -m mpff train --config $dir/configs/tiny.toml --out $out -q --force $SETS --set run.schedule=$sched $extra > /dev/null 2>&1
    t1=$(date +%s.%N)
