@@ -220,9 +220,31 @@ def test_a_stop_interrupts_a_long_task(sig, ws):
     print(f"{sig.name}: {r.seconds:.2f} s from the signal inside a long task to the exit")
 
 
+def catches(pid: int, sig: int) -> bool:
+    """Has process ``pid`` installed a handler for ``sig`` (SigCgt in /proc/<pid>/status)?"""
+    try:
+        with open(f"/proc/{pid}/status") as fh:
+            caught = next(int(line.split()[1], 16) for line in fh if line.startswith("SigCgt:"))
+    except (OSError, StopIteration, ValueError):
+        return False
+    return bool(caught >> (sig - 1) & 1)
+
+
 def test_a_stop_during_start_up_writes_nothing(ws):
+    """SIGTERM as soon as mpff handles it (its first step), while torch and the data still load."""
     out = os.path.join(ws, "run")
-    r = launch(train_cmd(out), when=lambda: True, act=lambda p: (time.sleep(0.3), p.send_signal(signal.SIGTERM)))
+    started: list[subprocess.Popen] = []
+
+    def handled() -> bool:
+        return bool(started) and catches(started[0].pid, signal.SIGTERM)
+
+    def act(proc):
+        started.append(proc)
+        while proc.poll() is None and not handled():
+            time.sleep(0.005)
+        proc.send_signal(signal.SIGTERM)
+
+    r = launch(train_cmd(out), when=lambda: True, act=act)
     check(r, out, code=75, line="mpff: stopped by signal 15 during start-up; nothing was written",
           status=None, stdout_line=True)
     assert not os.path.exists(out)
