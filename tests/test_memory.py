@@ -73,7 +73,7 @@ def test_analytic_of_a_run():
     assert a == {"algorithm": "backprop", "rows_per_update": 22, **memory.bp_analytic([784, 50, 50], 22, ddp=True)}
     weak = bp.replace(run={"scaling": "weak"})
     assert memory.analytic(weak, 1000, 3)["rows_per_update"] == 64
-    ff = from_dict({"model": {"dims": [784, 50, 40, 30]}, "run": {"schedule": "single_layer"}})
+    ff = from_dict({"model": {"dims": [784, 50, 40, 30]}, "run": {"schedule": "single_layer", "blocks": "count"}})
     single = memory.analytic(ff, n_train=1000, world_size=2)
     assert single["algorithm"] == "ff" and single["chapter_rows"] == 1000
     # two ranks, blocks [0, 1] and [2]: the larger block holds layers 0 and 1

@@ -138,7 +138,9 @@ def test_forward_passes_follow_the_schedule(tmp_path):
     target = predict.make_target(profile)
     for schedule, n, expected in (("single_layer", 3, {1: 0.5, 2: 0.75}), ("single_layer", 2, {1: 0.5, 2: 0.75}),
                                   ("all_layers", 2, {1: 0.5, 2: 0.25}), ("sequential", 1, {1: 0.5, 2: 0.25})):
-        plan = build_plan(target.config.replace(run={"schedule": schedule}), n, n_train=target.n_train)
+        # blocks by layer count, as the comment above counts them (run.blocks = "cost" is the default)
+        plan = build_plan(target.config.replace(run={"schedule": schedule, "blocks": "count"}), n,
+                          n_train=target.n_train)
         times = predict.task_times(profile, target, plan, set())
         for c in range(4):
             assert {k: times[("forward", c, k)] for k in (1, 2)} == pytest.approx(expected), (schedule, n)
