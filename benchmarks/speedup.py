@@ -68,7 +68,8 @@ def main() -> None:
             mine = task_durations(load_run(r["run_dir"]))
             ratios = [mine[k] / alone[k] for k in mine if k[0] == "train" and alone.get(k)]
             r["train_task_time_vs_1_rank"] = median(ratios) if ratios else None
-    write_result("speedup", {
+    # a partial run (--only) does not replace the full one
+    write_result("speedup" if not args.only else "speedup_" + "_".join(args.only), {
         "config": base, "cases": rows,
         "ideal_all_layers_speedup": 2 * E / (E + 1),
         "target_all_layers_speedup": 1.8,
