@@ -486,7 +486,8 @@ def test_an_io_error_at_each_kind_of_write(target, after, line, status, model, w
 
 def test_two_jobs_started_at_once_with_force(ws):
     out = os.path.join(ws, "run")
-    cmd = train_cmd(out, "train.epochs=40", "train.chapters=4", extra=("--force",))
+    # long enough (seconds of training) that the loser starts while the winner holds the lock
+    cmd = train_cmd(out, "train.epochs=800", "train.chapters=4", extra=("--force",))
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
         a, b = pool.map(lambda _: launch(cmd), range(2))
     codes = sorted([a.rc, b.rc])
