@@ -40,23 +40,26 @@ def cpu_flags() -> list[str]:
     return sorted(f for f in flags if re.fullmatch(r"avx512_bf16|amx_bf16|amx_tile|avx512f|avx2|amx_fp16", f))
 
 
-def gemm_rate(dtype: torch.dtype, repeats: int = 60) -> float:
-    """Flop/s of the products one training step of the network does, on one thread."""
+def gemm_rate(precision: str, repeats: int = 60) -> float:
+    """Flop/s of the products one training step of the network does, on one thread, fp32
+    tensors at the matmul precision mpff trains with (mpff.ff.matmul_precision)."""
+    from mpff.ff import matmul_precision
     torch.set_num_threads(1)
     total_flop, total_s = 0.0, 0.0
-    for k in range(len(DIMS) - 1):
-        a = torch.randn(2 * BATCH, DIMS[k]).to(dtype)
-        w = torch.randn(DIMS[k + 1], DIMS[k]).to(dtype)
-        g = torch.randn(2 * BATCH, DIMS[k + 1]).to(dtype)
-        for _ in range(5):  # warm-up
-            a @ w.T
-            g.T @ a
-        t0 = time.perf_counter()
-        for _ in range(repeats):
-            a @ w.T        # forward
-            g.T @ a        # weight gradient
-        total_s += time.perf_counter() - t0
-        total_flop += repeats * 2 * (2 * 2 * BATCH * DIMS[k] * DIMS[k + 1])
+    with matmul_precision(precision, torch.device("cpu")):
+        for k in range(len(DIMS) - 1):
+            a = torch.randn(2 * BATCH, DIMS[k])
+            w = torch.randn(DIMS[k + 1], DIMS[k])
+            g = torch.randn(2 * BATCH, DIMS[k + 1])
+            for _ in range(5):  # warm-up
+                a @ w.T
+                g.T @ a
+            t0 = time.perf_counter()
+            for _ in range(repeats):
+                a @ w.T        # forward
+                g.T @ a        # weight gradient
+            total_s += time.perf_counter() - t0
+            total_flop += repeats * 2 * (2 * 2 * BATCH * DIMS[k] * DIMS[k + 1])
     return total_flop / total_s
 
 
@@ -77,7 +80,7 @@ def main() -> None:
     args = p.parse_args()
     E = args.epochs
     n = args.train_subset or N
-    rates = {"fp32": gemm_rate(torch.float32), "bf16": gemm_rate(torch.bfloat16)}
+    rates = {p: gemm_rate(p) for p in args.precisions}
     flop = epoch_flop() * n / N
     base = [f"model.dims=[{','.join(map(str, DIMS))}]", f"train.epochs={E}", f"train.chapters={E}",
             f"train.batch_size={BATCH}", "train.lr=0.01", "train.negatives=random", "train.classifier=goodness",

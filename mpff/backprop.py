@@ -73,7 +73,7 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for layer in self.layers[:-1]:
             x = F.relu(layer(x))
-        return self.layers[-1](x).float()  # fp32 logits under a lower matmul precision
+        return self.layers[-1](x)
 
     @torch.no_grad()
     def logits(self, x: torch.Tensor) -> torch.Tensor:
@@ -167,6 +167,11 @@ class BPState:
                 self.net, device_ids=[device.index] if device.type == "cuda" else None,
                 process_group=process_group, gradient_as_bucket_view=True)
             self.model.register_comm_hook(process_group, self._timed_allreduce)
+
+    def close(self) -> None:
+        """Drop the DDP wrapper (its reducer holds the process group) before the group is shut
+        down (mpff.ddp.shutdown)."""
+        self.model = self.net
 
     # ------------------------------------------------------------------ data-parallel plumbing
     def _timed_allreduce(self, group, bucket):

@@ -57,6 +57,13 @@ def init_process_group(comm, device: torch.device) -> dist.ProcessGroup:
 
 
 def shutdown(group=None) -> None:
-    """Leave torch.distributed (every rank). Safe to call when it was never started."""
+    """Leave torch.distributed (every rank). Safe to call when it was never started.
+
+    Call it after the DistributedDataParallel models are gone (``BPState.close``): a reducer
+    that outlives its process group, or a process group torn down at interpreter exit, left
+    gloo threads running at exit and the process aborted ("terminate called without an active
+    exception", about one launch in six here)."""
+    import gc
+    gc.collect()  # DDP reducers still referenced only from cycles
     if dist.is_initialized():
         dist.destroy_process_group(group)

@@ -257,7 +257,7 @@ def execute(setup: Setup, quiet: bool = False) -> Outcome:
     if halt is not None:
         return Outcome("failed", halt=halt)
     watch = Watch(comm)
-    tracer = None
+    tracer = state = None
     try:
         tracer = _open_trace(setup)
         if comm.rank == 0:
@@ -293,6 +293,8 @@ def execute(setup: Setup, quiet: bool = False) -> Outcome:
     finally:
         if setup.ddp_group is not None:
             from .ddp import shutdown
+            if state is not None:
+                state.close()  # the DDP model goes before its process group
             shutdown(setup.ddp_group)
     return Outcome("finished", result, memory)
 

@@ -305,6 +305,7 @@ DP_SCRIPT = textwrap.dedent("""
         np.save(f"{out}/{scaling}-rank{comm.rank}.npy", state.pack(Buf("model", 0, 1), True))
     with open(f"{out}/rank{comm.rank}.json", "w") as fh:
         json.dump(results, fh)
+    state.close()  # the DDP model goes before its process group
     ddp.shutdown(group)
 """)
 
