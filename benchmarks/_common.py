@@ -15,8 +15,9 @@ VENV_BIN = os.path.dirname(sys.executable)
 
 
 def mpff_train(out: str, *, config: str, sets: list[str], ranks: int = 1, env: dict | None = None,
-               timeout: float | None = None) -> dict:
-    """Run `mpff train` (under mpiexec when ranks > 1) and return its run.json plus the wall time."""
+               timeout: float | None = None, root: str = ROOT) -> dict:
+    """Run `mpff train` (under mpiexec when ranks > 1) and return its run.json plus the wall time.
+    ``root``: the checkout whose mpff runs (another commit's worktree, for before/after runs)."""
     cmd = [sys.executable, "-m", "mpi4py", "-m", "mpff", "train", "--config", config, "--out", out,
            "--force", "-q"]
     for s in sets:
@@ -27,7 +28,7 @@ def mpff_train(out: str, *, config: str, sets: list[str], ranks: int = 1, env: d
     e.setdefault("MPIR_CVAR_ENABLE_HEAVY_YIELD", "1")
     e.update(env or {})
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=ROOT, env=e, text=True, capture_output=True, timeout=timeout)
+    proc = subprocess.run(cmd, cwd=root, env=e, text=True, capture_output=True, timeout=timeout)
     elapsed = time.perf_counter() - t0
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")

@@ -19,7 +19,7 @@ import torch
 from .config import Config
 from .ff import cooldown_lr, make_adam, matmul_precision, seed_for, train_epochs
 from .halt import Diverged
-from .model import FFNet, overlay, random_negatives, train_head
+from .model import FFNet, hardest_wrong_label, overlay, random_negatives, train_head
 from .plan import Buf, Plan, Task
 from .progress import Record
 
@@ -58,6 +58,9 @@ class FFState:
         self._x_train_np = dataset.x_train
         self.neg_labels: dict[int, np.ndarray] = {}   # chapter -> labels for that chapter's shard
         self._cache: tuple | None = None              # (chapter, last layer applied, h_pos, h_neg)
+        #: the softmax head's features of a shard, kept from a head task for the negatives task that
+        #: follows it with the same layers: (shard, layer versions, features)
+        self._features: tuple | None = None
         self.test_accuracy: dict[int, float] = {}     # chapter -> accuracy, of the evals run here
         #: shipped inputs (run.inputs = "ship"): chapter -> (layer whose outputs, h_pos, h_neg)
         self._act: dict[int, tuple[int, torch.Tensor, torch.Tensor]] = {}
@@ -293,16 +296,27 @@ class FFState:
         self.tracer.scalar("loss", c, k, loss)
         return [Record("loss", c, k, loss)]
 
+    def _layer_versions(self) -> tuple[int, ...]:
+        return tuple(self.version[("layer", k)] for k in range(self.plan.num_layers))
+
     def _do_head(self, task: Task) -> list[Record]:
         c = task.chapter
-        sh = self.shard(self.plan.data_shard(c))
+        s = self.plan.data_shard(c)
+        sh = self.shard(s)
         with self.tracer.span("head", c, -1):
             feats = self.net.head_features(sh["x"], check=self.check)
             lrs, seeds = self._lrs_and_seeds(self.cfg.train.head_lr, c, HEAD_STREAM, -1)
             loss = train_head(self.net, self.head_opt, feats, sh["y"], batch_size=self.cfg.train.batch_size,
                               lrs=lrs, seeds=seeds, check=self.check)
-            del feats
             self._sync()
+        # Adaptive negatives with the softmax head score the same samples through the same layers:
+        # keep the features for the negatives task of this chapter when it runs here on this shard
+        # (one pass of the training set through the network instead of two).
+        neg = Task("negatives", c)
+        if (self.plan.rank_of.get(neg) == self.rank
+                and self.plan.data_shard(c + 1 + self.plan.lag) == s):
+            self._features = (s, self._layer_versions(), feats)
+        del feats
         self._check_finite("the softmax head", c, loss, self.net.head.parameters(), "train.head_lr",
                            self.cfg.train.head_lr)
         self.version[("head", -1)] = c
@@ -313,7 +327,14 @@ class FFState:
         target = task.chapter + 1 + self.plan.lag
         sh = self.shard(self.plan.data_shard(target))
         with self.tracer.span("negatives", task.chapter, -1):
-            labels = self.net.adaptive_negatives(sh["x"], sh["y"], self.cfg.train.classifier, check=self.check)
+            kept, self._features = self._features, None
+            if kept is not None and kept[:2] == (self.plan.data_shard(target), self._layer_versions()):
+                with torch.no_grad():  # what adaptive_negatives computes, from the head task's features
+                    labels = hardest_wrong_label(self.net.head(kept[2]), sh["y"])
+            else:
+                labels = self.net.adaptive_negatives(sh["x"], sh["y"], self.cfg.train.classifier,
+                                                     check=self.check)
+            del kept
             self.neg_labels[target] = labels.cpu().numpy().astype(np.int64)
         prev = self.neg_labels.get(target - 1)
         if prev is None or len(prev) != len(self.neg_labels[target]):

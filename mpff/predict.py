@@ -552,6 +552,9 @@ def task_times(profile: Profile, target: Target, plan: Plan, notes: set[str]) ->
             durations[key] = (v or 0.0) * float(target.n_test or 1)
         elif t.kind == "final":
             durations[key] = profile.final
+        elif t.kind == "ship":  # run.inputs = ship: layer k's pass over the chapter's data, right
+            # after training it (its inputs are still cached), into the send buffer
+            durations[key] = forward(t.layer, t.chapter) * samples(t.chapter)
     typical_prep = statistics.median(profile.prep.values()) if profile.prep else 0.0
     for rank in range(plan.world_size):
         cache: tuple[int, int] | None = None   # (chapter, last layer applied), as Engine._inputs
@@ -575,7 +578,9 @@ def task_times(profile: Profile, target: Target, plan: Plan, notes: set[str]) ->
                 prepared.add(c)
                 prep = profile.prep.get(c) if same and c in profile.prep else typical_prep
                 work += prep * n
-            start = cache[1] + 1 if cache is not None and cache[0] == c and cache[1] < k else 0
+            # shipped inputs: the passes start at the rank's block, from the received outputs
+            first = plan.block_start(k) if plan.ship else 0
+            start = cache[1] + 1 if cache is not None and cache[0] == c and first - 1 <= cache[1] < k else first
             for j in range(start, k):
                 work += forward(j, c) * n
                 if j not in applied:
@@ -667,7 +672,10 @@ def simulate(profile: Profile, target: Target, schedule: str, world_size: int, n
              contention: Contention, notes: set[str]) -> Prediction:
     """One schedule on ``world_size`` ranks (speedup left for the caller)."""
     pred = Prediction(schedule, world_size, network.nodes(world_size))
-    cfg = target.config.replace(run={"schedule": schedule})
+    run = {"schedule": schedule}
+    if schedule != "single_layer":  # run.inputs = ship is Single Layer's: the others recompute
+        run["inputs"] = "recompute"
+    cfg = target.config.replace(run=run)
     try:
         plan = build_plan(cfg, world_size, n_train=target.n_train)
     except ConfigError as exc:
@@ -743,8 +751,9 @@ def predict(runs: list[report_mod.Run], *, ranks: Iterable[int] = DEFAULT_RANKS,
             pred = simulate(profile, t, schedule, n, network, used, notes)
             if pred.reason is None:
                 base = baseline(t.config.replace(run={"schedule": schedule}).resolved_shards(n))
-                pred.speedup = base.wall / pred.wall if pred.wall else None
-                pred.training_speedup = base.training / pred.training if pred.training else None
+                if base.reason is None:
+                    pred.speedup = base.wall / pred.wall if pred.wall else None
+                    pred.training_speedup = base.training / pred.training if pred.training else None
             _attach_measured(pred, t, runs)
             predictions.append(pred)
     assumptions = _assumptions(profile, target, network, used, measured, contention, schedules,
@@ -782,9 +791,12 @@ def _assumptions(profile: Profile, target: Target, network: Network, used: Conte
          + ". Every predicted rank is taken to be as fast as that run's ranks (same device, threads "
            "and software): no straggler, no failure, no other job on the node."),
         ("Work grows linearly with the samples of a chapter's shard and, for training, with the "
-         "epochs per chapter; forward passes are measured per layer applied: Single Layer "
-         "recomputes layers 1..k-1 on every rank each chapter, Sequential and All Layers reuse "
-         "the previous layer's outputs."
+         "epochs per chapter; forward passes are measured per layer applied: "
+         + ("Single Layer ships each block's inputs (run.inputs = ship): a rank applies the "
+            "layers of its block only, and the rank before it makes one more pass, through its "
+            "block's last layer, to send; " if cfg.run.inputs == "ship" else
+            "Single Layer recomputes layers 1..k-1 on every rank each chapter, ")
+         + "Sequential and All Layers reuse the previous layer's outputs."
          + (f" A rank's first training of a layer and first pass through it took {warm:.1f} s "
             "longer in all than later ones (warm-up); every predicted rank pays that once."
             if (warm := _warmup_seconds(profile)) > 0.05 else "")

@@ -399,6 +399,39 @@ def test_engine_adaptive_negatives_are_the_networks_hardest_wrong_label():
     assert np.array_equal(eng.neg_labels[1], seen[0])
 
 
+
+@pytest.mark.parametrize("shards, lag, reused", [(0, 0, True), (2, 1, True), (2, 0, False)])
+def test_softmax_adaptive_negatives_reuse_the_head_features(shards, lag, reused):
+    """With the softmax head, the negatives task scores the training shard through the same layers
+    the head task just pushed it through: it takes those features (one pass, not two) when the
+    shard is the same, and its labels are exactly the ones a fresh pass gives."""
+    eng = _engine("adaptive", classifier="softmax", chapters=4, shards=shards, lag=lag)
+    passes, seen = [], {}
+    features = eng.net.head_features
+
+    def counting(x, check=None):
+        if x is not eng.x_test:  # evaluations pass the test set
+            passes.append(x.shape[0])
+        return features(x, check)
+
+    original = eng._do_negatives
+
+    def spy(task):
+        original(task)
+        sh = eng.shard(eng.plan.data_shard(task.chapter + 1 + lag))
+        fresh = eng.net.adaptive_negatives(sh["x"], sh["y"], "softmax").numpy()
+        seen[task.chapter] = fresh
+        del passes[-1]  # the spy's own pass
+
+    eng.net.head_features = counting
+    eng._do_negatives = spy
+    _run(eng)
+    assert seen and all(np.array_equal(eng.neg_labels[c + 1 + lag], seen[c]) for c in seen)
+    heads, negs = eng.plan.num_chapters, len(seen)
+    assert len(passes) == heads + (0 if reused else negs)
+    assert eng._features is None  # nothing held after the negatives task
+
+
 # ------------------------------------------------------------------------------ classifiers
 
 def _net(dims=(784, 8, 8, 8), seed=0, **kw):

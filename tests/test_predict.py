@@ -147,6 +147,26 @@ def test_forward_passes_follow_the_schedule(tmp_path):
             assert times[("forward", c, 0)] == 0.0
 
 
+
+def test_shipped_inputs_move_the_forward_passes_to_the_sender(tmp_path):
+    # The same run; Single Layer with run.inputs = ship: a block starts from the outputs its
+    # previous rank shipped (no passes below it), and the sender's ship task is the pass through
+    # its last layer (0.5 s through layer 0, 0.25 s through layer 1).
+    cfg = make_config("sequential", dims=(784, 8, 8, 8))
+    run = load_run(make_run(tmp_path / "seq", [sequential_spans(4, train=(2.0, 3.0, 1.0),
+                                                                 forward=(0.5, 0.25))], cfg))
+    profile = predict.build_profile(run, predict.read_spans(run), predict.Contention(0.0, "none", ""))
+    target = predict.make_target(profile)
+    for n, forwards, ships in ((3, {1: 0.0, 2: 0.0}, {0: 0.5, 1: 0.25}), (2, {1: 0.5, 2: 0.0}, {1: 0.25})):
+        plan = build_plan(target.config.replace(run={"schedule": "single_layer", "blocks": "count",
+                                                     "inputs": "ship"}), n, n_train=target.n_train)
+        times = predict.task_times(profile, target, plan, set())
+        for c in range(4):
+            assert {k: times[("forward", c, k)] for k in (1, 2)} == pytest.approx(forwards), n
+            assert {k: times[("ship", c, k)] for k in ships} == pytest.approx(ships), n
+        assert {key[2] for key in times if key[0] == "ship"} == set(ships)
+
+
 def test_more_chapters_epochs_and_data_than_measured(seq_run):
     # 8 chapters of 2 epochs on twice the data: every chapter takes the median per sample of the
     # measured ones, training scales with epochs x samples, forward passes with samples, and the
@@ -310,3 +330,15 @@ def test_every_rank_pays_the_warm_up_of_its_first_tasks(tmp_path):
     assert _by(out, "sequential", 1).training == pytest.approx(4 * 5.5 + 1.0 + 1.0)
     assert _by(out, "all_layers", 2).training == pytest.approx(17.5)
     assert any("warm-up" in a for a in out.assumptions)
+
+
+def test_shipping_is_single_layers_setting_the_others_recompute(seq_run):
+    # --set run.inputs=ship with Sequential (the baseline) and All Layers in the same prediction:
+    # those schedules have nothing to ship and are predicted as they run, with speedups
+    out = predict.predict([load_run(seq_run)], ranks=[1, 2], network=IDEAL, overrides=["run.inputs=ship"],
+                          schedules=["sequential", "all_layers", "single_layer"])
+    assert len(out.predictions) == 3
+    for p in out.predictions:
+        assert p.reason is None and p.speedup is not None, p.schedule
+    plain = predict.predict([load_run(seq_run)], ranks=[2], network=IDEAL, schedules=["all_layers"])
+    assert _by(out, "all_layers", 2).wall == pytest.approx(_by(plain, "all_layers", 2).wall)
