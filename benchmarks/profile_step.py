@@ -7,7 +7,9 @@ step does not depend on the values). For each layer:
 
 - the step time without a profiler (median of several epochs' steps),
 - the arithmetic floor: the step's two GEMMs (forward and weight gradient, 4 · 128 · in · out
-  flop) at the GEMM rate measured here in the same run,
+  flop) at the GEMM rate measured here in the same run, plus Adam's memory traffic (read the
+  parameters, gradients and both moments, write back three: 28 bytes a parameter) at the
+  bandwidth a streaming add over arrays of the layer's size reaches here (12 bytes an element),
 - torch.profiler's self time by category: GEMM (addmm/mm), Adam (the fused kernel), the gather
   of the batch (index_select), the other element-wise operators (ReLU, goodness, softplus,
   their gradients, zeroing), and what no operator accounts for (Python, the dispatcher,
@@ -39,6 +41,17 @@ def category(name: str) -> str:
     if n == "aten::index_select":
         return "gather"
     return "elementwise"
+
+
+def stream_bandwidth(elements: int, repeats: int = 200) -> float:
+    """Bytes/s of c = a + b over float32 arrays of ``elements`` (two reads, one write)."""
+    a, b, c = torch.rand(elements), torch.rand(elements), torch.empty(elements)
+    for _ in range(10):
+        torch.add(a, b, out=c)
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        torch.add(a, b, out=c)
+    return 12 * elements * repeats / (time.perf_counter() - t0)
 
 
 def one_layer(d_in: int, d_out: int, steps: int, epochs: int) -> dict:
@@ -73,7 +86,9 @@ def one_layer(d_in: int, d_out: int, steps: int, epochs: int) -> dict:
     by["python_and_dispatch"] = max(profiled - sum(by.values()), 0.0)
     scale = step / (profiled / steps)
     shares = {k: v / steps * scale for k, v in by.items()}
+    params = d_out * (d_in + 1)
     return {"in": d_in, "out": d_out, "step_seconds": step, "step_flop": 4 * 2 * BATCH * d_in * d_out,
+            "adam_bytes": 28 * params, "stream_bandwidth": stream_bandwidth(params),
             "profiled_step_seconds": profiled / steps, "seconds_per_step": shares}
 
 
@@ -86,13 +101,16 @@ def main() -> None:
     rate = gemm_rate("fp32")
     layers = [one_layer(DIMS[k], DIMS[k + 1], args.steps, args.epochs) for k in range(len(DIMS) - 1)]
     step = sum(r["step_seconds"] for r in layers)
-    floor = sum(r["step_flop"] for r in layers) / rate
+    floor = sum(r["step_flop"] / rate + r["adam_bytes"] / r["stream_bandwidth"] for r in layers)
     parts = {k: sum(r["seconds_per_step"][k] for r in layers) for k in layers[0]["seconds_per_step"]}
     for r in layers:
-        r["floor_seconds"] = r["step_flop"] / rate
+        r["gemm_floor_seconds"] = r["step_flop"] / rate
+        r["adam_floor_seconds"] = r["adam_bytes"] / r["stream_bandwidth"]
+        r["floor_seconds"] = r["gemm_floor_seconds"] + r["adam_floor_seconds"]
         r["ratio_to_floor"] = r["step_seconds"] / r["floor_seconds"]
         print(f"{r['in']}x{r['out']}: {r['step_seconds'] * 1e3:.2f} ms/step, floor {r['floor_seconds'] * 1e3:.2f} "
-              f"ms ({r['ratio_to_floor']:.2f}x); " + ", ".join(
+              f"ms (GEMM {r['gemm_floor_seconds'] * 1e3:.2f} + Adam {r['adam_floor_seconds'] * 1e3:.2f} at "
+              f"{r['stream_bandwidth'] / 1e9:.1f} GB/s; {r['ratio_to_floor']:.2f}x); " + ", ".join(
                   f"{k} {v * 1e3:.2f}" for k, v in r["seconds_per_step"].items()), flush=True)
     write_result("profile_step", {
         "cpu_flags": cpu_flags(), "gemm_rate_flops": rate, "batch": BATCH, "layers": layers,
