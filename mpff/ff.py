@@ -124,6 +124,15 @@ def matmul_precision(precision: str, device: torch.device):
     return _float32_matmul({"fp32": "highest", "bf16": "medium", "tf32": "high"}[precision])
 
 
+def cpu_bf16_products() -> bool:
+    """Whether torch computes fp32 products in bf16 on this CPU under matmul precision 'medium'
+    (oneDNN with AVX-512 or AMX; elsewhere they silently stay fp32)."""
+    try:
+        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # a torch without the query: take it as absent
+        return False
+
+
 @contextlib.contextmanager
 def _float32_matmul(level: str):
     before = torch.get_float32_matmul_precision()

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from .config import Config, ConfigError, load
+from .ff import cpu_bf16_products
 from .halt import (
     DISK_ERRNOS,
     EXIT_PREEMPTED,
@@ -56,6 +57,10 @@ def pick_device(cfg: Config, local_rank: int) -> torch.device:
         if cfg.train.precision == "tf32":
             raise ConfigError("train.precision = 'tf32' needs a CUDA GPU (TF32 is a tensor-core format); "
                               "use bf16 on a CPU")
+        if cfg.train.precision == "bf16" and not cpu_bf16_products():
+            raise ConfigError("train.precision = 'bf16' needs a CPU whose oneDNN computes bf16 products "
+                              "(AVX-512 or AMX; torch reports none here, so every product would stay fp32); "
+                              "use train.precision=fp32")
         return torch.device("cpu")
     if not torch.cuda.is_available():
         raise ConfigError("run.device = 'cuda' but torch sees no GPU; use run.device=cpu or a CUDA build of torch")
