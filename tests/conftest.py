@@ -35,6 +35,8 @@ MPFF_TINY_SETTINGS = (
 def _mpff_register_markers(config) -> None:
     config.addinivalue_line(
         "markers", "mpi: launches mpiexec with several ranks (slow; deselect with -m 'not mpi')")
+    config.addinivalue_line(
+        "markers", "cuda: needs a CUDA GPU (skips without one); select with -m cuda")
 
 
 def pytest_configure(config):
