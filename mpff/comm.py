@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 import time
 from typing import Any
 
@@ -170,7 +171,18 @@ class Comm:
         self._barrier = None
         return True
 
+    #: seconds an aborting rank leaves the launcher to forward what it printed: MPI_Abort tears
+    #: the job down at once, and Hydra's proxy can be killed before it has read the rank's last
+    #: line from its pipe (seen: a stalled job exited 69 with its one-line reason lost)
+    ABORT_GRACE = 0.5
+
     def abort(self, code: int) -> None:
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):  # pragma: no cover - a closed or broken stream
+                pass
+        time.sleep(self.ABORT_GRACE)
         self.world.Abort(code)
 
     def free(self) -> None:

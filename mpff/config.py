@@ -206,6 +206,12 @@ class RunConfig:
     """Single Layer with more layers than ranks: contiguous blocks of layers balanced by their
     work ('cost': training plus the forward passes that feed a block, from the layer sizes) or
     by layer count ('count')."""
+    eval_placement: str = "balanced"
+    """Single Layer on several ranks: where the evaluations before the last chapter run.
+    'balanced': each on the rank with the least work (from the layer sizes), one chapter later
+    on a rank that does not own the last layer, so it fills time that rank would spend waiting
+    instead of delaying the last rank; 'last': on the rank of the last layer (the paper's).
+    The last chapter's evaluation is always on the last rank; results are identical."""
     scaling: str = "strong"
     """Data-parallel backprop: 'strong' (the global batch is train.batch_size, each of N ranks
     takes 1/N of it) or 'weak' (each rank takes train.batch_size, the global batch is N times it)."""
@@ -215,6 +221,7 @@ class RunConfig:
         _choice("run.scaling", self.scaling, ("strong", "weak"))
         _choice("run.blocks", self.blocks, ("cost", "count"))
         _choice("run.inputs", self.inputs, ("recompute", "ship"))
+        _choice("run.eval_placement", self.eval_placement, ("balanced", "last"))
         _choice("run.exchange", self.exchange, ("weights", "full"))
         _choice("run.device", self.device, ("auto", "cpu", "cuda"))
         if min(self.poll_interval, self.checkpoint_every, self.checkpoint_keep, self.stall_timeout) < 0:

@@ -54,6 +54,11 @@ class RankState(Protocol):
     def checkpoint(self, chapter: int, owned: list[Buf]) -> dict:
         """What this rank saves at the boundary after ``chapter`` (``owned``: the buffers it produced)."""
 
+    # Optional: ``passed(boundary)``, called after the rank passes the boundary after a chapter
+    # (every task of the chapters up to it has run here). A task may read versions older than
+    # the current ones (a moved evaluation): ``holds``, ``pack`` and ``checkpoint`` answer for
+    # them until then.
+
 
 class Checkpointer(Protocol):
     def due(self, chapter: int) -> bool:
@@ -104,6 +109,14 @@ class Executor:
         self._recvs: dict[Buf, _Recv] = {}
         self._recv_queue = list(plan.recvs[self.rank])
         self._task_pos = {task: i for i, task in enumerate(self.tasks)}
+        #: the earliest chapter among the tasks from each position on: a chapter boundary is
+        #: passed (and checkpointed) only when every task of the chapters before it has run here
+        #: (a moved evaluation runs chapters after its own)
+        self._pending_from = [0] * len(self.tasks)
+        low = plan.num_chapters
+        for i in range(len(self.tasks) - 1, -1, -1):
+            low = min(low, self.tasks[i].chapter)
+            self._pending_from[i] = low
         self._sends: list[tuple[Any, np.ndarray]] = []
         #: bytes of receive buffers posted ahead and not yet taken in (see _post_recvs)
         self._posted_bytes = 0
@@ -142,7 +155,7 @@ class Executor:
             self._post_recvs(pos + self.window)     # and ahead, within the budget
             if last_chapter is not None and task.chapter != last_chapter:
                 self._flush()  # chapter end: buffered spans go to the file
-            self._pass_boundaries(task.chapter - 1)
+            self._pass_boundaries(self._pending_from[pos] - 1)
             last_chapter = task.chapter
             # What the task reads comes first; the state it trains (from chapter c-1) is waited
             # for last, so a train task's forward passes through the layers below fill that wait.
@@ -270,6 +283,9 @@ class Executor:
                      if buf in self.plan.producer and self.plan.rank_of[self.plan.producer[buf]] == self.rank]
             with self.tracer.span("checkpoint", b, -1):
                 self.checkpointer.write(b, self.state.checkpoint(b, owned))
+        passed = getattr(self.state, "passed", None)
+        if passed is not None:
+            passed(self._boundary)  # what was kept for the chapters before can go
 
 
 def _name(b: Buf) -> str:

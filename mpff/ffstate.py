@@ -61,6 +61,15 @@ class FFState:
         #: the softmax head's features of a shard, kept from a head task for the negatives task that
         #: follows it with the same layers: (shard, layer versions, features)
         self._features: tuple | None = None
+        #: versions this rank's whole-network tasks read; a moved evaluation (Single Layer,
+        #: run.eval_placement) runs chapters after its own, when this rank has trained or
+        #: received newer ones: those are kept (params, and Adam's state for layers trained
+        #: here: the checkpoint of that chapter, written after the evaluation, needs them)
+        #: until the rank passes that chapter's boundary
+        self._reads = {b for t in plan.rank_tasks(rank) if t.kind in ("eval", "head", "negatives", "final")
+                       for b, _ in plan.inputs(t) if b.kind in ("layer", "head")}
+        self._kept: dict[Buf, tuple[np.ndarray, bool]] = {}
+        self._passed = plan.start_chapter - 1
         self.test_accuracy: dict[int, float] = {}     # chapter -> accuracy, of the evals run here
         #: shipped inputs (run.inputs = "ship"): chapter -> (layer whose outputs, h_pos, h_neg)
         self._act: dict[int, tuple[int, torch.Tensor, torch.Tensor]] = {}
@@ -103,7 +112,37 @@ class FFState:
             return b.chapter in self.neg_labels
         if b.kind == "act":
             return b.chapter in self._act and self._act[b.chapter][0] == b.index
-        return self.version[(b.kind, b.index)] == b.chapter
+        return self.version[(b.kind, b.index)] == b.chapter or b in self._kept
+
+    def _retain(self, kind: str, index: int) -> None:
+        """About to overwrite (train, or load a newer version of) a layer or the head before this
+        rank has passed that version's chapter boundary (only where a moved evaluation holds the
+        boundary back): keep it for the tasks that read it and the checkpoint of that chapter."""
+        b = Buf(kind, index, self.version[(kind, index)])
+        if b.chapter <= self._passed or b in self._kept:
+            return  # the usual case: every task of that chapter has run here
+        producer = self.plan.producer.get(b)
+        owned = producer is not None and self.plan.rank_of[producer] == self.rank
+        if owned or b in self._reads:  # owned: a checkpoint of that chapter may still be due
+            self._kept[b] = (self.pack(b, owned), owned)
+
+    def passed(self, boundary: int) -> None:
+        """The executor has passed the boundary after chapter ``boundary`` (every task of the
+        chapters up to it has run here): what was kept for them can go."""
+        self._passed = boundary
+        for b in [b for b in self._kept if b.chapter <= boundary]:
+            del self._kept[b]
+
+    def _set_params(self, b: Buf, flat_np: np.ndarray) -> int:
+        module, _ = self._module(b)
+        flat = torch.from_numpy(flat_np)
+        i = 0
+        with torch.no_grad():
+            for p in module.parameters():
+                n = p.numel()
+                p.copy_(flat[i:i + n].view_as(p))
+                i += n
+        return i
 
     def _module(self, b: Buf):
         if b.kind == "layer":
@@ -138,14 +177,9 @@ class FFState:
             h = torch.from_numpy(array).view(2, -1, self.cfg.model.dims[b.index + 1]).to(self.device)
             self._act = {b.chapter: (b.index, h[0], h[1])}  # earlier chapters' are done with
             return
-        module, _ = self._module(b)
-        flat = torch.from_numpy(array)
-        i = 0
-        with torch.no_grad():
-            for p in module.parameters():
-                n = p.numel()
-                p.copy_(flat[i:i + n].view_as(p))
-                i += n
+        if b.chapter != self.version[(b.kind, b.index)]:
+            self._retain(b.kind, b.index)
+        i = self._set_params(b, array)
         if full:
             self.load_optimizer_state(b, array[i:])
         self.version[(b.kind, b.index)] = b.chapter
@@ -182,7 +216,7 @@ class FFState:
         """The state after ``chapter`` that this rank saves: the buffers it produced (with Adam's
         state), the negatives it holds for later chapters, and with ``exchange = "weights"`` its
         own optimizer states (what it would use for a layer it receives)."""
-        buffers = {b: (self.pack(b, True), True) for b in owned}
+        buffers = {b: (self._full(b), True) for b in owned}
         for c in sorted(self.neg_labels):
             if c > chapter:
                 b = Buf("neg", -1, c)
@@ -190,10 +224,24 @@ class FFState:
         local = {}
         if not self.plan.full_exchange:
             for b in self.plan.network(chapter):
+                if b in buffers and self.version[(b.kind, b.index)] != b.chapter:
+                    local[b.index] = buffers[b][0][self._num_params(b):]  # kept with its version
+                    continue
                 flat = self.optimizer_state(b)
                 if flat is not None:
                     local[b.index] = flat
         return {"buffers": buffers, "local_optimizer": local}
+
+    def _full(self, b: Buf) -> np.ndarray:
+        """Parameters and Adam's state of ``b``: the current ones, or those kept of that version."""
+        if self.version[(b.kind, b.index)] == b.chapter:
+            return self.pack(b, True)
+        array, full = self._kept[b]  # a moved evaluation's rank checkpoints after it moved on
+        assert full, f"rank {self.rank} kept {b} without its optimizer state"
+        return array
+
+    def _num_params(self, b: Buf) -> int:
+        return sum(p.numel() for p in self._module(b)[0].parameters())
 
     def restore(self, snapshot: dict) -> None:
         """State from a checkpoint ({"buffers": {Buf: (flat, full)}, "local_optimizer": {index:
@@ -213,7 +261,23 @@ class FFState:
 
     def run(self, task: Task) -> list[Record]:
         with matmul_precision(self.cfg.train.precision, self.device):
-            return getattr(self, f"_do_{task.kind}")(task)
+            if task.kind not in ("eval", "head", "negatives", "final"):
+                return getattr(self, f"_do_{task.kind}")(task)
+            # a whole-network task: the versions it reads, from what was kept where this rank
+            # has moved on (a moved evaluation), and the current ones put back after
+            swapped = []
+            for b, _ in self.plan.inputs(task):
+                if b.kind not in ("layer", "head"):
+                    continue
+                cur = Buf(b.kind, b.index, self.version[(b.kind, b.index)])
+                if cur != b and b in self._kept:
+                    swapped.append((cur, self.pack(cur, False)))
+                    self._set_params(b, self._kept[b][0])
+            try:
+                return getattr(self, f"_do_{task.kind}")(task)
+            finally:
+                for cur, live in swapped:
+                    self._set_params(cur, live)
 
     def _sync(self) -> None:
         if self.device.type == "cuda":
@@ -284,6 +348,7 @@ class FFState:
         c, k = task.chapter, task.layer
         h_pos, h_neg = self._inputs(c, k)
         layer = self.net.layers[k]
+        self._retain("layer", k)
         with self.tracer.span("train", c, k):
             xn_pos, xn_neg = layer.normalize_all(h_pos), layer.normalize_all(h_neg)
             lrs, seeds = self._lrs_and_seeds(self.cfg.train.lr, c, SHUFFLE_STREAM, k)
@@ -303,6 +368,7 @@ class FFState:
         c = task.chapter
         s = self.plan.data_shard(c)
         sh = self.shard(s)
+        self._retain("head", -1)
         with self.tracer.span("head", c, -1):
             feats = self.net.head_features(sh["x"], check=self.check)
             lrs, seeds = self._lrs_and_seeds(self.cfg.train.head_lr, c, HEAD_STREAM, -1)

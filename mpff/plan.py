@@ -180,11 +180,17 @@ class Plan:
         #: outputs on the chapter's data to the next block's rank instead of that rank
         #: recomputing them through every layer below (tasks "ship", buffers "act")
         self.ship = self.owner is not None and cfg.run.inputs == "ship" and world_size > 1
+        #: Single Layer, run.eval_placement = "balanced": chapter -> the rank (not the last
+        #: layer's) that runs that chapter's evaluation, one chapter later in its task order
+        self.moved_evals: dict[int, int] = self._place_evals()
         self.tasks: list[Task] = self._global_order()
         self.rank_of: dict[Task, int] = {
             t: assign(self.schedule, t, self.num_layers, self.num_chapters, world_size, self.owner)
             for t in self.tasks
         }
+        for c, r in self.moved_evals.items():
+            if Task("eval", c) in self.rank_of:
+                self.rank_of[Task("eval", c)] = r
         self.producer: dict[Buf, Task] = {}
         for t in self.tasks:
             for b in self.outputs(t):
@@ -224,24 +230,82 @@ class Plan:
         if not 0 <= self.start_chapter <= self.num_chapters:
             raise ConfigError(f"cannot start at chapter {self.start_chapter} of {self.num_chapters}")
 
+    def _evaluated(self, c: int) -> bool:
+        every = self.cfg.train.eval_every
+        return c == self.num_chapters - 1 or bool(every and (c + 1) % every == 0)
+
+    def _place_evals(self) -> dict[int, int]:
+        """Single Layer: the evaluations before the last chapter, each to the rank with the
+        least work so far (ties: the last layer's rank, which then keeps it). A rank's work per
+        chapter, in multiply-adds, from the layer sizes (:func:`layer_work`): its layers'
+        training and the forward passes it makes (below its block when recomputing, the pass it
+        ships otherwise); an evaluation's: the test set through every layer, once per label for
+        the goodness classifier."""
+        if (self.owner is None or self.world_size < 2 or self.cfg.run.eval_placement != "balanced"
+                or self.backprop):
+            return {}
+        n = self.world_size
+        costs, fwd = layer_work(self.cfg.model.dims, self.cfg.train.epochs_per_chapter)
+        rows = 2 * (self.n_train or self.cfg.data.train_subset or 60000)  # positives and negatives
+        n_test = self.cfg.data.test_subset or 10000
+        chapter = [0.0] * n
+        for k in range(self.num_layers):
+            r = self.owner[k]
+            chapter[r] += costs[k] * rows
+            if k + 1 == self.num_layers or self.owner[k + 1] != r:  # the block's last layer
+                first = self.block_start(k) if self.ship else 0     # passes up to its input
+                chapter[r] += sum(fwd[first:k]) * rows
+                if self.ship and k + 1 < self.num_layers:
+                    chapter[r] += fwd[k] * rows                    # the pass it ships
+        per_label = 10 if self.cfg.train.classifier == "goodness" else 1
+        evaluation = sum(fwd) * n_test * per_label
+        last = self.owner[self.num_layers - 1]
+        load = [chapter[r] * self.num_chapters for r in range(n)]
+        load[last] += evaluation  # the last chapter's evaluation stays there
+        moved = {}
+        # from chapter 0 whatever the start, so a resumed run places them as the first run did
+        # (a resumed run repeats the moved evaluation of the chapter before it: its rank may
+        # have checkpointed that chapter before evaluating it)
+        for c in range(self.num_chapters - 1):
+            if not self._evaluated(c):
+                continue
+            r = min(range(n), key=lambda q: (load[q], q != last))
+            load[r] += evaluation
+            if r != last:
+                moved[c] = r
+        return moved
+
     def _global_order(self) -> list[Task]:
         tasks = []
-        last = self.num_chapters - 1
-        every = self.cfg.train.eval_every
         for c in range(self.start_chapter, self.num_chapters):
             for k in range(1 if self.backprop else self.num_layers):
                 tasks.append(Task("train", c, k))
                 if self.ship and k + 1 < self.num_layers and self.owner[k + 1] != self.owner[k]:
                     tasks.append(Task("ship", c, k))
+            for e in self._deferred_to(c):
+                tasks.append(Task("eval", e))
             if self.softmax:
                 tasks.append(Task("head", c))
             if self.adaptive and c + 1 + self.lag < self.num_chapters:
                 tasks.append(Task("negatives", c))
-            if c == last or (every and (c + 1) % every == 0):
+            if self._evaluated(c) and c not in self.moved_evals:
                 tasks.append(Task("eval", c))
         if self.start_chapter < self.num_chapters:
-            tasks.append(Task("final", last))
+            tasks.append(Task("final", self.num_chapters - 1))
         return tasks
+
+    def eval_delay(self, rank: int) -> int:
+        """Chapters a moved evaluation waits on ``rank``: the pipeline stages after it, plus one
+        (the last layer of chapter c is done about that many chapters after the rank's own)."""
+        return self.world_size - rank
+
+    def _deferred_to(self, c: int) -> list[int]:
+        """The moved evaluations that run after the training of chapter ``c`` (the chapter
+        ``eval_delay`` later, or the last chapter for those that would fall beyond it); only
+        chapters of this plan (a resumed run's checkpoint came after the earlier ones)."""
+        last = self.num_chapters - 1
+        return [e for e, r in sorted(self.moved_evals.items())
+                if e >= self.start_chapter and min(e + self.eval_delay(r), last) == c]
 
     def network(self, c: int) -> list[Buf]:
         """Everything a whole-network task after chapter c needs."""

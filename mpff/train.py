@@ -555,9 +555,35 @@ def _halted(setup: Setup, halt: Halt) -> int:
         comm.abort(halt.code)  # the stalled rank would never reach a barrier
     # every rank learnt of the halt; give them time to get here, then leave. A rank that never
     # comes (stopped, or blocked in a driver) is taken down by MPI_Abort.
-    if not comm.bounded_barrier(30 if isinstance(halt, Preempted) else 10):
+    together = comm.bounded_barrier(30 if isinstance(halt, Preempted) else 10)
+    if comm.rank == writer and setup.board is not None and comm.size > 1:
+        _late_accuracies(setup)
+    if not together:
         comm.abort(halt.code)
     return halt.code
+
+
+def _late_accuracies(setup: Setup) -> None:
+    """Rank 0, once the others have stopped: evaluations they reported just before the halt may
+    still have been on their way (a chapter already checkpointed, so a resumed run would not
+    evaluate it again): take them in and add them to run.json."""
+    from .progress import Reporter
+
+    board = setup.board
+    before = dict(board.acc)
+    reporter, seen, quiet = Reporter(setup.comm, board), len(board.acc), 0
+    while quiet < 3:  # until three polls 20 ms apart bring nothing new
+        reporter.poll()
+        quiet = quiet + 1 if len(board.acc) == seen else 0
+        seen = len(board.acc)
+        time.sleep(0.02)
+    if board.acc != before:
+        acc = dict(setup.rundir.read().get("accuracy_per_chapter", {}))
+        acc.update({str(c + 1): a for c, a in sorted(board.acc.items())})
+        try:
+            setup.rundir.update(accuracy_per_chapter=acc)
+        except OSError:
+            pass  # run.json already says how the run ended; the accuracies are a bonus
 
 
 def run(comm, args: argparse.Namespace) -> int:

@@ -13,13 +13,14 @@ from mpff.plan import Buf, Plan, Task, Transfer, build_plan, layer_blocks, pipel
 
 
 def make_cfg(schedule="sequential", layers=4, chapters=6, negatives="fixed", classifier="goodness",
-             lag=0, exchange="full", shards=0, mode="lag", eval_every=1) -> Config:
+             lag=0, exchange="full", shards=0, mode="lag", eval_every=1,
+             eval_placement="balanced") -> Config:
     return Config().replace(
         model={"dims": (784,) + (8,) * layers},
         train={"epochs": chapters, "chapters": chapters, "negatives": negatives,
                "classifier": classifier, "adaptive_lag": lag, "adaptive_mode": mode,
                "eval_every": eval_every},
-        run={"schedule": schedule, "exchange": exchange},
+        run={"schedule": schedule, "exchange": exchange, "eval_placement": eval_placement},
         data={"shards": shards},
     )
 
@@ -260,7 +261,8 @@ def test_full_exchange_ships_optimizer_state_only_to_trainers():
 
 
 def test_single_layer_traffic():
-    plan = build_plan(make_cfg("single_layer", layers=4, chapters=6), 4)
+    # the paper's placement (every evaluation on the last rank); balanced: see below
+    plan = build_plan(make_cfg("single_layer", layers=4, chapters=6, eval_placement="last"), 4)
     for r in range(4):
         got = Counter(tr.buf.index for _, tr in plan.recvs[r] if tr.buf.kind == "layer")
         assert got == {k: 6 for k in range(r)}  # every layer below, every chapter

@@ -479,3 +479,38 @@ def test_sigkill_then_resume_on_more_ranks_is_bit_identical(resumed, same_as_ref
     job, newest = resumed["killed-on-3"]
     assert_resumed_to_the_end(job, newest, 2)
     same_as_reference(job.out, "all_layers", 3)
+
+
+# ---------------------------------------------------------------------------- moved evaluations
+
+#: Single Layer where evaluations outweigh training (2000 test samples, 1000 training): the
+#: balanced placement moves every other one to rank 0, two chapters late, so checkpoints are
+#: taken while a moved evaluation of an earlier chapter is still to run there
+MOVED = BASE + [x for kv in ("run.schedule=single_layer", "data.train_subset=1000", "data.test_subset=2000")
+                for x in ("--set", kv)]
+
+
+def test_moved_evaluations_survive_a_stop_and_resume(work):
+    from mpff.config import load
+    from mpff.plan import build_plan
+    cfg = load(TINY).replace(model={"dims": (784, 64, 64)}, train={"epochs": CHAPTERS, "chapters": CHAPTERS},
+                             data={"train_subset": 1000, "test_subset": 2000},
+                             run={"schedule": "single_layer", "exchange": "full"})
+    moved = build_plan(cfg, 2, n_train=1000).moved_evals
+    assert moved and set(moved.values()) == {0}, moved  # the case this test is about
+    jobs = run_batch({"plain": Spec(2, os.path.join(work, "moved-plain"), *MOVED),
+                      "stopped": Spec(2, os.path.join(work, "moved-stopped"), *MOVED, chapter=4, act=sigterm)},
+                     work)
+    plain, stopped = jobs["plain"], jobs["stopped"]
+    assert plain.proc.returncode == 0, plain.output()
+    assert stopped.proc.returncode == EXIT_PREEMPTED, stopped.output()
+    newest = newest_complete(stopped.out)
+    assert newest < CHAPTERS, stopped.output()
+    resumed = run_batch({"resumed": Spec(2, stopped.out, "--resume", "-q")}, work)["resumed"]
+    assert_resumed_to_the_end(resumed, newest, 2)
+    want, got = run_json(plain.out), run_json(resumed.out)
+    # every chapter evaluated, each with the network of its own chapter, as without the stop
+    assert sorted(got["accuracy_per_chapter"], key=int) == [str(c) for c in range(1, CHAPTERS + 1)]
+    assert got["accuracy_per_chapter"] == want["accuracy_per_chapter"]
+    assert differing(weights_of(os.path.join(resumed.out, "model.h5")),
+                     weights_of(os.path.join(plain.out, "model.h5"))) == []
