@@ -280,7 +280,22 @@ def load_run(run_dir: str) -> Run:
             raise ConfigError(f"run {run_dir} has no configuration in its traces and {toml_path} "
                               f"is unreadable ({_one_line(exc)}); restore config.toml") from None
     name = os.path.basename(os.path.abspath(run_dir))
-    return Run(path=run_dir, name=name, config=config, info=info, ranks=ranks, notes=notes)
+    return Run(path=run_dir, name=name, config=_as_it_ran(config), info=info, ranks=ranks, notes=notes)
+
+
+#: settings added after runs were first recorded, and what a run recorded without them did
+#: (so its task graph is rebuilt as it ran, not with today's defaults)
+SETTINGS_BEFORE = {("run", "blocks"): "count", ("run", "inputs"): "recompute",
+                   ("run", "eval_placement"): "last"}
+
+
+def _as_it_ran(config: dict) -> dict:
+    if not isinstance(config, dict) or not isinstance(config.get("run", {}), dict):
+        return config
+    config = json.loads(json.dumps(config))
+    for (section, key), value in SETTINGS_BEFORE.items():
+        config.setdefault(section, {}).setdefault(key, value)
+    return config
 
 
 # ---------------------------------------------------------------- analysis

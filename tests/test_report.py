@@ -365,3 +365,26 @@ def test_real_two_rank_run_adds_up(tmp_path):
     assert sorted(s.accuracy_by_chapter) == [1, 2, 3, 4]
     assert report.main([str(out)]) == 0
     assert (out / "report" / "trace.json").stat().st_size > 0
+
+
+def test_a_run_recorded_before_a_setting_existed_is_rebuilt_as_it_ran(tmp_path):
+    """Runs recorded before run.blocks, run.inputs and run.eval_placement existed ran with count
+    blocks, recomputed inputs and every evaluation on the last rank: their task graph (bubble
+    model, predictions) is rebuilt that way, not with today's defaults."""
+    from fake_runs import make_config, make_run, sequential_spans
+
+    from mpff.report import load_run
+    from mpff.trace import trace_path
+    cfg = make_config("single_layer")
+    old = make_run(tmp_path / "old", [sequential_spans(4)], cfg)
+    with h5py.File(trace_path(old, 0), "a") as fh:  # as a trace of that time
+        recorded = json.loads(fh.attrs["config"])
+        for key in ("blocks", "inputs", "eval_placement"):
+            del recorded["run"][key]
+        fh.attrs["config"] = json.dumps(recorded)
+    run = load_run(old)
+    assert {k: run.config["run"][k] for k in ("blocks", "inputs", "eval_placement")} == \
+        {"blocks": "count", "inputs": "recompute", "eval_placement": "last"}
+    now = load_run(make_run(tmp_path / "new", [sequential_spans(4)],
+                            cfg.replace(run={"eval_placement": "balanced", "blocks": "cost"})))
+    assert now.config["run"]["eval_placement"] == "balanced" and now.config["run"]["blocks"] == "cost"
