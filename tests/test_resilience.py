@@ -383,10 +383,12 @@ def test_single_layer_refuses_more_ranks_than_layers(first_runs, work, tmp_path)
     assert tree_digest(run_dir) == before
 
 
-def test_resumed_run_keeps_the_accuracy_of_every_chapter(resumed, reference_run):
+@pytest.mark.parametrize("schedule", [s for s, _ in SCHEDULES])
+def test_resumed_run_keeps_the_accuracy_of_every_chapter(schedule, resumed, reference_run):
     """The finished run.json of a stopped-and-resumed run lists the test accuracy of every
-    chapter, equal (bit-identical runs) to the uninterrupted run's."""
-    job, _ = resumed["sequential"]
+    chapter, equal (bit-identical runs) to the uninterrupted run's; on several ranks too, where
+    the other ranks' evaluations reach rank 0 as messages (a halt must not lose them)."""
+    job, _ = resumed[schedule]
     assert job.proc.returncode == 0, job.output()
     assert run_json(job.out)["accuracy_per_chapter"] == run_json(reference_run)["accuracy_per_chapter"]
 
