@@ -161,14 +161,26 @@ class RunDir:
             raise ConfigError(f"cannot write to {self.path!r} (no permission on {probe!r}); choose another --out")
 
     # ----- the lock -----
+    #: an empty or unreadable lock younger than this is taken as being written by a job that
+    #: is starting (older mpff versions created it empty, then wrote it), not as stale
+    LOCK_WRITING_S = 10.0
+
     def lock_holder(self) -> str | None:
         """'pid P on HOST' of a live job holding the lock; None when free or stale (its process
         is gone on this host)."""
+        return self._holder_of(self.lock_path)
+
+    def _holder_of(self, path: str) -> str | None:
         try:
-            with open(self.lock_path) as fh:
-                host, pid = fh.read().split()[:2]
-        except (OSError, ValueError):
+            with open(path) as fh:
+                text = fh.read()
+            age = time.time() - os.stat(path).st_mtime
+        except OSError:
             return None
+        try:
+            host, pid = text.split()[:2]
+        except ValueError:
+            return "a job that is starting" if age < self.LOCK_WRITING_S else None
         if host == socket.gethostname():
             try:
                 os.kill(int(pid), 0)
@@ -183,29 +195,74 @@ class RunDir:
                            f"or remove {self.lock_path!r} if that job is gone")
 
     def acquire(self) -> None:
-        """Take the lock atomically (O_EXCL): of two jobs started at once, one gets it. A stale
-        lock (its process gone on this host) is taken over."""
+        """Take the lock atomically: of jobs started at once, exactly one gets it. The lock
+        appears with its content (a hard link of a written file: never empty, so never mistaken
+        for a stale one while it is being written). A stale lock (its process gone on this host,
+        or empty and old) is moved aside, checked, removed, and the lock taken again."""
         os.makedirs(self.path, exist_ok=True)
-        for _ in range(2):
+        mine = f"{socket.gethostname()} {os.getpid()}\n"
+        for _ in range(3):
+            if self._create_lock(mine):
+                return
+            holder = self.lock_holder()
+            if holder is not None:
+                raise self._in_use(holder) from None
+            self._remove_stale_lock()
+        raise self._in_use(self.lock_holder() or "another job")
+
+    def _create_lock(self, text: str) -> bool:
+        """True: the lock is now ours; False: there is one already."""
+        tmp = self.file(f".lock.tmp-{os.getpid()}-{time.monotonic_ns()}")
+        try:
+            with open(tmp, "w") as fh:
+                fh.write(text)
             try:
-                fd = os.open(self.lock_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+                os.link(tmp, self.lock_path)
+                return True
             except FileExistsError:
-                holder = self.lock_holder()
-                if holder is not None:
-                    raise self._in_use(holder) from None
-                # stale: take it over by renaming a fresh lock over it (atomic), then check
-                # that ours is the one that stayed (another job may have done the same)
-                write_atomic(self.lock_path, f"{socket.gethostname()} {os.getpid()}\n")
-                if self._lock_is_mine():
-                    return
-                raise self._in_use(self.lock_holder() or "another job") from None
+                return False
+            except OSError as exc:  # a file system without hard links
+                if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV):
+                    raise
+                return self._create_lock_exclusive(text)
+        finally:  # also when the disk is full: nothing left behind
             try:
-                with os.fdopen(fd, "w") as fh:
-                    fh.write(f"{socket.gethostname()} {os.getpid()}\n")
-            except OSError:
-                os.unlink(self.lock_path)  # an empty lock would look held by nobody we know
-                raise
+                os.unlink(tmp)
+            except FileNotFoundError:
+                pass
+
+    def _create_lock_exclusive(self, text: str) -> bool:
+        try:
+            fd = os.open(self.lock_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            return False
+        try:
+            with os.fdopen(fd, "w") as fh:
+                fh.write(text)
+        except OSError:
+            os.unlink(self.lock_path)  # an empty lock would look held by a starting job
+            raise
+        return True
+
+    def _remove_stale_lock(self) -> None:
+        """Move the lock aside (atomic: of two jobs, one gets it) and delete it if it is stale
+        indeed; a live lock moved aside by mistake (taken between the check and the move) is
+        put back and the directory reported in use."""
+        aside = self.file(f".lock.stale-{os.getpid()}-{time.monotonic_ns()}")
+        try:
+            os.rename(self.lock_path, aside)
+        except FileNotFoundError:
+            return  # another job removed it first
+        holder = self._holder_of(aside)
+        if holder is None:
+            os.unlink(aside)
             return
+        try:
+            os.link(aside, self.lock_path)
+        except OSError:
+            pass
+        os.unlink(aside)
+        raise self._in_use(holder)
 
     def _lock_is_mine(self) -> bool:
         try:

@@ -19,6 +19,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -495,6 +496,73 @@ def test_two_jobs_started_at_once_with_force(ws):
     loser = a if a.rc == 2 else b
     assert "is in use by another job" in loser.stderr and len(loser.stderr.splitlines()) == 1, loser.shown()
     assert run_json(out)["status"] == "finished" and leftovers(out) == []
+
+
+
+def _acquire_at(path: str, start: float, queue) -> None:
+    from mpff.config import ConfigError
+    from mpff.rundir import RunDir
+    while time.time() < start:
+        pass
+    try:
+        RunDir(path).acquire()
+        queue.put(("won", os.getpid()))
+        time.sleep(1.0)  # hold it while the others try
+    except ConfigError as exc:
+        queue.put(("lost", str(exc)))
+
+
+@pytest.mark.parametrize("before", ["none", "stale", "empty-old"])
+def test_exactly_one_of_many_simultaneous_starts_gets_the_lock(ws, before):
+    """Six processes take the lock at the same instant, over no lock, a stale one (a dead
+    process) or an empty one left long ago: exactly one wins, the others are told it is in use.
+    (The lock used to be created empty and then written: a job that read it in between took it
+    for stale and took it over, and both jobs ran.)"""
+    import multiprocessing
+
+    from mpff.rundir import RunDir
+    path = os.path.join(ws, "run")
+    for round_ in range(3):
+        os.makedirs(path, exist_ok=True)
+        lock = RunDir(path).lock_path
+        if before == "stale":
+            dead = subprocess.Popen([sys.executable, "-c", "pass"])
+            dead.wait()
+            with open(lock, "w") as fh:
+                fh.write(f"{socket.gethostname()} {dead.pid}\n")
+        elif before == "empty-old":
+            open(lock, "w").close()
+            os.utime(lock, (time.time() - 3600, time.time() - 3600))
+        ctx = multiprocessing.get_context("fork")
+        queue = ctx.Queue()
+        start = time.time() + 0.5
+        procs = [ctx.Process(target=_acquire_at, args=(path, start, queue)) for _ in range(6)]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join(30)
+        results = [queue.get(timeout=5) for _ in procs]
+        won = [r for r in results if r[0] == "won"]
+        assert len(won) == 1, (round_, results)
+        assert all("is in use by another job" in r[1] for r in results if r[0] == "lost"), results
+        assert sorted(os.listdir(path)) == [".lock"]  # no temporary or moved-aside lock left
+        os.unlink(lock)
+
+
+def test_an_empty_lock_is_a_job_starting_unless_it_is_old(ws):
+    from mpff.config import ConfigError
+    from mpff.rundir import RunDir
+    path = os.path.join(ws, "run")
+    os.makedirs(path)
+    rd = RunDir(path)
+    open(rd.lock_path, "w").close()
+    with pytest.raises(ConfigError, match="in use by another job \\(a job that is starting\\)"):
+        rd.acquire()
+    os.utime(rd.lock_path, (time.time() - 3600, time.time() - 3600))
+    rd.acquire()
+    assert rd._lock_is_mine()
+    rd.release()
+    assert os.listdir(path) == []
 
 
 # ------------------------------------------------------------------------------ damaged files
