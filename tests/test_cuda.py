@@ -9,9 +9,9 @@ import json
 import numpy as np
 import pytest
 import torch
+from synthetic import synthetic_dataset
 
 from mpff.config import Config
-from mpff.data import Dataset
 from mpff.model import FFNet
 from mpff.modelfile import weights_of
 from mpff.train import train_local
@@ -25,16 +25,8 @@ TINY = ("model.dims=[784,16,16,16]", "train.epochs=4", "train.chapters=4", "trai
         "train.negatives=random", "run.device=cuda")
 
 
-def _dataset(n_train=512, n_test=128, dim=784, seed=0) -> Dataset:
-    rng = np.random.default_rng(seed)
-    return Dataset(
-        name="synthetic",
-        x_train=rng.standard_normal((n_train, dim)).astype(np.float32),
-        y_train=rng.integers(0, 10, n_train).astype(np.int64),
-        x_test=rng.standard_normal((n_test, dim)).astype(np.float32),
-        y_test=rng.integers(0, 10, n_test).astype(np.int64),
-        input_mean=np.zeros(dim, np.float32), input_std=np.ones(dim, np.float32),
-    )
+def _dataset():
+    return synthetic_dataset(n_train=512, n_test=128)
 
 
 def _cfg(**train) -> Config:

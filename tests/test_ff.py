@@ -8,10 +8,10 @@ import math
 import numpy as np
 import pytest
 import torch
+from synthetic import synthetic_dataset
 
 from mpff.comm import Comm, self_comm
 from mpff.config import Config, ConfigError
-from mpff.data import Dataset
 from mpff.executor import Executor
 from mpff.ff import FFLayer, cooldown_lr, cpu_bf16_products, seed_for, train_epochs
 from mpff.ffstate import FFState
@@ -313,18 +313,6 @@ def test_hardest_wrong_label():
     assert hardest_wrong_label(scores, torch.tensor([1, 2, 0])).tolist() == [2, 1, 9]
 
 
-def _dataset(n_train=120, n_test=40, dim=784, seed=0) -> Dataset:
-    rng = np.random.default_rng(seed)
-    return Dataset(
-        name="synthetic",
-        x_train=rng.standard_normal((n_train, dim)).astype(np.float32),
-        y_train=rng.integers(0, 10, n_train).astype(np.int64),
-        x_test=rng.standard_normal((n_test, dim)).astype(np.float32),
-        y_test=rng.integers(0, 10, n_test).astype(np.int64),
-        input_mean=np.zeros(dim, np.float32), input_std=np.ones(dim, np.float32),
-    )
-
-
 def _engine(negatives, classifier="goodness", shards=0, lag=0, chapters=4, dims=(784, 8, 8, 8)):
     cfg = Config().replace(
         model={"dims": dims},
@@ -332,7 +320,7 @@ def _engine(negatives, classifier="goodness", shards=0, lag=0, chapters=4, dims=
                "classifier": classifier, "batch_size": 32},
         data={"shards": shards},
     )
-    dataset = _dataset()
+    dataset = synthetic_dataset()
     plan = build_plan(cfg, 1, n_train=dataset.x_train.shape[0])
     return FFState(cfg, plan, dataset, Tracer(None, 0, {}, enabled=False), torch.device("cpu"))
 
@@ -503,7 +491,7 @@ def _final_weights(epochs: int, chapters: int, final: str) -> list[np.ndarray]:
     cfg = Config().replace(model={"dims": (784, 8, 8)},
                            train={"epochs": epochs, "chapters": chapters, "negatives": "random",
                                   "batch_size": 32, "cooldown_final": final})
-    state = train_local(cfg, _dataset())
+    state = train_local(cfg, synthetic_dataset())
     return [p.detach().clone().numpy() for p in state.net.parameters()]
 
 
@@ -524,8 +512,8 @@ def test_bf16_products_train_in_fp32_state_and_differ_from_fp32():
     cfg = Config().replace(model={"dims": (784, 16, 16)},
                            train={"epochs": 2, "chapters": 2, "negatives": "random", "batch_size": 32})
     init = FFNet.from_config(cfg)
-    fp32 = train_local(cfg, _dataset())
-    bf16 = train_local(cfg.replace(train={"precision": "bf16"}), _dataset())
+    fp32 = train_local(cfg, synthetic_dataset())
+    bf16 = train_local(cfg.replace(train={"precision": "bf16"}), synthetic_dataset())
     for p0, a, b in zip(init.layers.parameters(), fp32.net.layers.parameters(), bf16.net.layers.parameters()):
         assert b.dtype == torch.float32  # the weights (and Adam's state) stay fp32
         assert not torch.equal(a, b)     # the products were not
@@ -535,7 +523,7 @@ def test_bf16_products_train_in_fp32_state_and_differ_from_fp32():
         assert 0.9 < moved_bf16 / moved_fp32 < 1.1
         assert float((a - b).detach().norm()) < 0.5 * moved_fp32
     assert all(st["exp_avg"].dtype == torch.float32 for opt in bf16.opts for st in opt.state.values())
-    again = train_local(cfg.replace(train={"precision": "bf16"}), _dataset())
+    again = train_local(cfg.replace(train={"precision": "bf16"}), synthetic_dataset())
     assert all(torch.equal(a, b) for a, b in zip(bf16.net.parameters(), again.net.parameters()))
 
 

@@ -127,15 +127,21 @@ def test_message_latency_in_a_prediction(seq_run):
     assert _by(out, "all_layers", 2).training == pytest.approx(17.0)
 
 
-def test_forward_passes_follow_the_schedule(tmp_path):
-    # 3 layers: the pass through layer 0 takes 0.5 s, through layer 1 0.25 s (Sequential measures
-    # each once per chapter). Single Layer recomputes: on 3 ranks, rank 2 applies layers 0 and 1
-    # (0.75 s) before train(c, 2); on 2 ranks (layers 0,1 | 2) the same; All Layers reuses.
+def _three_layer_profile(tmp_path):
+    """A Sequential run of 3 layers (train 2, 3, 1 s; the pass through layer 0 0.5 s, through
+    layer 1 0.25 s), as a profile and its target."""
     cfg = make_config("sequential", dims=(784, 8, 8, 8))
     run = load_run(make_run(tmp_path / "seq", [sequential_spans(4, train=(2.0, 3.0, 1.0),
                                                                  forward=(0.5, 0.25))], cfg))
     profile = predict.build_profile(run, predict.read_spans(run), predict.Contention(0.0, "none", ""))
-    target = predict.make_target(profile)
+    return profile, predict.make_target(profile)
+
+
+def test_forward_passes_follow_the_schedule(tmp_path):
+    # 3 layers: the pass through layer 0 takes 0.5 s, through layer 1 0.25 s (Sequential measures
+    # each once per chapter). Single Layer recomputes: on 3 ranks, rank 2 applies layers 0 and 1
+    # (0.75 s) before train(c, 2); on 2 ranks (layers 0,1 | 2) the same; All Layers reuses.
+    profile, target = _three_layer_profile(tmp_path)
     for schedule, n, expected in (("single_layer", 3, {1: 0.5, 2: 0.75}), ("single_layer", 2, {1: 0.5, 2: 0.75}),
                                   ("all_layers", 2, {1: 0.5, 2: 0.25}), ("sequential", 1, {1: 0.5, 2: 0.25})):
         # blocks by layer count, as the comment above counts them (run.blocks = "cost" is the default)
@@ -147,16 +153,11 @@ def test_forward_passes_follow_the_schedule(tmp_path):
             assert times[("forward", c, 0)] == 0.0
 
 
-
 def test_shipped_inputs_move_the_forward_passes_to_the_sender(tmp_path):
     # The same run; Single Layer with run.inputs = ship: a block starts from the outputs its
     # previous rank shipped (no passes below it), and the sender's ship task is the pass through
     # its last layer (0.5 s through layer 0, 0.25 s through layer 1).
-    cfg = make_config("sequential", dims=(784, 8, 8, 8))
-    run = load_run(make_run(tmp_path / "seq", [sequential_spans(4, train=(2.0, 3.0, 1.0),
-                                                                 forward=(0.5, 0.25))], cfg))
-    profile = predict.build_profile(run, predict.read_spans(run), predict.Contention(0.0, "none", ""))
-    target = predict.make_target(profile)
+    profile, target = _three_layer_profile(tmp_path)
     for n, forwards, ships in ((3, {1: 0.0, 2: 0.0}, {0: 0.5, 1: 0.25}), (2, {1: 0.5, 2: 0.0}, {1: 0.25})):
         plan = build_plan(target.config.replace(run={"schedule": "single_layer", "blocks": "count",
                                                      "inputs": "ship"}), n, n_train=target.n_train)
