@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .ff import FORWARD_CHUNK, cooldown_lr, generator, make_adam, matmul_precision
+from .ff import FORWARD_CHUNK, Linear, cooldown_lr, generator, make_adam, matmul_precision
 from .halt import Diverged, Halt, from_code
 from .plan import Buf, Task
 from .progress import Record
@@ -56,7 +56,7 @@ class MLP(nn.Module):
         self.dims = tuple(int(d) for d in dims)
         ext = (*self.dims, NUM_CLASSES)
         self.layers = nn.ModuleList(
-            nn.utils.skip_init(nn.Linear, ext[k], ext[k + 1]) for k in range(len(ext) - 1))
+            nn.utils.skip_init(Linear, ext[k], ext[k + 1]) for k in range(len(ext) - 1))
         # PyTorch's default Linear init (uniform in +-1/sqrt(fan_in)), drawn from a generator of
         # our own per layer, so every rank builds the same MLP without communicating.
         with torch.no_grad():

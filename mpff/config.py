@@ -107,9 +107,9 @@ class TrainConfig:
     eval_every: int = 1
     """Evaluate test accuracy every this many chapters (the last chapter always); 0: last only."""
     precision: str = "fp32"
-    """Matrix products in 'fp32', 'bf16' (torch's float32 matmul precision "medium": bfloat16
-    arithmetic inside the products, on CPUs with AVX-512 BF16 or AMX and GPUs from Ampere on)
-    or 'tf32' (CUDA GPUs from Ampere on); inputs, outputs, weights and Adam's state stay fp32.
+    """Matrix products in 'fp32', 'bf16' (bfloat16 arithmetic inside the products: oneDNN on
+    CPUs with AVX-512 BF16 or AMX, cuBLAS on GPUs from Ampere on) or 'tf32' (CUDA GPUs from
+    Ampere on); inputs, outputs, weights and Adam's state stay fp32.
     Runs are bit-identical across schedules within one precision."""
     algorithm: str = "ff"
     """'ff' (Forward-Forward, the PFF schedules) or 'backprop' (the same network as an MLP

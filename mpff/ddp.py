@@ -51,8 +51,11 @@ def init_process_group(comm, device: torch.device) -> dist.ProcessGroup:
     """
     address = (socket.gethostname(), _free_port()) if comm.rank == 0 else None
     host, port = comm.bcast(address)
+    # NCCL: the rank's own GPU, bound at once (the communicator is made here, not guessed from
+    # the rank number at the first collective)
+    bind = {"device_id": device} if device.type == "cuda" else {}
     dist.init_process_group(backend_for(device), init_method=f"tcp://{host}:{port}", rank=comm.rank,
-                            world_size=comm.size, timeout=COLLECTIVE_TIMEOUT)
+                            world_size=comm.size, timeout=COLLECTIVE_TIMEOUT, **bind)
     return dist.group.WORLD
 
 

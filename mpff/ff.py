@@ -73,7 +73,7 @@ class FFLayer(nn.Module):
         return x / (x.norm(p=2, dim=1, keepdim=True) + self.norm_eps)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.relu(F.linear(self.normalize(x), self.weight, self.bias))
+        return F.relu(linear(self.normalize(x), self.weight, self.bias))
 
     def goodness(self, h: torch.Tensor) -> torch.Tensor:
         sq = h.pow(2)
@@ -109,18 +109,26 @@ class FFLayer(nn.Module):
 
 PRECISIONS = ("fp32", "bf16", "tf32")
 
+#: True inside ``matmul_precision("bf16", <a CUDA device>)``: :func:`linear` then computes its
+#: products on a GPU from bf16 inputs (see :class:`BF16Products`).
+_cuda_bf16 = False
+
 
 def matmul_precision(precision: str, device: torch.device):
     """A context in which fp32 matrix products are computed at ``precision`` (inputs rounded to
     it, products accumulated and returned in fp32); weights, activations, gradients and Adam's
-    state stay fp32. 'bf16': bfloat16 products (``torch.set_float32_matmul_precision("medium")``:
-    oneDNN on CPUs with AVX-512 BF16 or AMX, cuBLAS on GPUs from Ampere on). 'tf32': CUDA's TF32
-    tensor cores ("high"). 'fp32': full precision.
+    state stay fp32. 'bf16': bfloat16 products -- on a CPU ``torch.set_float32_matmul_precision
+    ("medium")`` (oneDNN with AVX-512 BF16 or AMX); on a GPU :func:`linear` rounds the inputs of
+    each product to bf16 and cuBLAS multiplies them with fp32 accumulation and output
+    (:class:`BF16Products`), because torch's "medium" means TF32 on CUDA (bf16 would silently
+    be tf32 there). 'tf32': CUDA's TF32 tensor cores ("high"). 'fp32': full precision.
 
     Not autocast: autocast returns each product *rounded to bf16*, and FF's signal is small
     against it -- positives and negatives differ only in 10 label inputs of 784, a few
     thousandths of a layer's output -- so with bf16 outputs the label was lost and training fell
     to chance (measured: 9.8 % test accuracy at [784,1000,1000,1000], E = 10, against 87 %)."""
+    if precision == "bf16" and torch.device(device).type == "cuda":
+        return _cuda_bf16_products()
     return _float32_matmul({"fp32": "highest", "bf16": "medium", "tf32": "high"}[precision])
 
 
@@ -133,6 +141,22 @@ def cpu_bf16_products() -> bool:
         return False
 
 
+def cuda_bf16_products(device: torch.device) -> str | None:
+    """Why bf16 products cannot run on this GPU, or None when they can: the GPU must compute in
+    bf16 (Ampere on) and this torch must multiply bf16 matrices into fp32 (``torch.mm`` with
+    ``out_dtype``, torch 2.8 on). Tried on a 1x1 product, so a torch that lacks it says so here
+    and not in the middle of a run."""
+    if not torch.cuda.is_bf16_supported():
+        return f"{torch.cuda.get_device_name(device)} has no bf16 arithmetic"
+    try:
+        one = torch.ones(1, 1, dtype=torch.bfloat16, device=device)
+        with _cuda_bf16_products():
+            _mm_fp32_out(one, one)
+    except (RuntimeError, TypeError, NotImplementedError) as exc:
+        return f"this torch cannot multiply bf16 matrices into fp32 on the GPU ({str(exc).splitlines()[0]})"
+    return None
+
+
 @contextlib.contextmanager
 def _float32_matmul(level: str):
     before = torch.get_float32_matmul_precision()
@@ -141,6 +165,70 @@ def _float32_matmul(level: str):
         yield
     finally:
         torch.set_float32_matmul_precision(before)
+
+
+@contextlib.contextmanager
+def _cuda_bf16_products():
+    global _cuda_bf16
+    matmul = torch.backends.cuda.matmul
+    before = _cuda_bf16, matmul.allow_bf16_reduced_precision_reduction
+    _cuda_bf16 = True
+    matmul.allow_bf16_reduced_precision_reduction = False  # fp32 sums, no bf16 split-K partials
+    try:
+        with _float32_matmul("highest"):  # no product elsewhere falls back to TF32 unasked
+            yield
+    finally:
+        _cuda_bf16, matmul.allow_bf16_reduced_precision_reduction = before
+
+
+def _mm_fp32_out(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b for bf16 a and b, accumulated in and returned as fp32 (cuBLAS; CUDA only)."""
+    return torch.mm(a, b, out_dtype=torch.float32)
+
+
+class BF16Products(torch.autograd.Function):
+    """``F.linear(x, weight, bias)`` for fp32 tensors whose three products (the output, the
+    input's and the weight's gradient) take bf16-rounded inputs and return fp32 sums: what
+    oneDNN does on a CPU under matmul precision "medium", and what tensor cores do fastest.
+    The bias and its gradient stay fp32. ``mm`` multiplies two bf16 matrices into fp32 (cuBLAS
+    on a GPU; a test passes an exact CPU stand-in)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, mm=_mm_fp32_out):
+        shape = x.shape
+        xb = x.reshape(-1, shape[-1]).to(torch.bfloat16)
+        wb = weight.to(torch.bfloat16)
+        y = mm(xb, wb.t())
+        if bias is not None:
+            y += bias
+        ctx.save_for_backward(xb, wb)
+        ctx.mm, ctx.shape, ctx.has_bias = mm, shape, bias is not None
+        return y.view(*shape[:-1], weight.shape[0])
+
+    @staticmethod
+    def backward(ctx, grad):
+        xb, wb = ctx.saved_tensors
+        g = grad.reshape(-1, grad.shape[-1])
+        gb = g.to(torch.bfloat16)
+        gx = ctx.mm(gb, wb).view(ctx.shape) if ctx.needs_input_grad[0] else None
+        gw = ctx.mm(gb.t(), xb) if ctx.needs_input_grad[1] else None
+        gbias = g.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return gx, gw, gbias, None
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear``, at the matmul precision of the enclosing :func:`matmul_precision`: every
+    product mpff computes goes through here (FF layers, the softmax head, the backprop MLP)."""
+    if _cuda_bf16 and x.is_cuda:
+        return BF16Products.apply(x, weight, bias)
+    return F.linear(x, weight, bias)
+
+
+class Linear(nn.Linear):
+    """``nn.Linear`` (same parameters, same state dict) whose product is :func:`linear`."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.bias)
 
 
 def make_adam(params, lr: float) -> torch.optim.Adam:

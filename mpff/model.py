@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .ff import FORWARD_CHUNK, FFLayer, generator, seed_for
+from .ff import FORWARD_CHUNK, FFLayer, Linear, generator, seed_for
 
 NUM_CLASSES = 10
 
@@ -75,7 +75,7 @@ class FFNet(nn.Module):
             for k in range(len(self.dims) - 1)
         )
         head_in = sum(self.dims[2:]) if len(self.dims) > 2 else self.dims[-1]
-        self.head = nn.Linear(head_in, NUM_CLASSES, bias=False)
+        self.head = Linear(head_in, NUM_CLASSES, bias=False)
         g = generator(seed, 0x4EAD)
         bound = 1.0 / head_in ** 0.5
         with torch.no_grad():

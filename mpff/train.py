@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from .config import Config, ConfigError, load
-from .ff import cpu_bf16_products
+from .ff import cpu_bf16_products, cuda_bf16_products
 from .halt import (
     DISK_ERRNOS,
     EXIT_PREEMPTED,
@@ -64,7 +64,16 @@ def pick_device(cfg: Config, local_rank: int) -> torch.device:
         return torch.device("cpu")
     if not torch.cuda.is_available():
         raise ConfigError("run.device = 'cuda' but torch sees no GPU; use run.device=cpu or a CUDA build of torch")
-    return torch.device("cuda", local_rank % torch.cuda.device_count())  # round robin per node
+    device = torch.device("cuda", local_rank % torch.cuda.device_count())  # round robin per node
+    # the rank's current device too: CUDA contexts, NCCL and anything allocated without a device
+    # land on it, not all on GPU 0
+    torch.cuda.set_device(device)
+    if cfg.train.precision == "tf32" and torch.cuda.get_device_capability(device)[0] < 8:
+        raise ConfigError(f"train.precision = 'tf32' needs TF32 tensor cores (Ampere or newer), not "
+                          f"{torch.cuda.get_device_name(device)}; use train.precision=fp32")
+    if cfg.train.precision == "bf16" and (why := cuda_bf16_products(device)) is not None:
+        raise ConfigError(f"train.precision = 'bf16': {why}; use train.precision=fp32 (or tf32)")
+    return device
 
 
 def default_run_dir(cfg: Config, world_size: int) -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 # mpff command line runs (tests/test_config.py, test_model_io.py, test_e2e.py, test_mpi.py)
 # ----------------------------------------------------------------------------------------------
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -18,7 +19,11 @@ import pytest
 
 MPFF_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MPFF_PYTHON = sys.executable
-MPFF_MPIEXEC = os.path.join(os.path.dirname(sys.executable), "mpiexec")
+#: $MPFF_MPIEXEC if set, else the virtualenv's mpiexec (jobs/setup_env.sh), else the one on PATH
+#: (a machine whose Python is not ours: the GPU check, benchmarks/gpu_check.sh).
+MPFF_MPIEXEC = next((m for m in (os.environ.get("MPFF_MPIEXEC"), os.path.join(os.path.dirname(sys.executable),
+                                 "mpiexec"), shutil.which("mpiexec")) if m and os.path.exists(m)),
+                    os.path.join(os.path.dirname(sys.executable), "mpiexec"))
 
 #: A network and data set small enough that a run is mostly process start-up. The paper's lr:
 #: the tiny preset's 0.1 suits its 256-unit layers, but kills 16-unit ones (every ReLU dead, the

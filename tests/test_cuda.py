@@ -60,6 +60,29 @@ def test_lower_precision_products_keep_fp32_state(precision):
     assert not all(torch.equal(a, b) for a, b in zip(fp32, _params(low)))  # the products were not fp32
 
 
+def test_bf16_products_on_the_gpu_are_bf16_not_tf32():
+    """torch's matmul precision "medium" is TF32 on CUDA; mpff's bf16 multiplies bf16-rounded
+    inputs into fp32 sums instead (cuBLAS), as on the CPU. Checked against the exact product of
+    the rounded inputs, and against tf32 training."""
+    from mpff.ff import BF16Products, cuda_bf16_products, linear, matmul_precision
+    assert cuda_bf16_products(CUDA) is None
+    g = torch.Generator().manual_seed(0)
+    x, w, b = torch.randn(256, 784, generator=g), torch.randn(500, 784, generator=g), torch.randn(500, generator=g)
+    r = lambda t: t.to(torch.bfloat16).double()  # noqa: E731
+    want = (r(x) @ r(w).T + b.double()).float()
+    with matmul_precision("bf16", CUDA):
+        y = linear(x.to(CUDA), w.to(CUDA), b.to(CUDA)).cpu()
+    torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-4)  # fp32 sums of exact bf16 products
+    xg, wg = x.to(CUDA).requires_grad_(), w.to(CUDA).requires_grad_()
+    grad = torch.randn(256, 500, generator=g)
+    BF16Products.apply(xg, wg, None).backward(grad.to(CUDA))
+    torch.testing.assert_close(wg.grad.cpu(), (r(grad).T @ r(x)).float(), rtol=1e-5, atol=1e-3)
+    torch.testing.assert_close(xg.grad.cpu(), (r(grad) @ r(w)).float(), rtol=1e-5, atol=1e-3)
+    tf32 = _params(train_local(_cfg(precision="tf32"), _dataset(), device=CUDA))
+    bf16 = _params(train_local(_cfg(precision="bf16"), _dataset(), device=CUDA))
+    assert not any(torch.equal(a, b) for a, b in zip(tf32, bf16))
+
+
 @pytest.mark.mpi
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_schedules_are_bit_identical_on_the_gpu(precision, tmp_path, mpff_run, mpff_tiny_args):

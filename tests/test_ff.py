@@ -8,6 +8,7 @@ import math
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from synthetic import synthetic_dataset
 
 from mpff.comm import Comm, self_comm
@@ -543,3 +544,90 @@ def test_tf32_needs_a_gpu():
     cfg = Config().replace(train={"precision": "tf32"}, run={"device": "cpu"})
     with pytest.raises(ConfigError, match="'tf32' needs a CUDA GPU"):
         pick_device(cfg, 0)
+
+
+def _exact_bf16_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """What cuBLAS does for BF16Products, on the CPU: bf16 inputs (exact in fp32), fp32 sums."""
+    assert a.dtype == b.dtype == torch.bfloat16
+    return a.float() @ b.float()
+
+
+def test_gpu_bf16_products_round_the_inputs_of_all_three_products():
+    """On a GPU, train.precision=bf16 goes through BF16Products (torch's "medium" is TF32 on
+    CUDA). Its arithmetic, with an exact stand-in for cuBLAS's bf16 x bf16 -> fp32 product: the
+    output and both gradients are products of bf16-rounded inputs, summed in fp32."""
+    from mpff.ff import BF16Products
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(8, 5, generator=g, requires_grad=True)
+    w = torch.randn(3, 5, generator=g, requires_grad=True)
+    b = torch.randn(3, generator=g, requires_grad=True)
+    grad = torch.randn(8, 3, generator=g)
+    y = BF16Products.apply(x, w, b, _exact_bf16_mm)
+    y.backward(grad)
+    r = lambda t: t.detach().to(torch.bfloat16).float()  # noqa: E731
+    assert y.dtype == x.grad.dtype == w.grad.dtype == b.grad.dtype == torch.float32
+    torch.testing.assert_close(y, r(x) @ r(w).T + b, rtol=1e-6, atol=1e-6)
+    assert torch.equal(x.grad, r(grad) @ r(w))
+    assert torch.equal(w.grad, r(grad).T @ r(x))
+    assert torch.equal(b.grad, grad.sum(0))  # the bias is not a product: fp32
+    assert not torch.allclose(y, F.linear(x, w, b), rtol=1e-5, atol=1e-5)  # it did round
+    # an FF layer's input is detached: no product is spent on its gradient
+    x2 = x.detach()
+    w.grad = None
+    BF16Products.apply(x2, w, None, _exact_bf16_mm).backward(grad)
+    assert x2.grad is None and torch.equal(w.grad, r(grad).T @ r(x))
+
+
+def test_bf16_on_a_gpu_routes_every_product_through_bf16_products(monkeypatch):
+    """matmul_precision('bf16', cuda) switches ff.linear (FF layers, softmax head, backprop MLP
+    all use it) to BF16Products for CUDA tensors, keeps other fp32 products at full precision
+    (not TF32), and restores both on exit; CPU tensors and CPU bf16 are untouched."""
+    import mpff.ff as ff
+    from mpff.backprop import MLP
+    calls = []
+    monkeypatch.setattr(ff.BF16Products, "apply", lambda *a: calls.append(len(a)) or F.linear(*a))
+    net, mlp = FFNet.from_config(Config().replace(model={"dims": (784, 8, 8)})), MLP((784, 8))
+    assert isinstance(net.head, ff.Linear) and all(isinstance(m, ff.Linear) for m in mlp.layers)
+    x = torch.randn(4, 784)
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda t: True))  # as if on the GPU
+    before = torch.get_float32_matmul_precision()
+    with ff.matmul_precision("bf16", torch.device("cuda", 0)):
+        assert torch.get_float32_matmul_precision() == "highest"
+        assert not torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction
+        net.layers[0](x)
+        net.head(torch.randn(4, 8))
+        mlp(x)
+    assert calls == [3, 3, 3, 3]  # layer, head, the MLP's two layers
+    assert torch.get_float32_matmul_precision() == before and not ff._cuda_bf16
+    assert torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction
+    with ff.matmul_precision("bf16", torch.device("cpu")):  # a CPU: oneDNN's "medium"
+        assert torch.get_float32_matmul_precision() == "medium"
+        net.layers[0](x)
+    with ff.matmul_precision("tf32", torch.device("cuda", 0)):
+        assert torch.get_float32_matmul_precision() == "high"
+        net.layers[0](x)
+    assert calls == [3, 3, 3, 3]
+
+
+def test_gpu_precisions_the_gpu_cannot_compute_are_refused(monkeypatch):
+    """pick_device on a (pretend) GPU: the node-local rank's GPU, made current; tf32 without
+    TF32 tensor cores and bf16 where the GPU or torch cannot compute bf16 products are bad input,
+    not a silent fp32 (or TF32) run."""
+    import mpff.train
+    from mpff.train import pick_device
+    current = []
+    for name, value in (("is_available", lambda: True), ("device_count", lambda: 2),
+                        ("set_device", current.append), ("get_device_name", lambda d=None: "Tesla V100"),
+                        ("get_device_capability", lambda d=None: (7, 0))):
+        monkeypatch.setattr(torch.cuda, name, value)
+    monkeypatch.setattr(mpff.train, "cuda_bf16_products", lambda d: "Tesla V100 has no bf16 arithmetic")
+    cfg = Config().replace(run={"device": "cuda"})
+    assert pick_device(cfg, 3) == torch.device("cuda", 1) and current == [torch.device("cuda", 1)]
+    with pytest.raises(ConfigError, match=r"'tf32' needs TF32 tensor cores \(Ampere or newer\), not Tesla V100"):
+        pick_device(cfg.replace(train={"precision": "tf32"}), 0)
+    with pytest.raises(ConfigError, match="'bf16': Tesla V100 has no bf16 arithmetic; use train.precision=fp32"):
+        pick_device(cfg.replace(train={"precision": "bf16"}), 0)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: (9, 0))
+    monkeypatch.setattr(mpff.train, "cuda_bf16_products", lambda d: None)
+    for precision in ("tf32", "bf16"):
+        assert pick_device(cfg.replace(train={"precision": precision}), 0) == torch.device("cuda", 0)
