@@ -278,7 +278,7 @@ def train_epochs(layer: FFLayer, opt: torch.optim.Optimizer, x_pos: torch.Tensor
             xb = buf[:2 * b]
             torch.index_select(x_pos, 0, idx, out=xb[:b])
             torch.index_select(x_neg, 0, idx, out=xb[b:])
-            h = F.relu(F.linear(xb, weight, bias))
+            h = F.relu(linear(xb, weight, bias))
             sq = h.pow(2)
             g = sq.mean(dim=1) if use_mean else sq.sum(dim=1)
             loss = F.softplus(torch.cat([theta - g[:b], g[b:] - theta])).mean()

@@ -597,7 +597,10 @@ def test_bf16_on_a_gpu_routes_every_product_through_bf16_products(monkeypatch):
         net.layers[0](x)
         net.head(torch.randn(4, 8))
         mlp(x)
-    assert calls == [3, 3, 3, 3]  # layer, head, the MLP's two layers
+        layer = net.layers[0]
+        train_epochs(layer, torch.optim.Adam(layer.parameters()), x, x.flip(0), batch_size=4, lrs=[0.01],
+                     seeds=[0])
+    assert calls == [3, 3, 3, 3, 3]  # layer, head, the MLP's two layers, a training step
     assert torch.get_float32_matmul_precision() == before and not ff._cuda_bf16
     assert torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction
     with ff.matmul_precision("bf16", torch.device("cpu")):  # a CPU: oneDNN's "medium"
@@ -606,7 +609,7 @@ def test_bf16_on_a_gpu_routes_every_product_through_bf16_products(monkeypatch):
     with ff.matmul_precision("tf32", torch.device("cuda", 0)):
         assert torch.get_float32_matmul_precision() == "high"
         net.layers[0](x)
-    assert calls == [3, 3, 3, 3]
+    assert calls == [3, 3, 3, 3, 3]
 
 
 def test_gpu_precisions_the_gpu_cannot_compute_are_refused(monkeypatch):
