@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .ff import FORWARD_CHUNK, FFLayer, Linear, generator, seed_for
+from .ff import FORWARD_CHUNK, FFLayer, Linear, generator, linear, seed_for
 
 NUM_CLASSES = 10
 
@@ -110,17 +110,31 @@ class FFNet(nn.Module):
     @torch.no_grad()
     def goodness_scores(self, x: torch.Tensor, check: Callable[[], None] | None = None) -> torch.Tensor:
         """(n, 10): summed goodness of the classifier layers with each label overlaid. ``check``
-        runs before each chunk and label (it raises to stop the run)."""
+        runs before each chunk and label (it raises to stop the run).
+
+        The first layer's product is shared by the ten labels: the overlaid inputs differ only
+        in which label column holds the 1, so they all have the norm of the image with its label
+        columns zeroed plus that 1, and ``W (x_l / |x_l|) = (W x_0) / |x_l| + W[:, l] / |x_l|``.
+        One product and ten column additions replace ten products (the first layer is 28 % of
+        the scoring arithmetic at [784,1000,1000,1000], 12 % at the paper's width)."""
         n = x.shape[0]
         scores = torch.empty(n, NUM_CLASSES, dtype=torch.float32, device=x.device)
+        first, rest = self.layers[0], self.layers[1:]
+        sl = label_slice(x.shape[1], self.label_position)
         for i in range(0, n, FORWARD_CHUNK):
-            xc = x[i:i + FORWARD_CHUNK]
-            buf = torch.empty_like(xc)
+            base = x[i:i + FORWARD_CHUNK].clone()
+            base[:, sl] = 0.0
+            scale = 1.0 / (torch.sqrt(base.pow(2).sum(dim=1, keepdim=True) + 1.0) + first.norm_eps)
+            shared = linear(base * scale, first.weight, first.bias)   # (m, out), all labels
             for label in range(NUM_CLASSES):
                 if check is not None:
                     check()
-                labels = torch.full((xc.shape[0],), label, dtype=torch.long, device=x.device)
-                acts = self.activations(overlay(xc, labels, self.label_position, out=buf))
+                column = first.weight[:, sl.start + label]
+                h = torch.relu(torch.addcmul(shared, scale, column))    # layer 0 with `label` overlaid
+                acts = [h]
+                for layer in rest:
+                    h = layer(h)
+                    acts.append(h)
                 scores[i:i + FORWARD_CHUNK, label] = sum(
                     self.layers[k].goodness(acts[k]) for k in self.classifier_layers)
         return scores

@@ -446,6 +446,25 @@ def test_goodness_scores_are_summed_goodness_of_layers_two_and_up():
     assert torch.equal(net.predict(x, "goodness"), scores.argmax(dim=1))
 
 
+@pytest.mark.parametrize("dims,position", [((784, 8, 6, 5), "first"), ((784, 7), "last"), ((784, 9, 9), "last")])
+def test_goodness_scores_share_the_first_product_and_equal_ten_overlaid_passes(dims, position, monkeypatch):
+    """goodness_scores computes the first layer's product once for all ten labels (every overlay
+    has the same norm); the scores equal those of ten overlaid passes through the whole network
+    to fp32 rounding, with either label position, one layer or several, across chunk borders,
+    and whatever the data held in the label columns."""
+    import mpff.model
+    net = FFNet(dims, label_position=position, seed=5)
+    x = _images(11)
+    x[:, label_slice(784, position)] = 3.0  # overwritten by every overlay
+    monkeypatch.setattr(mpff.model, "FORWARD_CHUNK", 4)  # chunks of 4, 4 and 3
+    scores = net.goodness_scores(x)
+    for label in range(NUM_CLASSES):
+        acts = net.activations(overlay(x, torch.full((11,), label), position))
+        want = sum(net.layers[k].goodness(acts[k]) for k in net.classifier_layers)
+        torch.testing.assert_close(scores[:, label], want, rtol=2e-6, atol=1e-9)
+    assert len(set(scores.flatten().tolist())) > 100  # labels and samples really differ
+
+
 def test_goodness_classifier_ignores_layer_one(monkeypatch):
     net = _net()
     x = _images(8)
