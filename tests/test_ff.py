@@ -14,7 +14,7 @@ from synthetic import synthetic_dataset
 from mpff.comm import Comm, self_comm
 from mpff.config import Config, ConfigError
 from mpff.executor import Executor
-from mpff.ff import FFLayer, cooldown_lr, cpu_bf16_products, seed_for, train_epochs
+from mpff.ff import FFLayer, cooldown_lr, cpu_bf16_products, generator, make_adam, seed_for, train_epochs
 from mpff.ffstate import FFState
 from mpff.model import NUM_CLASSES, FFNet, hardest_wrong_label, label_slice, overlay, random_negatives
 from mpff.plan import build_plan
@@ -208,6 +208,35 @@ def test_train_epochs_is_deterministic():
     train_epochs(other, opt, other.normalize_all(x_pos), other.normalize_all(x_neg), batch_size=32,
                  lrs=[0.01] * 3, seeds=[seed_for(8, e) for e in range(3)])  # other shuffles
     assert not torch.equal(other.weight, runs[0][1])
+
+
+@pytest.mark.parametrize("goodness", ["mean", "sum"])
+def test_train_epochs_follows_the_taped_gradient_of_the_ff_loss(goodness):
+    """train_epochs writes the FF loss's gradient out instead of taping it; each step must take
+    the step autograd takes through relu(linear), goodness and FFLayer.loss (the definition, run
+    here batch by batch with the same shuffles), to fp32 rounding, ragged last batch included."""
+    x_pos, x_neg = _toy_problem(n=150)
+    mine, ref = FFLayer(12, 8, goodness=goodness, seed=2), FFLayer(12, 8, goodness=goodness, seed=2)
+    xp, xn = mine.normalize_all(x_pos), mine.normalize_all(x_neg)
+    lrs, seeds = [0.03, 0.01], [seed_for(9, e) for e in range(2)]
+    loss = train_epochs(mine, make_adam(mine.parameters(), 0.03), xp, xn, batch_size=32, lrs=lrs, seeds=seeds)
+    opt, losses = make_adam(ref.parameters(), 0.03), []
+    for lr, seed in zip(lrs, seeds):
+        opt.param_groups[0]["lr"], losses = lr, []
+        perm = torch.randperm(150, generator=generator(seed))
+        for i in range(0, 150, 32):
+            idx = perm[i:i + 32]
+            h = F.relu(F.linear(torch.cat([xp[idx], xn[idx]]), ref.weight, ref.bias))
+            g = ref.goodness(h)
+            step_loss = ref.loss(g[:len(idx)], g[len(idx):])
+            opt.zero_grad()
+            step_loss.backward()
+            opt.step()
+            losses.append(float(step_loss.detach()))
+    assert loss == pytest.approx(sum(losses) / len(losses), rel=1e-6)
+    for a, b in zip(mine.parameters(), ref.parameters()):
+        torch.testing.assert_close(a.detach(), b.detach(), rtol=1e-5, atol=1e-6)
+    assert float((mine.weight - FFLayer(12, 8, seed=2).weight).detach().abs().max()) > 1e-2  # it trained
 
 
 def test_train_epochs_keeps_inputs_and_no_gradient_leaks():
@@ -619,7 +648,7 @@ def test_bf16_on_a_gpu_routes_every_product_through_bf16_products(monkeypatch):
         layer = net.layers[0]
         train_epochs(layer, torch.optim.Adam(layer.parameters()), x, x.flip(0), batch_size=4, lrs=[0.01],
                      seeds=[0])
-    assert calls == [3, 3, 3, 3, 3]  # layer, head, the MLP's two layers, a training step
+    assert calls == [3] * 6  # layer, head, the MLP's two layers, a training step's two products
     assert torch.get_float32_matmul_precision() == before and not ff._cuda_bf16
     assert torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction
     with ff.matmul_precision("bf16", torch.device("cpu")):  # a CPU: oneDNN's "medium"
@@ -628,7 +657,7 @@ def test_bf16_on_a_gpu_routes_every_product_through_bf16_products(monkeypatch):
     with ff.matmul_precision("tf32", torch.device("cuda", 0)):
         assert torch.get_float32_matmul_precision() == "high"
         net.layers[0](x)
-    assert calls == [3, 3, 3, 3, 3]
+    assert calls == [3] * 6
 
 
 def test_gpu_precisions_the_gpu_cannot_compute_are_refused(monkeypatch):
