@@ -42,11 +42,12 @@ def cpu_flags() -> list[str]:
     return sorted(f for f in flags if re.fullmatch(r"avx512_bf16|amx_bf16|amx_tile|avx512f|avx2|amx_fp16", f))
 
 
-def gemm_rate(precision: str, device: torch.device, repeats: int = 60) -> float:
+def gemm_rate(precision: str, device: torch.device | str = "cpu", repeats: int = 60) -> float:
     """Flop/s of the products one training step of the network does (on the CPU one thread),
     fp32 tensors through mpff's own product (mpff.ff.linear) at the matmul precision mpff
     trains with (mpff.ff.matmul_precision)."""
     from mpff.ff import linear, matmul_precision
+    device = torch.device(device)
     torch.set_num_threads(1)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     total_flop, total_s = 0.0, 0.0
