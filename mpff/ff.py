@@ -295,6 +295,7 @@ def train_epochs(layer: FFLayer, opt: torch.optim.Optimizer, x_pos: torch.Tensor
                 total += F.softplus(z).mean()
                 coef = torch.sigmoid(z).mul_(s).mul_(2.0 * per_unit / (2 * b))
                 grad = h.mul_(coef.unsqueeze(1))             # d loss / d pre-activation
+                opt.zero_grad(set_to_none=True)              # the last gradient goes before the next is made
                 weight.grad = linear(grad.t(), xb.t())       # grad.T @ xb, at the matmul precision
                 bias.grad = grad.sum(dim=0)
             opt.step()

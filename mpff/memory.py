@@ -18,7 +18,8 @@ check by hand, float32 (4 bytes a value), for one rank:
 - ``activations``: what one update keeps for its backward pass. Backprop: every layer's, for the
   rank's rows of the batch (the batch input, each hidden ReLU output, the log-softmax output).
   FF: one layer's, for positives and negatives (2 x batch rows): its input and its ReLU output;
-- ``transient`` (FF): the squared activations, then their gradient, one layer's (2 x batch x d_out);
+- ``transient`` (FF): the squared activations and the previous step's output (by then its
+  gradient), one layer's (2 of 2 x batch x d_out);
 - ``chapter_data`` (FF only, stated apart): what mpff's FF keeps resident for a chapter, the
   chapter's data pushed through the layers below the one being trained: the shard's inputs,
   positives and negatives (3 x n x d0), the layer's inputs for positives and negatives and their
@@ -212,13 +213,12 @@ def ff_analytic(dims: Sequence[int], batch_size: int, n_rows: int = 0, *,
 def _ff_step_values(dims: Sequence[int], k: int, r: int) -> int:
     """Most values alive at once while layer k takes a step on r rows (mpff.ff.train_epochs),
     besides parameters, Adam state and the resident gradients. The batch buffer (r x d_in) lives
-    for the whole chapter. Forward: the previous step's h and h**2 are still referenced by the
-    loop when this step makes z and h (4 r x d_out). Backward, with the layer's gradient freed
-    by zero_grad: h and h**2 plus the temporaries autograd makes for mean(h**2) and the ReLU,
-    four of r x d_out (counted from the resident set, step by step, at several shapes)."""
-    d_in, d_out = dims[k], dims[k + 1]
-    p = ff_layer_parameters(dims, k)
-    return r * d_in + max(4 * r * d_out, 6 * r * d_out - p)
+    for the whole chapter. The step tapes nothing: its forward product makes h while the
+    previous step's h (turned into its gradient in place) is still referenced, and h**2 is a
+    temporary of the goodness: 3 r x d_out. The weight gradient's product reads h after the
+    layer's previous gradient is freed, so it adds nothing to the resident gradients. Vectors
+    of r values are left out. (Measured against the resident set: benchmarks/ff_vs_bp.py.)"""
+    return r * dims[k] + 3 * r * dims[k + 1]
 
 
 def _ff_chapter_values(dims: Sequence[int], k: int, n: int) -> int:

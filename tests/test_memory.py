@@ -49,7 +49,7 @@ def test_ff_breakdown_by_hand():
     assert a["optimizer_state"] == 2 * (p0 + p1) * F32  # the goodness classifier trains no head
     assert a["gradients"] == p0 * F32 and a["gradients_resident"] == (p0 + p1) * F32
     assert a["activations"] == 4 * max(6 + 4, 4 + 3) * F32  # one layer's input and ReLU output
-    step = [4 * 6 + max(4 * 4 * 4, 6 * 4 * 4 - p0), 4 * 4 + max(4 * 4 * 3, 6 * 4 * 3 - p1)]
+    step = [4 * 6 + 3 * 4 * 4, 4 * 4 + 3 * 4 * 3]  # the batch buffer; h, the last step's h, h**2
     assert a["peak"] == (p0 + p1 + head + 2 * (p0 + p1) + (p0 + p1) + max(step)) * F32
     assert a["chapter_data"] == 0
     with_head = memory.ff_analytic([6, 4, 3], batch_size=2, softmax=True)
