@@ -267,7 +267,8 @@ def train_epochs(layer: FFLayer, opt: torch.optim.Optimizer, x_pos: torch.Tensor
     dim = x_pos.shape[1]
     buf = torch.empty(2 * batch_size, dim, dtype=x_pos.dtype, device=device)
     weight, bias, theta = layer.weight, layer.bias, layer.threshold
-    per_unit = 1.0 / layer.out_features if layer.goodness_kind == "mean" else 1.0
+    use_mean = layer.goodness_kind == "mean"
+    per_unit = 1.0 / layer.out_features if use_mean else 1.0  # dg/dh = 2 h per_unit
     signs = torch.cat([torch.full((batch_size,), -1.0, device=device), torch.ones(batch_size, device=device)])
     total = torch.zeros((), dtype=torch.float64, device=device)
     steps = 0
@@ -290,7 +291,7 @@ def train_epochs(layer: FFLayer, opt: torch.optim.Optimizer, x_pos: torch.Tensor
             s = signs if b == batch_size else torch.cat([signs[:b], signs[batch_size:batch_size + b]])
             with torch.no_grad():
                 h = linear(xb, weight, bias).relu_()
-                g = h.pow(2).mean(dim=1) if per_unit != 1.0 else h.pow(2).sum(dim=1)
+                g = h.pow(2).mean(dim=1) if use_mean else h.pow(2).sum(dim=1)
                 z = (g - theta).mul_(s)                      # theta - g_pos, g_neg - theta
                 total += F.softplus(z).mean()
                 coef = torch.sigmoid(z).mul_(s).mul_(2.0 * per_unit / (2 * b))
