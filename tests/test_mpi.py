@@ -21,6 +21,7 @@ import textwrap
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from xml.etree import ElementTree
 
 import numpy as np
 import pytest
@@ -262,16 +263,23 @@ def test_ranks_leaving_apart_keep_their_exit_code(tmp_path, mpff_launch):
 
 
 @pytest.mark.parametrize("ranks", [2, 3])
-def test_executor_suite_at_several_sizes(ranks, mpff_launch):
+def test_executor_suite_at_several_sizes(ranks, tmp_path, mpff_launch):
     """tests/test_executor.py, whose bodies hold at any size, run under mpiexec as mpi4py runs its
-    own suite at several -n (in this process it runs on one rank)."""
-    proc = subprocess.run([mpff_launch.mpiexec, "-n", str(ranks), mpff_launch.python, "-m", "pytest", "-q",
-                           "-p", "no:cacheprovider", "tests/test_executor.py"], cwd=mpff_launch.root,
-                          env=mpff_launch.env, capture_output=True, text=True, timeout=300)
+    own suite at several -n (in this process it runs on one rank). Each rank writes its own JUnit
+    report (named by its process id): the ranks' merged stdout can interleave two summaries on one
+    line, so it is no record of what each rank ran."""
+    per_rank = 'exec "$0" -m pytest -q -p no:cacheprovider tests/test_executor.py --junitxml="$1/rank-$$.xml"'
+    proc = subprocess.run([mpff_launch.mpiexec, "-n", str(ranks), "sh", "-c", per_rank, mpff_launch.python,
+                           str(tmp_path)], cwd=mpff_launch.root, env=mpff_launch.env, capture_output=True,
+                          text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
-    summaries = [line for line in proc.stdout.splitlines() if " passed" in line]
-    assert len(summaries) == ranks, proc.stdout[-4000:]  # every rank ran the suite
-    assert all("failed" not in s and "error" not in s for s in summaries), summaries
+    reports = sorted(tmp_path.glob("rank-*.xml"))
+    assert len(reports) == ranks, (reports, proc.stdout[-4000:])  # every rank ran the suite
+    for report in reports:
+        suite = ElementTree.parse(report).getroot().find("testsuite")
+        counts = {key: int(suite.get(key)) for key in ("tests", "failures", "errors", "skipped")}
+        assert counts["failures"] == counts["errors"] == 0, (report.name, counts)
+        assert counts["tests"] - counts["skipped"] >= 10, (report.name, counts)  # the suite ran, not skipped
 
 
 @pytest.mark.skipif(not cpu_bf16_products(), reason="this CPU computes no bf16 products (mpff refuses bf16 here)")
