@@ -27,6 +27,7 @@ travels between ranks (DDP keeps the replicas equal), it only goes into checkpoi
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -46,6 +47,67 @@ INIT_STREAM, SHUFFLE_STREAM = 0xB1, 0xB5
 
 #: data-parallel ranks agree on a halt every this many steps (see BPState._halt_point)
 VOTE_EVERY = 16
+
+#: The phases of a training step that :class:`StepClock` times (trace scalars ``bp_<phase>_seconds``).
+STEP_PHASES = ("forward", "backward", "optimizer")
+
+
+class StepClock:
+    """Seconds of each phase of the training steps of a chapter, summed: the forward pass with
+    the loss, the backward pass (in data-parallel it ends when DDP's last all-reduce is back) and
+    the optimizer step. ``mpff predict`` splits a step with them: the optimizer's share does not
+    shrink when data-parallel ranks split a batch, the passes' does.
+
+    On the CPU every step is timed (``time.perf_counter``: four reads per step of milliseconds).
+    On a GPU CUDA events time every :attr:`SAMPLE_EVERY`-th step (events on every step would add
+    launches to a step that launches are likely to bound) and the sums are scaled to all steps;
+    they are read at the end of the chapter, when the device has finished.
+    """
+
+    SAMPLE_EVERY = 8
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self.reset()
+
+    def reset(self) -> None:
+        self.steps = 0
+        self._sums = [0.0] * len(STEP_PHASES)
+        self._timed = 0
+        self._marks: list = []       # this step's marks (perf_counter values or CUDA events)
+        self._events: list[list] = []
+
+    def mark(self) -> None:
+        """A phase border of this step: call before the forward pass and after each phase."""
+        if not self.cuda:
+            self._marks.append(time.perf_counter())
+        elif self.steps % self.SAMPLE_EVERY == 0:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            self._marks.append(event)
+        if len(self._marks) == len(STEP_PHASES) + 1:
+            if self.cuda:
+                self._events.append(self._marks)
+            else:
+                for i in range(len(STEP_PHASES)):
+                    self._sums[i] += self._marks[i + 1] - self._marks[i]
+                self._timed += 1
+            self._marks = []
+
+    def step_done(self) -> None:
+        self.steps += 1
+
+    def seconds(self) -> dict[str, float]:
+        """{phase: seconds summed over the chapter's steps} (CUDA: the samples scaled to all)."""
+        sums, timed = list(self._sums), self._timed
+        if self._events:
+            torch.cuda.synchronize()
+            for marks in self._events:
+                for i in range(len(STEP_PHASES)):
+                    sums[i] += marks[i].elapsed_time(marks[i + 1]) / 1e3
+            timed += len(self._events)
+        scale = self.steps / timed if timed else 0.0
+        return {phase: sums[i] * scale for i, phase in enumerate(STEP_PHASES)}
 
 
 class MLP(nn.Module):
@@ -140,6 +202,7 @@ class BPState:
         self.test_accuracy: dict[int, float] = {}
         self.bytes_allreduced = 0  # payload of every gradient all-reduce of this rank
         self._chapter = -1         # for the all-reduce spans
+        self.clock = StepClock(device)  # the phases of the last chapter's steps
 
         # The whole training set on the device (on the CPU a view of the numpy array, no copy);
         # each step gathers its rows into one preallocated batch buffer.
@@ -236,6 +299,8 @@ class BPState:
         rank = self.rank if self.data_parallel else 0
         total = torch.zeros(2, dtype=torch.float64, device=self.device)  # loss sum, rows
         self._chapter = chapter
+        clock = self.clock
+        clock.reset()
         self.model.train()
         for m in range(self.C):
             lr = cooldown_lr(t.bp_lr, chapter * self.C + m + 1, t.epochs, t.cooldown_final)
@@ -255,10 +320,15 @@ class BPState:
                 # gradients are freed before the forward pass, so they never coexist with the
                 # activations of a whole forward pass (DDP's bucket views stay allocated)
                 self.opt.zero_grad(set_to_none=True)
+                clock.mark()
                 loss_sum = F.cross_entropy(self.model(xb), self.y_train[idx], reduction="sum")
+                clock.mark()
                 # DDP averages over ranks: N / b makes that average the mean over the global batch
                 (loss_sum * (ranks / b)).backward()
+                clock.mark()
                 self.opt.step()
+                clock.mark()
+                clock.step_done()
                 total[0] += loss_sum.detach()
                 total[1] += hi - lo
                 self.steps += 1
@@ -287,6 +357,9 @@ class BPState:
             self.version = c
             self.losses[c] = loss
             self.tracer.scalar("loss", c, 0, loss)
+            self.tracer.scalar("bp_steps", c, 0, self.clock.steps)
+            for phase, seconds in self.clock.seconds().items():
+                self.tracer.scalar(f"bp_{phase}_seconds", c, 0, seconds)
             return [Record("loss", c, 0, loss)] if self.rank == 0 else []
         if task.kind == "eval":
             with self.tracer.span("eval", c, -1):

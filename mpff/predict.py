@@ -31,7 +31,7 @@ from typing import Any
 import h5py
 import numpy as np
 
-from . import interconnect
+from . import interconnect, predict_bp
 from . import report as report_mod
 from .config import SCHEDULES, Config, ConfigError, from_dict, parse_override
 from .plan import Plan, Task, build_plan
@@ -610,6 +610,7 @@ class Prediction:
     measured_run: str | None = None
     measured_wall: float | None = None
     measured_training: float | None = None
+    details: dict | None = None        # what the model of this prediction computed on the way
 
     @property
     def efficiency(self) -> float | None:
@@ -631,6 +632,8 @@ class Prediction:
             "efficiency": self.efficiency, "bubble": self.bubble,
             "bytes_moved": self.bytes_moved, "messages": self.messages,
         }
+        if self.details is not None:
+            out["details"] = self.details
         if self.measured_run is not None:
             out.update({"measured_run": self.measured_run, "measured_wall_seconds": self.measured_wall,
                         "measured_training_seconds": self.measured_training,
@@ -701,21 +704,34 @@ def simulate(profile: Profile, target: Target, schedule: str, world_size: int, n
 
 
 def predict(runs: list[report_mod.Run], *, ranks: Iterable[int] = DEFAULT_RANKS,
-            schedules: Iterable[str] = DEFAULT_SCHEDULES, network: Network | None = None,
+            schedules: Iterable[str] | None = None, network: Network | None = None,
             contention: str | float = "auto", overrides: Iterable[str] = (),
             adaptive_lag: str = "config") -> Outcome:
-    """Predict every schedule on every rank count from the first run's task times."""
+    """Predict every schedule on every rank count from the first run's task times (``schedules``
+    None: Sequential, Single Layer and All Layers from an FF run, Sequential and data-parallel
+    from a backprop run, :mod:`mpff.predict_bp`)."""
     if not runs:
         raise ConfigError("name at least one run directory to predict from")
     network = network or Network(interconnect.preset("ib-hdr"), interconnect.preset("shm"), 1)
     ranks = sorted(set(int(n) for n in ranks))
     if not ranks or ranks[0] < 1:
         raise ConfigError("--ranks needs positive rank counts, e.g. 1,2,4,8")
-    schedules = list(dict.fromkeys(schedules))
+    schedules_given = schedules
+    schedules = list(dict.fromkeys(DEFAULT_SCHEDULES if schedules is None else schedules))
     for s in schedules:
         if s not in SCHEDULES:
             raise ConfigError(f"unknown schedule {s!r}; choose from {', '.join(SCHEDULES)}")
     spans = [read_spans(run) for run in runs]
+    if predict_bp.is_backprop(runs[0]):
+        attrs = {k: _trace_attr(runs[0].ranks[0], k) for k in ("n_train", "n_test")}
+        every = schedules_given is None or set(schedules) == set(SCHEDULES)  # none given, or 'all'
+        return predict_bp.predict(runs, spans, ranks=ranks,
+                                  schedules=predict_bp.BP_SCHEDULES if every else schedules,
+                                  network=network, contention=contention, overrides=overrides,
+                                  n_sizes=dataset_sizes(runs[0].config, runs[0].info, attrs))
+    if any(predict_bp.is_backprop(run) for run in runs[1:]):
+        raise ConfigError(f"run {next(r.path for r in runs[1:] if predict_bp.is_backprop(r))} is "
+                          f"backprop and {runs[0].path} Forward-Forward: predict each from its own runs")
     measured = measure_contention(runs, spans)
     if contention == "auto":
         used = measured
@@ -958,8 +974,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "several ranks on one node helps measure contention")
     p.add_argument("--ranks", default=",".join(map(str, DEFAULT_RANKS)),
                    help="rank counts to predict, comma-separated [%(default)s]")
-    p.add_argument("--schedules", default=",".join(DEFAULT_SCHEDULES),
-                   help=f"schedules, comma-separated, or 'all' [%(default)s]; of {', '.join(SCHEDULES)}")
+    p.add_argument("--schedules",
+                   help=f"schedules, comma-separated, or 'all', of {', '.join(SCHEDULES)} "
+                        f"[{','.join(DEFAULT_SCHEDULES)} from an FF run, "
+                        f"{','.join(predict_bp.BP_SCHEDULES)} from a backprop run]")
     p.add_argument("--network", default="ib-hdr",
                    help=f"link between nodes, a preset: {', '.join(interconnect.PRESETS)} [%(default)s]")
     p.add_argument("--latency", help="seconds per message between nodes (overrides the preset), e.g. 2us")
@@ -1018,7 +1036,8 @@ def main(argv: list[str] | None = None) -> int:
             if not contention >= 1.0:
                 raise ConfigError(f"--contention {args.contention!r} must be auto, none or a factor "
                                   ">= 1 (e.g. 1.3: 30 % slower beside one busy rank)")
-        schedules = SCHEDULES if args.schedules == "all" else [s for s in args.schedules.split(",") if s]
+        schedules = None if args.schedules is None else SCHEDULES if args.schedules == "all" else \
+            [s for s in args.schedules.split(",") if s]
         network = Network(_link(args.network, args.latency, args.bandwidth, ""),
                           _link(args.intra, args.intra_latency, args.intra_bandwidth, "intra-"),
                           args.ranks_per_node)

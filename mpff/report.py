@@ -962,22 +962,31 @@ def predict_runs(summaries: list[RunSummary]) -> tuple[list[float | None], list[
         schedules = sorted({m.setting("run", "schedule") for m in members} | {"sequential"},
                            key=lambda x: x != "sequential")
         ranks = sorted({m.run.world_size for m in members} | {1})
-        try:
-            outcome = predict_mod.predict(runs, ranks=ranks, schedules=schedules, network=network,
-                                          contention="auto")
-        except ConfigError as exc:
-            notes.append(f"no prediction for the runs of {source.name}: {_one_line(exc)}")
-            continue
-        by_key = {(p.schedule, p.ranks): p for p in outcome.predictions}
-        for i in idx:
-            p = by_key.get((summaries[i].setting("run", "schedule"), summaries[i].run.world_size))
-            # the run's own seed and lag may differ from the source's; the time does not depend on the seed
-            predicted[i] = p.wall if p is not None else None
-        for p in outcome.predictions:
-            if p.reason is None:
-                curves.append({"source": source.name, "negatives": source.setting("train", "negatives"),
-                               "classifier": source.setting("train", "classifier"), **p.record()})
-        notes.append(f"predicted from {source.name}: " + outcome.contention.note)
+        # backprop: strong and weak scaling are predicted apart (the one-rank source is both's)
+        scalings = sorted({m.setting("run", "scaling", "strong") for m in members if m.run.world_size > 1}
+                          or {"strong"})
+        for scaling in scalings:
+            overrides = [f"run.scaling={scaling}"] if source.setting("train", "algorithm") == "backprop" else []
+            try:
+                outcome = predict_mod.predict(runs, ranks=ranks, schedules=schedules, network=network,
+                                              contention="auto", overrides=overrides)
+            except ConfigError as exc:
+                notes.append(f"no prediction for the runs of {source.name}: {_one_line(exc)}")
+                break
+            by_key = {(p.schedule, p.ranks): p for p in outcome.predictions}
+            for i in idx:
+                if summaries[i].run.world_size > 1 and summaries[i].setting("run", "scaling", "strong") != scaling:
+                    continue
+                p = by_key.get((summaries[i].setting("run", "schedule"), summaries[i].run.world_size))
+                # the run's own seed and lag may differ from the source's; the time does not depend on the seed
+                predicted[i] = p.wall if p is not None else None
+            for p in outcome.predictions:
+                if p.reason is None and (p.ranks > 1 or scaling == scalings[0]):
+                    curves.append({"source": source.name, "negatives": source.setting("train", "negatives"),
+                                   "classifier": source.setting("train", "classifier"),
+                                   **({"scaling": scaling} if overrides else {}), **p.record()})
+            notes.append(f"predicted from {source.name}" + (f" ({scaling} scaling)" if overrides else "")
+                         + ": " + outcome.contention.note)
     return predicted, curves, notes
 
 
@@ -1003,12 +1012,14 @@ def plot_scaling(summaries: list[RunSummary], pairs: list[Pairing], path: str,
         err = [[m - min(points[n]) for m, n in zip(mean, ranks)], [max(points[n]) - m for m, n in zip(mean, ranks)]]
         line = ax.errorbar(ranks, mean, yerr=err, marker="o", capsize=3, label=f"{', '.join(map(str, key))}, measured")
         colors.setdefault(key[0], line[0].get_color())
-    for schedule in dict.fromkeys(c["schedule"] for c in curves or []):
-        pts = sorted((c["ranks"], c["speedup"]) for c in curves if c["schedule"] == schedule and c["speedup"])
+    for schedule, scaling in dict.fromkeys((c["schedule"], c.get("scaling")) for c in curves or []):
+        pts = sorted((c["ranks"], c["speedup"]) for c in curves
+                     if c["schedule"] == schedule and c.get("scaling") == scaling and c["speedup"])
         if pts:
             most = max(most, pts[-1][0])
-            ax.plot(*zip(*pts), linestyle="--", marker=".", color=colors.get(schedule),
-                    label=f"{schedule}, predicted")
+            ax.plot(*zip(*pts), linestyle="--" if scaling != "weak" else "-.", marker=".",
+                    color=colors.get(schedule),
+                    label=f"{schedule}{f' ({scaling})' if scaling else ''}, predicted")
     ax.plot([1, most], [1, most], linestyle=":", color="#999999", label="ideal")
     ax.set_xscale("log", base=2)
     ticks = [2 ** i for i in range(int(math.log2(most)) + 2) if 2 ** i <= max(most, 1) * 1.01]

@@ -87,6 +87,12 @@ SCALAR_UNITS = {
     "peak_host_mem": "B (peak resident set size of the rank's process)",
     "peak_gpu_mem": "B (torch.cuda.max_memory_allocated)",
     "host_mem": "B (resident set size of the rank's process when the trace was flushed)",
+    "bp_steps": "1 (backprop optimizer steps of the chapter on this rank)",
+    "bp_forward_seconds": "s (backprop: forward passes with the loss of the chapter's steps, summed; "
+                          "GPU: CUDA events on every 8th step, scaled to all)",
+    "bp_backward_seconds": "s (backprop: backward passes of the chapter's steps, summed; data-parallel: "
+                           "each ends when DDP's last all-reduce of the step is back)",
+    "bp_optimizer_seconds": "s (backprop: optimizer steps of the chapter, summed)",
 }
 
 

@@ -189,7 +189,9 @@ def test_spans_and_scalars(mnist_500, tmp_path):
                                                                 f["spans"]["layer"])]
         names = [n.decode() for n in f["scalars"]["name"]]
     assert kinds == [("train", 1, 0), ("eval", 1, -1)]  # trace format 2: chapters counted from 1
-    assert names == ["loss", "test_accuracy", "host_mem"]  # and a memory point at every flush
+    # the step phases after the loss (mpff predict splits a step with them), and a memory point at every flush
+    assert names == ["loss", "bp_steps", "bp_forward_seconds", "bp_backward_seconds", "bp_optimizer_seconds",
+                     "test_accuracy", "host_mem"]
     assert state.bytes_sent == 0  # one rank: no all-reduce
 
 

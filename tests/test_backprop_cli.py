@@ -139,3 +139,74 @@ def test_ff_only_settings_are_refused(setting, message, tmp_path):
     lines = r.stderr.splitlines()
     assert len(lines) == 1 and lines[0].startswith("mpff train: error: ") and message in lines[0], r.stderr
     assert not (tmp_path / "run").exists()
+
+
+def _scalars(trace_file) -> dict[int, dict[str, float]]:
+    """{chapter: {name: value}} of a trace's bp_* scalars."""
+    out: dict[int, dict[str, float]] = {}
+    with h5py.File(trace_file, "r") as f:
+        for row in f["scalars"][()]:
+            name = row["name"].decode() if isinstance(row["name"], bytes) else str(row["name"])
+            if name.startswith("bp_"):
+                out.setdefault(int(row["chapter"]), {})[name] = float(row["value"])
+    return out
+
+
+@pytest.mark.parametrize("name", ["seq", "dp", "weak"])
+def test_step_phases_are_traced(name, runs):
+    """Every chapter's steps, and the seconds of their forward, backward and optimizer phases,
+    which lie within the chapter's train span."""
+    out = runs[name][3]
+    steps = 10 if name == "weak" else 19   # 1200 rows, global batch 128 or 64, one epoch a chapter
+    for rank in range(1 if name == "seq" else 2):
+        scalars = _scalars(out / "trace" / f"rank{rank:04d}.h5")
+        with h5py.File(out / "trace" / f"rank{rank:04d}.h5", "r") as f:
+            spans = f["spans"][()]
+        train = {int(s["chapter"]): float(s["end"] - s["start"]) for s in spans if s["kind"] in (b"train", "train")}
+        assert sorted(scalars) == sorted(train) == [1, 2, 3, 4]
+        for c, values in scalars.items():
+            assert values["bp_steps"] == steps
+            phases = [values[f"bp_{p}_seconds"] for p in ("forward", "backward", "optimizer")]
+            assert all(p > 0 for p in phases), values
+            assert sum(phases) <= train[c], (values, train[c])
+
+
+def _predict(*args):
+    return run([PY, "-m", "mpff", "predict", *map(str, args)])
+
+
+def test_predict_data_parallel_from_a_one_rank_run(runs, tmp_path):
+    """mpff predict from a one-rank backprop run: Sequential and data-parallel rows, each
+    data-parallel run compared with the prediction of its own scaling; DDP's buckets and bytes
+    as the 2-rank run counted them; the source predicts itself closely."""
+    seq, dp, weak = (runs[k][3] for k in ("seq", "dp", "weak"))
+    for scaling, measured, global_batch in (("strong", dp, 64), ("weak", weak, 128)):
+        r = _predict(seq, dp, weak, "--ranks", "1,2,4", "--ranks-per-node", "2", "--json",
+                     "--set", f"run.scaling={scaling}", "--out", tmp_path / scaling)
+        assert r.returncode == 0, r.stderr
+        preds = {(p["schedule"], p["ranks"]): p for p in json.loads(r.stdout)["predictions"]}
+        assert sorted(preds) == [("data_parallel", 2), ("data_parallel", 4), ("sequential", 1)]
+        base, two = preds[("sequential", 1)], preds[("data_parallel", 2)]
+        assert base["measured_run"] == str(seq) and base["speedup"] == 1.0
+        assert abs(base["wall_error"]) < 0.1, base  # the source's own steps, evaluation and setup
+        assert two["measured_run"] == str(measured), two
+        assert two["details"]["global_batch"] == global_batch and preds[("data_parallel", 4)]["nodes"] == 2
+        # DDP's buckets and bytes, as the measured run counted them
+        info = json.loads((measured / "run.json").read_text())
+        assert two["bytes_moved"] == sum(r["bytes_sent"] for r in info["ranks"])
+        with h5py.File(measured / "trace" / "rank0000.h5", "r") as f:
+            allreduces = sum(1 for k in f["spans"]["kind"] if k in (b"allreduce", "allreduce"))
+        assert allreduces == two["details"]["buckets"] * two["details"]["steps"]
+        assert (tmp_path / scaling / "prediction.md").exists()
+
+
+@pytest.mark.parametrize("first, extra, message", [
+    ("dp", (), "ran 2 ranks: predict backprop from a one-rank run"),
+    ("seq", ("--schedules", "all_layers"), "is backprop: it predicts the schedules sequential, data_parallel"),
+])
+def test_predict_refuses_what_it_cannot_predict_from_backprop(first, extra, message, runs, tmp_path):
+    r = _predict(runs[first][3], *extra, "--out", tmp_path / "p")
+    assert r.returncode == 2, r.stdout + r.stderr
+    lines = r.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("mpff predict: error: ") and message in lines[0], r.stderr
+    assert not (tmp_path / "p").exists()

@@ -343,3 +343,90 @@ def test_shipping_is_single_layers_setting_the_others_recompute(seq_run):
         assert p.reason is None and p.speedup is not None, p.schedule
     plain = predict.predict([load_run(seq_run)], ranks=[2], network=IDEAL, schedules=["all_layers"])
     assert _by(out, "all_layers", 2).wall == pytest.approx(_by(plain, "all_layers", 2).wall)
+
+
+# ------------------------------------------------------------------------------ backprop (mpff.predict_bp)
+
+def _bp_profile():
+    """Per step of 64 rows: forward 1 ms, backward 2 ms, optimizer 0.5 ms, the rest 0.5 ms."""
+    from mpff.predict_bp import BPProfile
+    return BPProfile(run=None, config={}, chapters=1, epochs_per_chapter=1, n_train=6400, n_test=None,
+                     rows=64, steps={0: 100.0},
+                     phases={"forward": {0: 0.1}, "backward": {0: 0.2}, "optimizer": {0: 0.05}},
+                     train={0: 0.4}, eval={}, setup=0.0, tail=0.0, checkpoints=0.0)
+
+
+def test_ddp_buckets_are_the_ones_ddp_makes(tmp_path):
+    """The bucket model against DistributedDataParallel itself (one gloo rank: the reducer still
+    hands every bucket to the communication hook, in the order it all-reduces them)."""
+    import torch
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    from mpff.backprop import MLP
+    from mpff.predict_bp import ddp_buckets
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    try:
+        for dims in ([784, 64, 64], [784, 1000, 1000, 1000], [784, 2000, 2000, 2000, 2000]):
+            model = DistributedDataParallel(MLP(dims), gradient_as_bucket_view=True)
+            seen: list[int] = []
+
+            def hook(state, bucket, seen=seen):
+                seen.append(bucket.buffer().numel() * bucket.buffer().element_size())
+                fut = torch.futures.Future()
+                fut.set_result(bucket.buffer())
+                return fut
+            model.register_comm_hook(None, hook)
+            for _ in range(2):  # DDP may rebuild its buckets after the first step
+                seen.clear()
+                model(torch.zeros(2, dims[0])).sum().backward()
+            assert seen == [nbytes for nbytes, _ in ddp_buckets(dims)], dims
+            del model
+    finally:
+        dist.destroy_process_group()
+    assert len(ddp_buckets([784, 2000, 2000, 2000, 2000])) == 3
+
+
+def test_data_parallel_step_worked_by_hand():
+    from mpff.predict_bp import VOTE_EVERY, ddp_buckets, model_step
+    profile = _bp_profile()
+    free = interconnect.preset("ideal")
+    # no communication cost: the passes halve with the rows, the optimizer and the rest do not
+    step = model_step(profile, [784, 64, 64], 32, 2, free, 1.0)
+    assert step.compute == pytest.approx(0.5e-3 + 1e-3 + 0.5e-3 + 0.5e-3)
+    assert step.exposed == 0.0 and step.comm == 0.0
+    # one bucket: its gradients include layer 0's, ready only at the end of the backward pass,
+    # so its whole all-reduce is waited for: 2 (N-1) messages of bytes / N, plus the halt vote
+    link = interconnect.Link("test", 1e-3, 1e6)
+    (nbytes, first), = ddp_buckets([784, 64, 64])
+    assert first == 0
+    step = model_step(profile, [784, 64, 64], 16, 4, link, 1.0)
+    ring = 6 * (1e-3 + math.ceil(nbytes / 4) / 1e6)
+    vote = 6 * (1e-3 + 1 / 1e6) / VOTE_EVERY
+    assert step.exposed == pytest.approx(ring + vote)
+    assert step.seconds == pytest.approx(0.25e-3 + 0.5e-3 + 1e-3 + ring + vote)
+    assert step.bytes_sent == pytest.approx(2 * 3 / 4 * nbytes)
+    # two buckets: the first (layers 3 and 2) starts when layer 2's gradient is made, a share
+    # of the backward pass by FLOPs (layer 0 computes no input gradient), the second after it
+    dims = [784, 1000, 1000, 1000]
+    (b1, i1), (b2, i2) = ddp_buckets(dims)
+    assert (i1, i2) == (4, 0)
+    backward = 2e-3 * 64 / 64
+    ready = (1000 * 10 * 2 + 1000 * 1000 * 2) / (784 * 1000 + 2 * 1000 * 1000 * 2 + 1000 * 10 * 2) * backward
+    t1, t2 = 2 * (1e-3 + b1 / 2 / 1e6), 2 * (1e-3 + b2 / 2 / 1e6)
+    step = model_step(profile, dims, 64, 2, link, 1.0)
+    assert step.exposed == pytest.approx(ready + t1 + t2 - backward + 2 * (1e-3 + 2 / 1e6) / VOTE_EVERY)
+    # contention slows the work, not the messages
+    slow = model_step(profile, dims, 64, 2, link, 1.5)
+    assert slow.compute == pytest.approx(1.5 * step.compute)
+    assert slow.comm == pytest.approx(step.comm)
+
+
+def test_ff_and_backprop_runs_are_not_mixed(seq_run, tmp_path):
+    from mpff.config import Config
+    cfg = Config().replace(model={"dims": (784, 8, 8)}, train={"algorithm": "backprop", "chapters": 4, "epochs": 4},
+                           data={"train_subset": 1000, "test_subset": 100})
+    bp = make_run(tmp_path / "bp", [sequential_spans(4)], cfg)
+    for runs, fragment in (([seq_run, bp], "is backprop and"), ([bp, seq_run], "is Forward-Forward and")):
+        with pytest.raises(ConfigError, match=fragment):
+            predict.predict([load_run(r) for r in runs], ranks=[1, 2])
