@@ -36,6 +36,8 @@ from _common import ROOT, VENV_BIN, mpff_train, write_result
 
 sys.path.insert(0, ROOT)
 from mpff import interconnect, predict  # noqa: E402
+from mpff.backprop import STEP_PHASES  # noqa: E402
+from mpff.predict_bp import step_phases  # noqa: E402
 from mpff.report import load_run, training_phase  # noqa: E402
 
 ALLREDUCE = r"""
@@ -74,31 +76,13 @@ def measure_allreduce() -> dict:
     return {"seconds": {str(k): v for k, v in times.items()}, "latency": latency, "bandwidth": bandwidth}
 
 
-def step_seconds(run_dir: str) -> float:
-    """Median over chapters of the steps' timed phases per step (rank 0)."""
-    run = load_run(run_dir)
-    rt = run.ranks[0]
-    per: dict[int, dict[str, float]] = {}
-    for name, sc in zip(rt.scalar_names, rt.scalars):
-        name = str(name)
-        if name == "bp_steps" or (name.startswith("bp_") and name.endswith("_seconds")):
-            per.setdefault(int(sc["chapter"]), {})[name] = float(sc["value"])
-    return statistics.median(sum(v for k, v in d.items() if k != "bp_steps") / d["bp_steps"]
-                             for d in per.values())
-
-
 def phases_per_step(run_dir: str) -> dict:
-    """Rank 0's seconds per step of each phase (medians over chapters) and of the train span."""
-    run = load_run(run_dir)
-    rt = run.ranks[0]
-    per: dict[int, dict[str, float]] = {}
-    for name, sc in zip(rt.scalar_names, rt.scalars):
-        if str(name).startswith("bp_"):
-            per.setdefault(int(sc["chapter"]), {})[str(name)[3:]] = float(sc["value"])
+    """Rank 0's seconds per step of each phase and of the train span (medians over chapters)."""
+    rt = load_run(run_dir).ranks[0]
+    per = step_phases(rt)
     train = {int(sp["chapter"]): float(sp["end"] - sp["start"]) for kind, sp in zip(rt.kinds, rt.spans)
              if kind == "train"}
-    out = {k: statistics.median(d[f"{k}_seconds"] / d["steps"] for d in per.values())
-           for k in ("forward", "backward", "optimizer")}
+    out = {p: statistics.median(d[p] / d["steps"] for d in per.values()) for p in STEP_PHASES}
     out["train_span"] = statistics.median(train[c] / d["steps"] for c, d in per.items())
     allreduce = sorted(float(sp["end"] - sp["start"]) for kind, sp in zip(rt.kinds, rt.spans) if kind == "allreduce")
     if allreduce:
@@ -106,13 +90,21 @@ def phases_per_step(run_dir: str) -> dict:
     return out
 
 
+def step_seconds(run_dir: str) -> float:
+    """Seconds per step of the timed phases together (rank 0, medians over chapters)."""
+    return sum(v for k, v in phases_per_step(run_dir).items() if k in STEP_PHASES)
+
+
 def measured(run_dir: str) -> dict:
     run = load_run(run_dir)
     return {"run": run_dir, "wall_seconds": run.wall, "training_seconds": training_phase(run).seconds}
 
 
-def one_round(args, keep: str, sets: list[str]) -> dict:
-    dirs = {name: os.path.join(keep, name) for name in ("alone", "pair_a", "pair_b", "strong", "weak")}
+RUNS = ("alone", "pair_a", "pair_b", "strong", "weak")
+
+
+def one_round(keep: str, sets: list[str]) -> dict:
+    dirs = {name: os.path.join(keep, name) for name in RUNS}
     print("predict_bp benchmark: one rank alone", flush=True)
     mpff_train(dirs["alone"], config="configs/backprop.toml", sets=sets)
     print("predict_bp benchmark: two one-rank runs at once", flush=True)
@@ -134,15 +126,12 @@ def one_round(args, keep: str, sets: list[str]) -> dict:
         print(f"predict_bp benchmark: data-parallel on 2 ranks, {scaling} scaling", flush=True)
         mpff_train(dirs[name], config="configs/backprop.toml", ranks=2,
                    sets=sets + ["run.schedule=data_parallel", f"run.scaling={scaling}"])
-    alone = step_seconds(dirs["alone"])
-    pair = statistics.median(step_seconds(dirs[k]) for k in ("pair_a", "pair_b"))
-    return {"dirs": dirs, "step_alone_seconds": alone, "step_pair_seconds": pair, "contention": pair / alone,
-            "measured": {k: measured(dirs[k]) for k in ("alone", "strong", "weak")}}
+    return {**read_round(keep), "reused": False}
 
 
-def reuse(keep: str) -> dict:
-    """A round's numbers from the runs an earlier invocation left in ``keep``."""
-    dirs = {name: os.path.join(keep, name) for name in ("alone", "pair_a", "pair_b", "strong", "weak")}
+def read_round(keep: str) -> dict:
+    """A round's numbers from its runs in ``keep`` (``--reuse``: those an earlier invocation left)."""
+    dirs = {name: os.path.join(keep, name) for name in RUNS}
     alone = step_seconds(dirs["alone"])
     pair = statistics.median(step_seconds(dirs[k]) for k in ("pair_a", "pair_b"))
     return {"dirs": dirs, "step_alone_seconds": alone, "step_pair_seconds": pair, "contention": pair / alone,
@@ -193,8 +182,8 @@ def main() -> None:
                              "gloo all-reduce on 2 ranks of this machine, measured")
     results = []
     for r in range(rounds):
-        rnd = reuse(os.path.join(keep, f"round{r}")) if args.reuse else \
-            one_round(args, os.path.join(keep, f"round{r}"), sets)
+        rnd = read_round(os.path.join(keep, f"round{r}")) if args.reuse else \
+            one_round(os.path.join(keep, f"round{r}"), sets)
         rnd["source_per_step"] = phases_per_step(rnd["dirs"]["alone"])
         rnd["predictions"] = predictions(rnd, link)
         results.append(rnd)

@@ -80,6 +80,19 @@ def is_backprop(run: report_mod.Run) -> bool:
     return run.config.get("train", {}).get("algorithm", "ff") == "backprop"
 
 
+def step_phases(rt: report_mod.RankTrace) -> dict[int, dict[str, float]]:
+    """A backprop rank's step timings per chapter, as its trace stores them (chapters 1-based):
+    ``{chapter: {"steps": n, "forward": s, "backward": s, "optimizer": s}}`` (the ``bp_*``
+    scalars of :class:`mpff.backprop.StepClock`)."""
+    names = {"bp_steps": "steps", **{f"bp_{p}_seconds": p for p in STEP_PHASES}}
+    out: dict[int, dict[str, float]] = {}
+    for name, sc in zip(rt.scalar_names, rt.scalars):
+        key = names.get(str(name))
+        if key is not None:
+            out.setdefault(int(sc["chapter"]), {})[key] = float(sc["value"])
+    return out
+
+
 def build_profile(run: report_mod.Run, spans, n_train: int | None, n_test: int | None) -> BPProfile:
     """The step phases, evaluation, setup and tail of a one-rank backprop run."""
     cfg = run.config
@@ -94,14 +107,9 @@ def build_profile(run: report_mod.Run, spans, n_train: int | None, n_test: int |
     rt = run.ranks[0]
     offset = min((int(c) for kind, c in zip(rt.kinds, rt.spans["chapter"]) if kind == "train" and c >= 0),
                  default=1)
-    phases: dict[str, dict[int, float]] = {p: {} for p in STEP_PHASES}
-    steps: dict[int, float] = {}
-    for name, sc in zip(rt.scalar_names, rt.scalars):
-        name, c = str(name), int(sc["chapter"]) - offset
-        if name == "bp_steps":
-            steps[c] = float(sc["value"])
-        elif name.startswith("bp_") and name.endswith("_seconds") and name[3:-8] in phases:
-            phases[name[3:-8]][c] = float(sc["value"])
+    timings = {c - offset: values for c, values in step_phases(rt).items()}
+    steps = {c: values["steps"] for c, values in timings.items() if "steps" in values}
+    phases = {p: {c: values.get(p, 0.0) for c, values in timings.items()} for p in STEP_PHASES}
     if not steps:
         raise ConfigError(f"run {run.path} has no step timings (bp_steps in its trace): it was made "
                           "by an older mpff or without run.trace; run it again to predict from it")
