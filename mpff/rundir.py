@@ -170,13 +170,14 @@ class RunDir:
         is gone on this host)."""
         return self._holder_of(self.lock_path)
 
-    def _holder_of(self, path: str) -> str | None:
+    def _holder_of(self, path: str, missing: str | None = None) -> str | None:
+        """Who holds the lock file ``path``: None when stale, ``missing`` when it cannot be read."""
         try:
             with open(path) as fh:
                 text = fh.read()
             age = time.time() - os.stat(path).st_mtime
         except OSError:
-            return None
+            return missing
         try:
             host, pid = text.split()[:2]
         except ValueError:
@@ -194,75 +195,86 @@ class RunDir:
         return ConfigError(f"run directory {self.path!r} is in use by another job ({holder}); wait for it, "
                            f"or remove {self.lock_path!r} if that job is gone")
 
+    #: a ``.lock.break`` older than this was left by a job that died while removing a stale lock
+    BREAK_STALE_S = 10.0
+
     def acquire(self) -> None:
         """Take the lock atomically: of jobs started at once, exactly one gets it. The lock
         appears with its content (a hard link of a written file: never empty, so never mistaken
         for a stale one while it is being written). A stale lock (its process gone on this host,
-        or empty and old) is moved aside, checked, removed, and the lock taken again."""
+        or empty and old) is removed by one job at a time (:meth:`_remove_stale_lock`) and the
+        lock taken again."""
         os.makedirs(self.path, exist_ok=True)
         mine = f"{socket.gethostname()} {os.getpid()}\n"
-        for _ in range(3):
-            if self._create_lock(mine):
-                return
+        deadline = time.monotonic() + self.BREAK_STALE_S + 5.0
+        while not self._create_file(self.lock_path, mine):
             holder = self.lock_holder()
             if holder is not None:
                 raise self._in_use(holder) from None
-            self._remove_stale_lock()
-        raise self._in_use(self.lock_holder() or "another job")
+            if time.monotonic() > deadline:  # pragma: no cover - a breaker that never finishes
+                raise self._in_use("another job")
+            self._remove_stale_lock(mine)
 
-    def _create_lock(self, text: str) -> bool:
-        """True: the lock is now ours; False: there is one already."""
+    def _create_file(self, path: str, text: str) -> bool:
+        """Create ``path`` holding ``text`` if it does not exist (atomic: of many jobs, one
+        does). True: created; False: there is one already."""
         tmp = self.file(f".lock.tmp-{os.getpid()}-{time.monotonic_ns()}")
         try:
             with open(tmp, "w") as fh:
                 fh.write(text)
             try:
-                os.link(tmp, self.lock_path)
+                os.link(tmp, path)
                 return True
             except FileExistsError:
                 return False
             except OSError as exc:  # a file system without hard links
                 if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV):
                     raise
-                return self._create_lock_exclusive(text)
+                return self._create_file_exclusive(path, text)
         finally:  # also when the disk is full: nothing left behind
             try:
                 os.unlink(tmp)
             except FileNotFoundError:
                 pass
 
-    def _create_lock_exclusive(self, text: str) -> bool:
+    @staticmethod
+    def _create_file_exclusive(path: str, text: str) -> bool:
         try:
-            fd = os.open(self.lock_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         except FileExistsError:
             return False
         try:
             with os.fdopen(fd, "w") as fh:
                 fh.write(text)
         except OSError:
-            os.unlink(self.lock_path)  # an empty lock would look held by a starting job
+            os.unlink(path)  # an empty lock would look held by a starting job
             raise
         return True
 
-    def _remove_stale_lock(self) -> None:
-        """Move the lock aside (atomic: of two jobs, one gets it) and delete it if it is stale
-        indeed; a live lock moved aside by mistake (taken between the check and the move) is
-        put back and the directory reported in use."""
-        aside = self.file(f".lock.stale-{os.getpid()}-{time.monotonic_ns()}")
-        try:
-            os.rename(self.lock_path, aside)
-        except FileNotFoundError:
-            return  # another job removed it first
-        holder = self._holder_of(aside)
-        if holder is None:
-            os.unlink(aside)
+    def _remove_stale_lock(self, mine: str) -> None:
+        """Delete the lock if it is stale, one job at a time: only the job that creates
+        ``.lock.break`` (atomically, as the lock) checks the lock again and deletes it. Nothing
+        can replace a lock that exists, and nothing but the breaker deletes a stale one, so the
+        lock it deletes is the one it found stale. (The lock used to be moved aside and put back
+        when live: a job could take the lock while it was aside, and two jobs ran.) The others
+        come back when the breaker is done; a breaker file left by a job that died is removed
+        once it is :attr:`BREAK_STALE_S` old."""
+        breaker = self.file(".lock.break")
+        if not self._create_file(breaker, mine):
+            try:
+                if time.time() - os.stat(breaker).st_mtime > self.BREAK_STALE_S:
+                    os.unlink(breaker)
+            except FileNotFoundError:
+                pass
+            time.sleep(0.001)
             return
         try:
-            os.link(aside, self.lock_path)
-        except OSError:
-            pass
-        os.unlink(aside)
-        raise self._in_use(holder)
+            # read once: a lock gone since (released, or deleted by an earlier breaker) may be
+            # a live job's by now, and is not deleted
+            if self._holder_of(self.lock_path, missing="gone") is None:
+                os.unlink(self.lock_path)
+        finally:
+            os.unlink(breaker)
 
     def _lock_is_mine(self) -> bool:
         try:
