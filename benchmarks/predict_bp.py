@@ -36,9 +36,9 @@ from _common import ROOT, VENV_BIN, mpff_train, write_result
 
 sys.path.insert(0, ROOT)
 from mpff import interconnect, predict  # noqa: E402
-from mpff.backprop import STEP_PHASES  # noqa: E402
 from mpff.predict_bp import step_phases  # noqa: E402
 from mpff.report import load_run, training_phase  # noqa: E402
+from mpff.trace import STEP_PHASES  # noqa: E402
 
 ALLREDUCE = r"""
 import json, sys, time

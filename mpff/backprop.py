@@ -35,21 +35,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .data import NUM_CLASSES
 from .ff import FORWARD_CHUNK, Linear, cooldown_lr, generator, make_adam, matmul_precision
-from .halt import Diverged, Halt, from_code
+from .halt import VOTE_EVERY, Diverged, Halt, from_code
 from .plan import Buf, Task
 from .progress import Record
-
-NUM_CLASSES = 10
+from .trace import STEP_PHASES
 
 #: Random streams of backprop (apart from FF's, so that the two never share a draw by accident).
 INIT_STREAM, SHUFFLE_STREAM = 0xB1, 0xB5
-
-#: data-parallel ranks agree on a halt every this many steps (see BPState._halt_point)
-VOTE_EVERY = 16
-
-#: The phases of a training step that :class:`StepClock` times (trace scalars ``bp_<phase>_seconds``).
-STEP_PHASES = ("forward", "backward", "optimizer")
 
 
 class StepClock:

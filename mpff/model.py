@@ -14,9 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .data import NUM_CLASSES
 from .ff import FORWARD_CHUNK, FFLayer, Linear, generator, linear, seed_for
-
-NUM_CLASSES = 10
 
 
 def label_slice(dim: int, position: str) -> slice:

@@ -33,7 +33,7 @@ import numpy as np
 
 from . import interconnect, predict_bp
 from . import report as report_mod
-from .config import SCHEDULES, Config, ConfigError, from_dict, parse_override
+from .config import BP_SCHEDULES, SCHEDULES, Config, ConfigError, from_dict, parse_override
 from .plan import Plan, Task, build_plan
 
 #: Span kinds that are work of a task (what contention slows and the profile measures).
@@ -726,7 +726,7 @@ def predict(runs: list[report_mod.Run], *, ranks: Iterable[int] = DEFAULT_RANKS,
         attrs = {k: _trace_attr(runs[0].ranks[0], k) for k in ("n_train", "n_test")}
         every = schedules_given is None or set(schedules) == set(SCHEDULES)  # none given, or 'all'
         return predict_bp.predict(runs, spans, ranks=ranks,
-                                  schedules=predict_bp.BP_SCHEDULES if every else schedules,
+                                  schedules=BP_SCHEDULES if every else schedules,
                                   network=network, contention=contention, overrides=overrides,
                                   n_sizes=dataset_sizes(runs[0].config, runs[0].info, attrs))
     if any(predict_bp.is_backprop(run) for run in runs[1:]):
@@ -977,7 +977,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--schedules",
                    help=f"schedules, comma-separated, or 'all', of {', '.join(SCHEDULES)} "
                         f"[{','.join(DEFAULT_SCHEDULES)} from an FF run, "
-                        f"{','.join(predict_bp.BP_SCHEDULES)} from a backprop run]")
+                        f"{','.join(BP_SCHEDULES)} from a backprop run]")
     p.add_argument("--network", default="ib-hdr",
                    help=f"link between nodes, a preset: {', '.join(interconnect.PRESETS)} [%(default)s]")
     p.add_argument("--latency", help="seconds per message between nodes (overrides the preset), e.g. 2us")

@@ -31,13 +31,14 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from . import report as report_mod
-from .backprop import NUM_CLASSES, STEP_PHASES, VOTE_EVERY
-from .config import ConfigError
+from .config import BP_SCHEDULES, ConfigError
+from .data import NUM_CLASSES
+from .halt import VOTE_EVERY
+from .trace import STEP_PHASES
 
 #: DDP's bucket caps (torch.distributed's _DEFAULT_FIRST_BUCKET_BYTES and bucket_cap_mb = 25).
 FIRST_BUCKET_BYTES = 1024 * 1024
 BUCKET_BYTES = 25 * 1024 * 1024
-BP_SCHEDULES = ("sequential", "data_parallel")
 
 if TYPE_CHECKING:  # mpff.predict imports this module
     from .predict import Outcome, Prediction

@@ -96,6 +96,11 @@ SCALAR_UNITS = {
 }
 
 
+#: The phases of a backprop training step whose seconds a trace records per chapter
+#: (``bp_<phase>_seconds``, by :class:`mpff.backprop.StepClock`; read by :mod:`mpff.predict_bp`).
+STEP_PHASES = ("forward", "backward", "optimizer")
+
+
 def user_chapter(chapter: int) -> int:
     """The 1-based chapter stored in a trace for the code's 0-based one (-1 stays -1)."""
     return chapter + 1 if chapter >= 0 else -1

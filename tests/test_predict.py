@@ -430,3 +430,12 @@ def test_ff_and_backprop_runs_are_not_mixed(seq_run, tmp_path):
     for runs, fragment in (([seq_run, bp], "is backprop and"), ([bp, seq_run], "is Forward-Forward and")):
         with pytest.raises(ConfigError, match=fragment):
             predict.predict([load_run(r) for r in runs], ranks=[1, 2])
+
+
+def test_predicting_needs_no_torch():
+    """mpff predict runs on a login node: importing it (backprop's model included) loads no torch,
+    which takes seconds to import with CUDA."""
+    import subprocess
+    import sys
+    code = "import sys, mpff.predict, mpff.predict_bp; sys.exit('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
