@@ -427,8 +427,53 @@ def resolve_config_path(path: str) -> str:
                       f"({', '.join(preset_names())})")
 
 
-def load(path: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Read a TOML file or packaged preset (the defaults when path is None), apply --set overrides."""
+def _other_algorithm_keys(algorithm: str, data: dict[str, Any]) -> list[tuple[str, str]]:
+    """(section, key) of the settings in ``data`` that only the other algorithm uses and that
+    differ from their defaults (a default changes nothing and is never refused), the schedule
+    included when it is the other algorithm's."""
+    other = FF_ONLY if algorithm == "backprop" else BP_ONLY
+    out = []
+    for section, names in other.items():
+        defaults = SECTIONS[section]()
+        values = data.get(section)
+        if not isinstance(values, dict):
+            continue
+        out += [(section, k) for k in names if k in values and values[k] != getattr(defaults, k)]
+    schedule = data.get("run", {}).get("schedule") if isinstance(data.get("run"), dict) else None
+    if schedule is not None and (schedule in BP_SCHEDULES) != (algorithm == "backprop") \
+            and schedule != "sequential":
+        out.append(("run", "schedule"))
+    return out
+
+
+def _set_aside(data: dict[str, Any], file_algorithm: str, set_keys: set[tuple[str, str]],
+               notes: list[str] | None) -> None:
+    """When --set switches the algorithm of a config file, drop the file's settings that only
+    the file's algorithm uses (one note names them), so one preset serves both algorithms.
+    The same settings given with --set, or a file that mixes them itself, are still refused."""
+    train = data.get("train")
+    algorithm = train.get("algorithm", "ff") if isinstance(train, dict) else "ff"
+    if algorithm == file_algorithm or algorithm not in ALGORITHMS:
+        return
+    dropped = [(sec, key) for sec, key in _other_algorithm_keys(algorithm, data)
+               if (sec, key) not in set_keys]
+    for sec, key in dropped:
+        del data[sec][key]
+    if dropped and notes is not None:
+        kind = "Forward-Forward" if algorithm == "backprop" else "backprop"
+        after = ("; run.schedule is now 'sequential' (one rank): add --set "
+                 "run.schedule=data_parallel for several" if ("run", "schedule") in dropped
+                 and algorithm == "backprop" else "")
+        notes.append(f"train.algorithm = {algorithm!r}: set aside the config file's {kind} "
+                     f"settings {', '.join(f'{s}.{k}' for s, k in dropped)}{after}")
+
+
+def load(path: str | None = None, overrides: list[str] | tuple[str, ...] = (),
+         notes: list[str] | None = None) -> Config:
+    """Read a TOML file or packaged preset (the defaults when path is None), apply --set overrides.
+
+    When the overrides change the file's ``train.algorithm``, the file's settings of the other
+    algorithm are set aside and a line saying so is appended to ``notes``."""
     data: dict[str, Any] = {}
     name = "run"
     if path:
@@ -444,10 +489,16 @@ def load(path: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -
         except OSError as exc:
             raise ConfigError(f"config file {path!r} cannot be read ({exc.strerror})") from None
         name = os.path.splitext(os.path.basename(path))[0]
+    train = data.get("train")
+    file_algorithm = train.get("algorithm", "ff") if isinstance(train, dict) else "ff"
+    set_keys = set()
     for text in overrides:
         section, key, value = parse_override(text)
         data.setdefault(section, {})
         if not isinstance(data[section], dict):
             raise ConfigError(f"[{section}] must be a table of settings")
         data[section][key] = value
+        set_keys.add((section, key))
+    if path:
+        _set_aside(data, file_algorithm, set_keys, notes)
     return from_dict(data, name=name)

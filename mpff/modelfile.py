@@ -182,13 +182,19 @@ def _write_layers(f: h5py.File, layers) -> None:
         _dataset(g, "bias", layer.bias, "(out_features,)", "1", f"biases of layer {k}")
 
 
+def _writable(a: np.ndarray) -> np.ndarray:
+    """A read-only array (np.frombuffer, a memory map) copied: torch shares memory with a NumPy
+    array and warns about one it could write to but must not."""
+    return a if a.flags.writeable else a.copy()
+
+
 def _normalize_images(images, mean: torch.Tensor, std: torch.Tensor, scale: float) -> torch.Tensor:
     """Raw images -> the network's normalised inputs; anything that would give silently wrong
     labels (a wrong size, NaN or infinity, values outside the data's range, images already
     scaled to 0..1) is a ValueError with one line that says what to pass instead."""
     dim = mean.shape[0]
     try:
-        x = torch.as_tensor(np.asarray(images) if not torch.is_tensor(images) else images)
+        x = torch.as_tensor(images if torch.is_tensor(images) else _writable(np.asarray(images)))
     except (TypeError, ValueError, RuntimeError):
         raise ValueError(f"images must be an array of numbers ({dim} per sample)") from None
     if x.ndim == 0:

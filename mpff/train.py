@@ -182,7 +182,11 @@ def _load_config(comm, args: argparse.Namespace):
         if not args.out:
             raise ConfigError("--resume needs --out RUN_DIR (the run to continue)")
         config_path = os.path.join(args.out, "config.toml")
-    cfg = load(config_path, args.overrides)
+    notes: list[str] = []
+    cfg = load(config_path, args.overrides, notes)
+    if comm.rank == 0:
+        for note in notes:
+            print(f"mpff: note: {note}", flush=True)
     return cfg, build_plan(cfg, comm.size)
 
 

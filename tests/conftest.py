@@ -44,8 +44,26 @@ def _mpff_register_markers(config) -> None:
         "markers", "cuda: needs a CUDA GPU (skips without one); select with -m cuda")
 
 
+#: Warnings raised from mpff's own modules fail the test that triggers them (tests' own calls and
+#: third-party internals are left alone), so a warning on the normal path cannot creep back.
+#: Subprocess runs get the same through PYTHONWARNINGS (:func:`mpff_env`).
+MPFF_WARNING_FILTER = r"error::UserWarning:mpff(\..*)?$"
+
+
+def _mpff_python_warnings() -> str:
+    """PYTHONWARNINGS naming every mpff module (its module field is an exact name, not a pattern)."""
+    import pkgutil
+
+    import mpff
+    names = ["mpff", *(m.name for m in pkgutil.walk_packages(mpff.__path__, "mpff."))]
+    return ",".join(f"error::UserWarning:{name}" for name in names)
+
+
 def pytest_configure(config):
     _mpff_register_markers(config)
+    config.addinivalue_line("filterwarnings", MPFF_WARNING_FILTER)
+    own = _mpff_python_warnings()
+    os.environ["PYTHONWARNINGS"] = ",".join(w for w in (os.environ.get("PYTHONWARNINGS"), own) if w)
 
 
 def mpff_env() -> dict[str, str]:

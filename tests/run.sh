@@ -3,6 +3,8 @@
 #
 # Creates/updates .venv (jobs/setup_env.sh), then runs
 #   .venv/bin/python -m pytest -q tests "$@"
+# MPFF_ENV=cuda runs the same suite in .venv-cuda instead: the CUDA build of torch
+# with torchvision (constraints-cuda.txt), as on a cluster's login node.
 # ("tests" is left out when an argument names a test file or directory, so
 # `bash tests/run.sh tests/test_slurm.py -k sweep` runs just that).
 # The SLURM tests (marker `slurm`) need a SLURM: `bash .ci/slurm.sh start` (root,
@@ -19,4 +21,8 @@ for arg in "$@"; do
     *) if [ -e "${arg%%::*}" ]; then default=(); fi ;;
   esac
 done
-exec "${MPFF_VENV:-$root/.venv}/bin/python" -m pytest -q ${default[@]+"${default[@]}"} "$@"
+case "${MPFF_ENV:-lean}" in
+  cuda) default_venv="$root/.venv-cuda" ;;
+  *) default_venv="$root/.venv" ;;
+esac
+exec "${MPFF_VENV:-$default_venv}/bin/python" -m pytest -q ${default[@]+"${default[@]}"} "$@"

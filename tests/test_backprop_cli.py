@@ -141,6 +141,24 @@ def test_ff_only_settings_are_refused(setting, message, tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+def test_an_ff_preset_runs_as_backprop_with_one_note(tmp_path):
+    """`--config workstation --set train.algorithm=backprop`: the preset's FF settings are set
+    aside with one note line, and the same network trains as backprop."""
+    out = tmp_path / "run"
+    args = [PY, "-m", "mpff", "train", "--config", "workstation", "--out", str(out),
+            "--set", "train.algorithm=backprop"]
+    for s in SMALL[1:]:   # the preset's own dims
+        args += ["--set", s]
+    r = run(args)
+    assert r.returncode == 0, r.stdout + r.stderr
+    notes = [line for line in r.stdout.splitlines() if line.startswith("mpff: note:")]
+    assert len(notes) == 1 and "train.negatives" in notes[0] and "run.schedule" in notes[0], r.stdout
+    assert "Traceback" not in r.stderr
+    with h5py.File(out / "model.h5", "r") as f:
+        assert f.attrs["algorithm"] == "backprop" and list(f.attrs["dims"]) == [784, 500, 500]
+    assert load_model(str(out / "model.h5")).predict(np.zeros((2, 784), np.uint8)).shape == (2,)
+
+
 def _scalars(trace_file) -> dict[int, dict[str, float]]:
     """{chapter: {name: value}} of a trace's bp_* scalars."""
     out: dict[int, dict[str, float]] = {}

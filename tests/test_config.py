@@ -273,3 +273,40 @@ def test_force_removes_old_failure_notes(forced_run):
     out, proc, _ = forced_run
     assert proc.returncode == 0
     assert not (out / "failure-rank1.txt").exists()
+
+
+def test_switching_the_algorithm_sets_aside_the_files_settings_of_the_other():
+    """An FF preset run as backprop (and back): the file's settings of the algorithm left behind
+    are dropped with one note naming them; defaults and shared settings stay."""
+    notes: list[str] = []
+    cfg = load("workstation", ["train.algorithm=backprop"], notes)
+    assert cfg.train.algorithm == "backprop" and cfg.run.schedule == "sequential"
+    assert cfg.model.dims == (784, 500, 500) and cfg.train.epochs == 12   # shared: kept
+    assert len(notes) == 1 and "train.negatives" in notes[0] and "run.schedule" in notes[0], notes
+    assert "train.lr" not in notes[0]   # the preset's lr is the default: nothing to set aside
+    assert "run.schedule=data_parallel" in notes[0]
+
+    notes = []
+    cfg = load("backprop", ["train.algorithm=ff", "run.scaling=strong"], notes)
+    assert cfg.train.algorithm == "ff" and notes == []   # the preset's bp settings are defaults
+
+
+def test_set_aside_happens_only_for_a_switch_from_the_file(tmp_path):
+    """The other algorithm's settings given with --set, or mixed in one file, are still refused."""
+    with pytest.raises(ConfigError, match="train.negatives = 'fixed' is a Forward-Forward setting"):
+        load("workstation", ["train.algorithm=backprop", "train.negatives=fixed"], [])
+    with pytest.raises(ConfigError, match="run.schedule = 'all_layers' is a Forward-Forward schedule"):
+        load("workstation", ["train.algorithm=backprop", "run.schedule=all_layers"], [])
+    mixed = tmp_path / "mixed.toml"
+    mixed.write_text('[train]\nalgorithm = "backprop"\nnegatives = "fixed"\n')
+    with pytest.raises(ConfigError, match="train.negatives = 'fixed' is a Forward-Forward setting"):
+        load(str(mixed), [], [])
+    bp = tmp_path / "bp.toml"
+    bp.write_text('[train]\nalgorithm = "backprop"\nbp_lr = 0.003\n[run]\nschedule = "data_parallel"\n'
+                  'scaling = "weak"\n')
+    notes: list[str] = []
+    cfg = load(str(bp), ["train.algorithm=ff"], notes)
+    assert (cfg.train.bp_lr, cfg.run.schedule, cfg.run.scaling) == (1e-3, "sequential", "strong")
+    assert len(notes) == 1 and all(k in notes[0] for k in ("train.bp_lr", "run.schedule", "run.scaling"))
+    with pytest.raises(ConfigError, match="run.scaling = 'weak' is a backprop setting"):
+        load(str(bp), ["train.algorithm=ff", "run.scaling=weak"], [])

@@ -71,6 +71,24 @@ def test_predictions_identical_after_reload(trained, raw_test_images, method):
     assert agree > 0.99
 
 
+def test_predict_on_read_only_bytes_warns_nothing(trained, raw_test_images):
+    """Images straight from a byte buffer (np.frombuffer: read-only) predict as a copy does, with
+    no warning: under the suite's filter a warning from mpff's code is an error, so this runs the
+    call both ways and also checks that the filter is in force."""
+    import warnings
+    model = mpff.load_model(trained[0])
+    images = raw_test_images[0][:20]
+    ro = np.frombuffer(images.tobytes(), dtype=np.uint8).reshape(20, 784)
+    assert not ro.flags.writeable
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got = model.predict(ro)
+    assert [str(w.message) for w in caught] == []
+    assert torch.equal(got, model.predict(images.copy()))
+    assert any(f[0] == "error" and f[3] is not None and f[3].match("mpff.modelfile")
+               for f in warnings.filters), "the suite's warning filter for mpff is not installed"
+
+
 def test_reload_restores_every_parameter(trained, raw_test_images):
     path, net, cfg, _ = trained
     model = mpff.load_model(path)
