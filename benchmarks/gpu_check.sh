@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The GPU checks in one call (issue 14): the CUDA tests, then Sequential's per-epoch time at the
-# paper's width for fp32, tf32 and bf16. Made for the workplace's `device` tool (a GPU machine
+# The GPU checks in one call (issues 14, 21): the CUDA tests, Sequential's per-epoch time at the
+# paper's width for fp32, tf32 and bf16, then rows of the paper's Table 1 at its width. Made for the workplace's `device` tool (a GPU machine
 # whose python3 has a CUDA torch but no MPI runtime and no network), usable on any GPU node:
 #
 #   here, once:  echo /.whl/ >> .git/info/exclude
@@ -43,5 +43,17 @@ timeout 300 "$PY" benchmarks/precision.py --device cuda --dims 784 2000 2000 200
 bench=${PIPESTATUS[0]}
 cp benchmarks/results/precision_cuda.json "$OUT/" 2>/dev/null
 
-echo "cuda tests: exit $tests; precision benchmark: exit $bench"
-exit $(( tests != 0 || bench != 0 ))
+# The paper's Table 1 at its own width (issue 21), 2 ranks sharing the GPU, each row under its
+# own time limit (a row stopped by it is kept as "preempted" with its accuracy so far).
+# MPFF_PAPER_ROWS picks the rows (benchmarks/paper_table.py --list), MPFF_PAPER_ROW_LIMIT the seconds.
+table=0
+for row in ${MPFF_PAPER_ROWS:-random-goodness adaptive-goodness}; do
+    timeout $(( ${MPFF_PAPER_ROW_LIMIT:-240} + 60 )) "$PY" benchmarks/paper_table.py "$row" --device cuda \
+        --dims 784 2000 2000 2000 2000 --time-limit "${MPFF_PAPER_ROW_LIMIT:-240}" \
+        --runs /tmp/mpff-paper-table 2>&1 | tee -a "$OUT/paper_table.log"
+    [ "${PIPESTATUS[0]}" -eq 0 ] || table=1
+done
+cp benchmarks/results/paper_table/*2000x2000x2000x2000*.json "$OUT/" 2>/dev/null
+
+echo "cuda tests: exit $tests; precision benchmark: exit $bench; paper table: exit $table"
+exit $(( tests != 0 || bench != 0 || table != 0 ))
