@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU checks in one call (issues 14, 21): the CUDA tests, Sequential's per-epoch time at the
-# paper's width for fp32, tf32 and bf16, then rows of the paper's Table 1 at its width. Made for the workplace's `device` tool (a GPU machine
-# whose python3 has a CUDA torch but no MPI runtime and no network), usable on any GPU node:
+# paper's width for fp32, tf32 and bf16, then rows of the paper's Table 1 at its width. Made for
+# the workplace's `device` tool (a GPU machine whose python3 has a CUDA torch but no MPI runtime
+# and no network), usable on any GPU node:
 #
 #   here, once:  echo /.whl/ >> .git/info/exclude
 #                python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
