@@ -189,7 +189,7 @@ class BPState:
         #: rows per optimizer step over all ranks
         self.global_batch = t.batch_size * (world_size if cfg.run.scaling == "weak" else 1)
 
-        self.net = MLP.from_config(cfg, plan.num_classes).to(device)
+        self.net = MLP.from_config(cfg, dataset.num_classes).to(device)
         self.opt = make_adam(self.net.parameters(), t.bp_lr)
         self.version = -1          # the chapter whose model self.net holds (-1: initial)
         self.steps = 0             # optimizer steps taken (every rank takes every step)

@@ -40,7 +40,7 @@ class FFState:
         self.check = check
         t = cfg.train
         self.C = t.epochs_per_chapter
-        self.net = FFNet.from_config(cfg, plan.num_classes).to(device)
+        self.net = FFNet.from_config(cfg, dataset.num_classes).to(device)
         self.opts = [layer.make_optimizer(t.lr) for layer in self.net.layers]
         self.head_opt = make_adam(self.net.head.parameters(), t.head_lr)
         #: (kind, index) -> the chapter whose version the local model holds (-1: initial)

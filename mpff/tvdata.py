@@ -234,6 +234,7 @@ def download(cfg: DataConfig) -> None:
     if cfg.name == "SVHN":
         _scipy_for_svhn()
     cls = getattr(tvd, cfg.name)
+    made = _missing_folders(folder)
     try:
         os.makedirs(cfg.path, exist_ok=True)
         if cfg.name == "SVHN":
@@ -244,6 +245,9 @@ def download(cfg: DataConfig) -> None:
         else:
             cls(cfg.path, train=True, download=True)
     except Exception as exc:  # noqa: BLE001 - no network, a refused URL, a checksum mismatch
+        for d in made:  # the folders torchvision made for the files, if they stayed empty
+            if os.path.isdir(d) and not os.listdir(d):
+                os.rmdir(d)
         raise ConfigError(f"cannot download {cfg.name} here ({_why(exc, 160)}); on a machine with internet fetch "
                           f"{' '.join(urls)} and put {'them' if len(urls) > 1 else 'it'} in {folder}/, then run "
                           f"{_download_hint(cfg)} again here: it checks the MD5 checksums and unpacks") from None
@@ -254,6 +258,15 @@ def download(cfg: DataConfig) -> None:
             raise
         except Exception:  # noqa: BLE001
             raise _missing(cfg, train) from None
+
+
+def _missing_folders(folder: str) -> list[str]:
+    """``folder`` and the folders above it that do not exist yet, deepest first."""
+    out, d = [], os.path.abspath(folder)
+    while not os.path.exists(d) and os.path.dirname(d) != d:
+        out.append(d)
+        d = os.path.dirname(d)
+    return out
 
 
 def build_parser() -> argparse.ArgumentParser:
