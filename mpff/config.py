@@ -66,9 +66,10 @@ class ModelConfig:
     norm_eps: float = 1e-4
     """Added to the L2 norm when each layer normalises its input row: x / (||x|| + eps)."""
     label_position: str = "last"
-    """Where the one-hot label is written over the input: 'last' 10 entries (paper) or 'first' 10."""
+    """Where the one-hot label is written over the input: the 'last' entries (paper) or the 'first',
+    one per class (10 for MNIST)."""
     neutral_value: float = 0.1
-    """Value of all 10 label entries in a neutral sample (label unknown)."""
+    """Value of all the label entries in a neutral sample (label unknown)."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "dims", tuple(int(d) for d in self.dims))

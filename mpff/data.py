@@ -1,15 +1,15 @@
 """Data sets: the embedded MNIST, any IDX set, CIFAR-10 python batches and ``.npz`` files;
 the data sets torchvision reads (``data.dataset = "torchvision"``, :mod:`mpff.tvdata`).
 
-Everything is read with numpy, gzip and pickle (no torchvision): an IDX file is
+The readers here use numpy, gzip and pickle (no torchvision): an IDX file is
 decompressed in one piece and viewed with :func:`numpy.frombuffer`, so the full
 embedded MNIST loads in well under a second. Nothing is cached on disk.
 
 Every reader returns a :class:`Dataset` of float32, C-contiguous, flattened
 ``(N, D)`` inputs and int64 labels in 0..9 (0..classes-1 for a torchvision set).
-:func:`load_dataset` reads the data set a :class:`~mpff.config.DataConfig` names, keeps the first ``train_subset`` /
-``test_subset`` samples, and only then normalises, so statistics taken from the
-training set are those of the training samples actually used.
+:func:`load_dataset` reads the data set a :class:`~mpff.config.DataConfig` names, keeps
+the first ``train_subset`` / ``test_subset`` samples, and only then normalises, so
+statistics taken from the training set are those of the training samples actually used.
 
 Normalisation (train and test use the same constants, taken from training data only):
 

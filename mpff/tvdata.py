@@ -127,6 +127,8 @@ def _missing(cfg: DataConfig, train: bool) -> ConfigError:
     split = "training" if train else "test"
     if absent:
         more = f" and {len(absent) - 1} more" if len(absent) > 1 else ""
+        if os.path.exists(absent[0] + ".gz"):  # the archive is there, torchvision reads it unpacked
+            return ConfigError(f"{absent[0]} is still gzipped; unpack and check it with {_download_hint(cfg)}")
         return ConfigError(f"{cfg.name}'s {split} files are not in {cfg.path} ({absent[0]} is missing{more}); "
                            f"fetch them with {_download_hint(cfg)} (run it offline for the URLs)")
     return ConfigError(f"{cfg.name}'s {split} files in {cfg.path} fail torchvision's checksum (corrupt or "

@@ -273,6 +273,12 @@ def test_missing_files_name_the_file_and_the_download_command(tmp_path):
     text = str(err.value)
     assert "\n" not in text and "FashionMNIST/raw/train-images-idx3-ubyte is missing" in text
     assert f"mpff data download FashionMNIST --path {tmp_path}" in text
+    raw = tmp_path / "FashionMNIST" / "raw"
+    raw.mkdir(parents=True)
+    (raw / "train-images-idx3-ubyte.gz").write_bytes(gzip.compress(b"x"))
+    with pytest.raises(ConfigError, match="train-images-idx3-ubyte is still gzipped; unpack and check it with "
+                                          "`mpff data download FashionMNIST"):
+        _dataset(tmp_path, "FashionMNIST")
 
 
 # ----------------------------------------------------------------------------- mpff train
