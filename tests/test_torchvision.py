@@ -163,6 +163,14 @@ def test_emnist_split_gives_its_class_count_and_trains(tmp_path):
     state, accuracy = _train(ds, (784, 64), lr=0.1)  # the goodness of each of the 47 labels
     assert state.net.head.out_features == 47
     assert accuracy > 0.1  # chance: 1/47
+    from mpff.config import Config
+    from mpff.modelfile import load_model, save_model
+    path = str(tmp_path / "model.h5")
+    save_model(path, state.net, Config(), input_mean=ds.input_mean, input_std=ds.input_std, test_accuracy=accuracy)
+    model = load_model(path)  # 47 labels tried on raw images, normalised with the recorded statistics
+    assert int(model.attrs["num_classes"]) == 47 and model.net.num_classes == 47
+    x, y = raw["test"]
+    assert float((model.predict(x).numpy() == y).mean()) == pytest.approx(accuracy, abs=1e-6)
     with pytest.raises(ConfigError, match="EMNIST needs data.split"):
         _dataset(tmp_path, "EMNIST")
 
@@ -187,6 +195,25 @@ def test_cifar_is_laid_out_channel_by_channel_as_mpffs_own_reader(tmp_path, monk
         assert np.array_equal(own.x_train, ds.x_train) and np.array_equal(own.x_test, ds.x_test)
     _, accuracy = _train(ds, (3072, 64), **({"classifier": "softmax", "head_lr": 0.01} if hundred else {}))
     assert accuracy > (0.1 if hundred else 0.5)  # chance: 0.01, 0.1
+    if hundred:  # backprop's output layer has a unit per class, and so has its model file
+        import torch
+
+        from mpff.backprop import BPState
+        from mpff.config import from_dict
+        from mpff.modelfile import load_model, save_bp_model
+        from mpff.plan import Task
+        from mpff.trace import Tracer
+        cfg = from_dict({"model": {"dims": [3072, 64]}, "data": {"dataset": "npz", "path": "unused"},
+                         "train": {"algorithm": "backprop", "epochs": 2, "chapters": 2, "batch_size": 32}})
+        state = BPState(cfg, None, 0, 1, ds, Tracer(None, 0, {}, enabled=False), torch.device("cpu"))
+        for c in range(2):
+            state.run(Task("train", c, 0))
+        (_, _, _, accuracy) = state.run(Task("eval", 1))[0]
+        assert state.net.layers[-1].out_features == 100 and accuracy > 0.1
+        path = str(tmp_path / "bp.h5")
+        save_bp_model(path, state.net, cfg, ds.input_mean, ds.input_std, ds.input_scale, accuracy)
+        x, y = arrays["test"]
+        assert float((load_model(path).predict(x).numpy() == y).mean()) == pytest.approx(accuracy, abs=1e-6)
 
 
 @needs_tv
