@@ -385,6 +385,27 @@ def test_the_class_count_follows_the_data_set_into_the_plan():
     assert build_plan(bp, 1).buffer_spec(Buf("model", -1, 0), False)[0] == layers + 30 * 100 + 100
 
 
+def test_a_run_checkpointed_before_data_name_existed_resumes(tmp_path, mpff_run, mpff_tiny_args):
+    """Checkpoints and config.toml written before data.name and data.split existed lack them:
+    missing keys take their defaults, so the run still matches its checkpoint and resumes."""
+    import h5py
+    out = tmp_path / "run"
+    mpff_run(mpff_tiny_args(out, "model.dims=[784,16]", "train.epochs=3", "train.chapters=3"), check=True)
+    for ckpt in sorted((out / "checkpoints").iterdir()):
+        with h5py.File(ckpt / "rank0000.h5", "r+") as f:
+            cfg = json.loads(f.attrs["config"])
+            del cfg["data"]["name"], cfg["data"]["split"]
+            f.attrs["config"] = json.dumps(cfg, sort_keys=True)
+    toml = (out / "config.toml").read_text()
+    (out / "config.toml").write_text("".join(line for line in toml.splitlines(keepends=True)
+                                             if not line.startswith(("name = \"\"", "split = "))))
+    run = json.loads((out / "run.json").read_text())
+    (out / "run.json").write_text(json.dumps({**run, "status": "preempted"}))
+    proc = mpff_run(["train", "--out", str(out), "--resume", "-q"])
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads((out / "run.json").read_text())["status"] == "finished"
+
+
 # ----------------------------------------------------------------------------- without torchvision
 
 
