@@ -105,12 +105,13 @@ class StepClock:
 
 
 class MLP(nn.Module):
-    """``dims[0] -> ... -> dims[-1] -> 10``: Linear and ReLU per hidden layer, a linear output."""
+    """``dims[0] -> ... -> dims[-1] -> classes``: Linear and ReLU per hidden layer, a linear output."""
 
-    def __init__(self, dims: Sequence[int], *, seed: int = 0) -> None:
+    def __init__(self, dims: Sequence[int], *, seed: int = 0, num_classes: int = NUM_CLASSES) -> None:
         super().__init__()
         self.dims = tuple(int(d) for d in dims)
-        ext = (*self.dims, NUM_CLASSES)
+        self.num_classes = int(num_classes)
+        ext = (*self.dims, self.num_classes)
         self.layers = nn.ModuleList(
             nn.utils.skip_init(Linear, ext[k], ext[k + 1]) for k in range(len(ext) - 1))
         # PyTorch's default Linear init (uniform in +-1/sqrt(fan_in)), drawn from a generator of
@@ -123,8 +124,8 @@ class MLP(nn.Module):
                 layer.bias.uniform_(-bound, bound, generator=g)
 
     @classmethod
-    def from_config(cls, cfg) -> MLP:
-        return cls(cfg.model.dims, seed=cfg.train.seed)
+    def from_config(cls, cfg, num_classes: int = NUM_CLASSES) -> MLP:
+        return cls(cfg.model.dims, seed=cfg.train.seed, num_classes=num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for layer in self.layers[:-1]:
@@ -134,7 +135,7 @@ class MLP(nn.Module):
     @torch.no_grad()
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """Outputs for a whole data set, in fixed-size chunks."""
-        out = torch.empty(x.shape[0], NUM_CLASSES, dtype=torch.float32, device=x.device)
+        out = torch.empty(x.shape[0], self.num_classes, dtype=torch.float32, device=x.device)
         for i in range(0, x.shape[0], FORWARD_CHUNK):
             out[i:i + FORWARD_CHUNK] = self(x[i:i + FORWARD_CHUNK])
         return out
@@ -188,7 +189,7 @@ class BPState:
         #: rows per optimizer step over all ranks
         self.global_batch = t.batch_size * (world_size if cfg.run.scaling == "weak" else 1)
 
-        self.net = MLP.from_config(cfg).to(device)
+        self.net = MLP.from_config(cfg, dataset.num_classes).to(device)
         self.opt = make_adam(self.net.parameters(), t.bp_lr)
         self.version = -1          # the chapter whose model self.net holds (-1: initial)
         self.steps = 0             # optimizer steps taken (every rank takes every step)

@@ -1,8 +1,9 @@
-"""Command line: ``python -m mpff {train,report,predict,export,settings,info}``.
+"""Command line: ``python -m mpff {train,report,predict,export,settings,data,info}``.
 
     mpiexec -n 2 python -m mpi4py -m mpff train --config configs/workstation.toml [--set k=v] [--out DIR]
     python -m mpff report RUN_DIR [RUN_DIR ...] [--baseline RUN_DIR]
     python -m mpff predict RUN_DIR [RUN_DIR ...] --ranks 1,2,4,8,16
+    python -m mpff data download FashionMNIST --path DIR
     mpiexec -n 2 python -m mpi4py -m mpff info
 
 A registry of subcommands, each ``fn(comm, args)`` as in mpi4py's own ``bench.py``: the
@@ -49,6 +50,12 @@ def cmd_settings(comm, argv: list[str]) -> int:  # noqa: ARG001 (no MPI)
     from . import settings
 
     return int(settings.main(argv) or 0)
+
+
+def cmd_data(comm, argv: list[str]) -> int:  # noqa: ARG001 (no MPI: runs on a login node)
+    from . import tvdata
+
+    return int(tvdata.main(argv) or 0)
 
 
 def cmd_info(comm, args: argparse.Namespace) -> int:  # noqa: ARG001
@@ -123,13 +130,16 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("export", help="a run's traces as OTF2 (Vampir, Scalasca, Pipit) or Chrome JSON (no MPI)",
                    add_help=False)
     sub.add_parser("settings", help="every setting with its type, default and meaning", add_help=False)
+    sub.add_parser("data", help="download a data set through torchvision: data download NAME --path DIR",
+                   add_help=False)
     sub.add_parser("info", help="versions, devices and world size")
     return parser
 
 
 #: name -> (command, whether it runs under MPI); commands that parse their own arguments get argv
 COMMANDS = {"train": (cmd_train, True), "info": (cmd_info, True)}
-RAW_COMMANDS = {"report": cmd_report, "predict": cmd_predict, "export": cmd_export, "settings": cmd_settings}
+RAW_COMMANDS = {"report": cmd_report, "predict": cmd_predict, "export": cmd_export, "settings": cmd_settings,
+                "data": cmd_data}
 
 
 def main(argv: list[str] | None = None, comm=None) -> int:

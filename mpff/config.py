@@ -34,6 +34,19 @@ SCHEDULES = ("sequential", "single_layer", "all_layers", "federated", "data_para
 ALGORITHMS = ("ff", "backprop")
 NEGATIVES = ("fixed", "random", "adaptive")
 CLASSIFIERS = ("goodness", "softmax")
+DATASETS = ("mnist", "idx", "cifar10", "npz", "torchvision")
+
+#: torchvision's data set classes that ``data.dataset = "torchvision"`` reads, with the input width
+#: of their flattened images and their class count (None: known from the files only). Kept here,
+#: without importing torchvision, so a configuration is checked on any node.
+TORCHVISION_SETS: dict[str, tuple[int | None, int | None]] = {
+    "MNIST": (784, 10), "FashionMNIST": (784, 10), "KMNIST": (784, 10), "EMNIST": (784, None),
+    "CIFAR10": (3072, 10), "CIFAR100": (3072, 100), "SVHN": (3072, 10), "ImageFolder": (None, None),
+}
+#: EMNIST's splits and the length of torchvision's ``classes`` list for each ('letters' keeps
+#: torchvision's labels 1..26, with class 0 'N/A' never seen)
+EMNIST_SPLITS = {"byclass": 62, "bymerge": 47, "balanced": 47, "letters": 27, "digits": 10,
+                 "mnist": 10}
 
 
 def _choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
@@ -53,9 +66,10 @@ class ModelConfig:
     norm_eps: float = 1e-4
     """Added to the L2 norm when each layer normalises its input row: x / (||x|| + eps)."""
     label_position: str = "last"
-    """Where the one-hot label is written over the input: 'last' 10 entries (paper) or 'first' 10."""
+    """Where the one-hot label is written over the input: the 'last' entries (paper) or the 'first',
+    one per class (10 for MNIST)."""
     neutral_value: float = 0.1
-    """Value of all 10 label entries in a neutral sample (label unknown)."""
+    """Value of all the label entries in a neutral sample (label unknown)."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "dims", tuple(int(d) for d in self.dims))
@@ -151,9 +165,17 @@ class TrainConfig:
 class DataConfig:
     dataset: str = "mnist"
     """'mnist' (the copy embedded in mpff), 'idx' (any IDX set: Fashion-MNIST, KMNIST),
-    'cifar10' (python pickle batches) or 'npz' (x_train, y_train, x_test, y_test)."""
+    'cifar10' (python pickle batches), 'npz' (x_train, y_train, x_test, y_test) or
+    'torchvision' (the set data.name through torchvision, which must be installed)."""
     path: str = ""
-    """Directory (idx, cifar10, mnist) or file (npz) to read; empty for the embedded MNIST."""
+    """Directory (idx, cifar10, mnist) or file (npz) to read; empty for the embedded MNIST.
+    torchvision: its root (the folder ``mpff data download`` fills); ImageFolder: the folder
+    holding train/ and test/, each with one subfolder of images per class."""
+    name: str = ""
+    """torchvision: the data set: MNIST, FashionMNIST, KMNIST, EMNIST, CIFAR10, CIFAR100, SVHN
+    or ImageFolder (any case)."""
+    split: str = ""
+    """torchvision EMNIST: its split, byclass, bymerge, balanced, letters, digits or mnist."""
     train_subset: int = 0
     """Use only the first N training samples (0: all)."""
     test_subset: int = 0
@@ -164,11 +186,51 @@ class DataConfig:
     counterpart of an N-rank Federated run."""
 
     def __post_init__(self) -> None:
-        _choice("data.dataset", self.dataset, ("mnist", "idx", "cifar10", "npz"))
+        _choice("data.dataset", self.dataset, DATASETS)
+        if self.dataset == "torchvision":
+            self._check_torchvision()
+        elif self.name or self.split:
+            raise ConfigError(f"data.{'name' if self.name else 'split'} is for data.dataset = "
+                              f"'torchvision', not {self.dataset!r}; remove it")
         if self.dataset != "mnist" and not self.path:
-            raise ConfigError(f"data.path must name the {self.dataset} data to read")
+            raise ConfigError(f"data.path must name the {self.dataset} data to read"
+                              + (" (torchvision's root, where `mpff data download` puts it)"
+                                 if self.dataset == "torchvision" else ""))
         if self.train_subset < 0 or self.test_subset < 0 or self.shards < 0:
             raise ConfigError("data.train_subset, data.test_subset and data.shards must be >= 0")
+
+    def _check_torchvision(self) -> None:
+        known = {n.lower(): n for n in TORCHVISION_SETS}
+        if not self.name:
+            raise ConfigError(f"data.dataset = 'torchvision' needs data.name, one of "
+                              f"{', '.join(TORCHVISION_SETS)}")
+        if self.name.lower() not in known:
+            raise ConfigError(f"data.name = {self.name!r} is not a data set mpff reads through "
+                              f"torchvision; use one of {', '.join(TORCHVISION_SETS)}")
+        object.__setattr__(self, "name", known[self.name.lower()])
+        if self.name == "EMNIST":
+            if self.split not in EMNIST_SPLITS:
+                said = f"data.split = {self.split!r} is not" if self.split else "needs data.split,"
+                raise ConfigError(f"EMNIST {said} one of {', '.join(EMNIST_SPLITS)}; "
+                                  "set data.split (e.g. data.split=balanced)")
+        elif self.split:
+            raise ConfigError(f"data.split is for EMNIST, not {self.name}; remove it")
+
+    @property
+    def num_classes(self) -> int | None:
+        """Classes of the data set, known without reading it (None: an ImageFolder's folders tell)."""
+        if self.dataset != "torchvision":
+            return 10
+        if self.name == "EMNIST":
+            return EMNIST_SPLITS[self.split]
+        return TORCHVISION_SETS[self.name][1]
+
+    @property
+    def input_dim(self) -> int | None:
+        """Values per flattened sample where the data set fixes it (None: the files tell)."""
+        if self.dataset == "torchvision":
+            return TORCHVISION_SETS[self.name][0]
+        return {"mnist": 784, "cifar10": 3072}.get(self.dataset)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -246,6 +308,9 @@ class Config:
             raise ConfigError("CIFAR-10 has 3072 inputs: set model.dims[0] = 3072")
         if self.data.dataset == "mnist" and self.model.dims[0] != 784:
             raise ConfigError("MNIST has 784 inputs: set model.dims[0] = 784")
+        width = self.data.input_dim
+        if self.data.dataset == "torchvision" and width is not None and self.model.dims[0] != width:
+            raise ConfigError(f"{self.data.name} has {width} inputs: set model.dims[0] = {width}")
         _check_algorithm(self)
 
     def to_dict(self) -> dict[str, Any]:

@@ -1,14 +1,15 @@
-"""Data sets: the embedded MNIST, any IDX set, CIFAR-10 python batches and ``.npz`` files.
+"""Data sets: the embedded MNIST, any IDX set, CIFAR-10 python batches and ``.npz`` files;
+the data sets torchvision reads (``data.dataset = "torchvision"``, :mod:`mpff.tvdata`).
 
-Everything is read with numpy, gzip and pickle (no torchvision): an IDX file is
+The readers here use numpy, gzip and pickle (no torchvision): an IDX file is
 decompressed in one piece and viewed with :func:`numpy.frombuffer`, so the full
 embedded MNIST loads in well under a second. Nothing is cached on disk.
 
 Every reader returns a :class:`Dataset` of float32, C-contiguous, flattened
-``(N, D)`` inputs and int64 labels in 0..9. :func:`load_dataset` reads the data
-set a :class:`~mpff.config.DataConfig` names, keeps the first ``train_subset`` /
-``test_subset`` samples, and only then normalises, so statistics taken from the
-training set are those of the training samples actually used.
+``(N, D)`` inputs and int64 labels in 0..9 (0..classes-1 for a torchvision set).
+:func:`load_dataset` reads the data set a :class:`~mpff.config.DataConfig` names, keeps
+the first ``train_subset`` / ``test_subset`` samples, and only then normalises, so
+statistics taken from the training set are those of the training samples actually used.
 
 Normalisation (train and test use the same constants, taken from training data only):
 
@@ -21,6 +22,9 @@ Normalisation (train and test use the same constants, taken from training data o
   deviation of that channel over the training set.
 * ``npz``: uint8 arrays are divided by 255 first; then standardised with the
   scalar mean and standard deviation of the training inputs.
+* ``torchvision``: greyscale sets (MNIST, FashionMNIST, KMNIST, EMNIST) as ``idx``; colour
+  sets (CIFAR10, CIFAR100, SVHN, an ImageFolder of RGB images) flattened channel by channel
+  and standardised per channel as ``cifar10``.
 
 Standard deviations are population ones (``ddof=0``); a constant training set
 (standard deviation 0) is only centred. For uint8 data the statistics are exact
@@ -197,7 +201,7 @@ def _find_idx(directory: str, base: str) -> str:
     )
 
 
-def _check_labels(y: np.ndarray, where: str) -> np.ndarray:
+def _check_labels(y: np.ndarray, where: str, num_classes: int = NUM_CLASSES) -> np.ndarray:
     if y.ndim != 1:
         raise ConfigError(
             f"{where}: labels must be one-dimensional, not of shape {y.shape}; "
@@ -205,13 +209,15 @@ def _check_labels(y: np.ndarray, where: str) -> np.ndarray:
         )
     if y.dtype.kind == "f":
         if not np.all(np.isfinite(y)) or np.any(y != np.round(y)):
-            raise ConfigError(f"{where}: labels are not whole numbers; store class indices 0..9")
+            raise ConfigError(f"{where}: labels are not whole numbers; store class indices "
+                              f"0..{num_classes - 1}")
     elif y.dtype.kind not in "iub":
-        raise ConfigError(f"{where}: labels have dtype {y.dtype}; store integer class indices 0..9")
-    if y.size and (y.min() < 0 or y.max() >= NUM_CLASSES):
+        raise ConfigError(f"{where}: labels have dtype {y.dtype}; store integer class indices "
+                          f"0..{num_classes - 1}")
+    if y.size and (y.min() < 0 or y.max() >= num_classes):
         raise ConfigError(
-            f"{where}: labels range over {y.min()}..{y.max()}, not 0..{NUM_CLASSES - 1}; "
-            "use a data set with 10 classes"
+            f"{where}: labels range over {y.min()}..{y.max()}, not 0..{num_classes - 1}; "
+            f"use a data set with {num_classes} classes"
         )
     return y.astype(np.int64)
 
@@ -438,22 +444,24 @@ def _apply_scalar(x: np.ndarray, mean: float, std: float, uint8: bool) -> np.nda
     return np.ascontiguousarray(out, dtype=np.float32)
 
 
-def _normalise(raw: _Raw, method: str, name: str) -> Dataset:
-    """method: 'mnist' (fixed), 'scalar' (training mean/std) or 'channels' (CIFAR-10)."""
+def _normalise(raw: _Raw, method: str, name: str, num_classes: int = NUM_CLASSES,
+               channels: int = 3) -> Dataset:
+    """method: 'mnist' (fixed), 'scalar' (training mean/std) or 'channels' (per colour channel of
+    uint8 images flattened channel by channel, ``channels`` contiguous blocks: CIFAR-10)."""
     xtr, xte = raw.x_train, raw.x_test
     if method == "channels":
         out = []
-        stats = [_uint8_stats(xtr[:, c * 1024 : (c + 1) * 1024]) for c in range(3)]
+        size = xtr.shape[1] // channels
+        blocks = [slice(c * size, (c + 1) * size) for c in range(channels)]
+        stats = [_uint8_stats(xtr[:, block]) for block in blocks]
         for x in (xtr, xte):
             y = np.empty(x.shape, dtype=np.float32)
-            for c, (mean, std) in enumerate(stats):
-                block = slice(c * 1024, (c + 1) * 1024)
+            for block, (mean, std) in zip(blocks, stats):
                 y[:, block] = _lut(mean, std)[x[:, block]]
             out.append(y)
         xtr_n, xte_n = out
-        dim = xtr.shape[1]
-        mean_v = np.repeat([m for m, _ in stats], dim // 3).astype(np.float32)
-        std_v = np.repeat([_safe(s) for _, s in stats], dim // 3).astype(np.float32)
+        mean_v = np.repeat([m for m, _ in stats], size).astype(np.float32)
+        std_v = np.repeat([_safe(s) for _, s in stats], size).astype(np.float32)
         scale = 255.0
     else:
         uint8 = xtr.dtype == np.uint8
@@ -476,6 +484,7 @@ def _normalise(raw: _Raw, method: str, name: str) -> Dataset:
         y_train=np.ascontiguousarray(raw.y_train, dtype=np.int64),
         x_test=xte_n,
         y_test=np.ascontiguousarray(raw.y_test, dtype=np.int64),
+        num_classes=num_classes,
         input_mean=mean_v,
         input_std=std_v,
         input_scale=scale,
@@ -527,8 +536,15 @@ def load_dataset(cfg: DataConfig) -> Dataset:
     """Read the data set cfg names, keep the first train_subset/test_subset samples, normalise.
     Files are checked here, where they are opened (the configuration checks values only)."""
     if cfg.path and not os.path.exists(cfg.path):
-        raise ConfigError(f"data.path {cfg.path!r} does not exist; point it at the data set")
-    if cfg.dataset == "mnist":
+        raise ConfigError(f"data.path {cfg.path!r} does not exist; point it at the data set"
+                          + (f" (torchvision's root; `mpff data download {cfg.name} --path "
+                             f"{cfg.path}` fills it)" if cfg.dataset == "torchvision" else ""))
+    classes, channels = NUM_CLASSES, 3
+    if cfg.dataset == "torchvision":
+        from .tvdata import read_raw  # imports torchvision: only this data set needs it
+
+        raw, method, name, classes, channels = read_raw(cfg)
+    elif cfg.dataset == "mnist":
         raw, method, name = _raw_idx(cfg.path or embedded_mnist_dir()), "mnist", "mnist"
     elif cfg.dataset == "idx":
         base = os.path.basename(os.path.normpath(cfg.path))
@@ -538,10 +554,11 @@ def load_dataset(cfg: DataConfig) -> Dataset:
     elif cfg.dataset == "npz":
         raw, method, name = _raw_npz(cfg.path), "scalar", _npz_name(cfg.path)
     else:  # DataConfig validates the choice
-        raise ConfigError(f"data.dataset = {cfg.dataset!r} is not one of mnist, idx, cifar10, npz")
+        raise ConfigError(f"data.dataset = {cfg.dataset!r} is not one of mnist, idx, cifar10, npz, "
+                          "torchvision")
     xtr, ytr = _subset(
         raw.x_train, raw.y_train, cfg.train_subset, "train_subset", "training", raw.source
     )
     xte, yte = _subset(raw.x_test, raw.y_test, cfg.test_subset, "test_subset", "test", raw.source)
     raw = _Raw(source=raw.source, x_train=xtr, y_train=ytr, x_test=xte, y_test=yte)
-    return _normalise(raw, method, name)
+    return _normalise(raw, method, name, classes, channels)

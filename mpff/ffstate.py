@@ -40,7 +40,7 @@ class FFState:
         self.check = check
         t = cfg.train
         self.C = t.epochs_per_chapter
-        self.net = FFNet.from_config(cfg).to(device)
+        self.net = FFNet.from_config(cfg, dataset.num_classes).to(device)
         self.opts = [layer.make_optimizer(t.lr) for layer in self.net.layers]
         self.head_opt = make_adam(self.net.head.parameters(), t.head_lr)
         #: (kind, index) -> the chapter whose version the local model holds (-1: initial)
@@ -84,7 +84,7 @@ class FFState:
             m = self.cfg.model
             self._shards[s] = {
                 "index": idx, "x": x, "y": y,
-                "x_pos": overlay(x, y, m.label_position),
+                "x_pos": overlay(x, y, m.label_position, num_classes=self.net.num_classes),
                 "x_neg": torch.empty_like(x), "neg_chapter": None,
             }
         return self._shards[s]
@@ -96,7 +96,8 @@ class FFState:
         idx = self.shard_index[s]
         y = self.y_train[idx]
         if t.negatives == "random":
-            return random_negatives(y, idx, self.n_train, t.seed, RANDOM_STREAM, chapter)
+            return random_negatives(y, idx, self.n_train, t.seed, RANDOM_STREAM, chapter,
+                                    num_classes=self.net.num_classes)
         if t.negatives == "adaptive":
             if self.plan.newest:
                 newest = [c for c in self.neg_labels if c <= chapter and self.plan.data_shard(c) == s]
@@ -104,7 +105,8 @@ class FFState:
                     return self.neg_labels[max(newest)]
             elif chapter > t.adaptive_lag:
                 return self.neg_labels[chapter]
-        return random_negatives(y, idx, self.n_train, t.seed, FIXED_STREAM)
+        return random_negatives(y, idx, self.n_train, t.seed, FIXED_STREAM,
+                                num_classes=self.net.num_classes)
 
     # ------------------------------------------------------------------ the serialiser
     def holds(self, b: Buf) -> bool:
@@ -314,7 +316,8 @@ class FFState:
             sh = self.shard(self.plan.data_shard(chapter))
             if sh["neg_chapter"] != chapter:
                 labels = torch.from_numpy(self.negatives_for(chapter)).to(self.device)
-                overlay(sh["x"], labels, self.cfg.model.label_position, out=sh["x_neg"])
+                overlay(sh["x"], labels, self.cfg.model.label_position, out=sh["x_neg"],
+                        num_classes=self.net.num_classes)
                 sh["neg_chapter"] = chapter
             j, h_pos, h_neg = -1, sh["x_pos"], sh["x_neg"]
         for k in range(j + 1, layer):

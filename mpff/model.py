@@ -1,8 +1,9 @@
 """The FF network: label overlay, the layer stack, goodness and softmax classifiers, negatives. No MPI.
 
 Both classifiers skip the first hidden layer (its goodness mostly tells whether a label is
-overlaid at all, not which). Labels are written over 10 input entries: the last 10 (the
-paper's author code) or the first 10 (Hinton, loeweX); a neutral sample has 0.1 in all 10.
+overlaid at all, not which). Labels are written over one input entry per class (10 for MNIST,
+the data set's count otherwise): the last ones (the paper's author code) or the first ones
+(Hinton, loeweX); a neutral sample has 0.1 in all of them.
 """
 
 from __future__ import annotations
@@ -18,15 +19,16 @@ from .data import NUM_CLASSES
 from .ff import FORWARD_CHUNK, FFLayer, Linear, generator, linear, seed_for
 
 
-def label_slice(dim: int, position: str) -> slice:
-    return slice(dim - NUM_CLASSES, dim) if position == "last" else slice(0, NUM_CLASSES)
+def label_slice(dim: int, position: str, num_classes: int = NUM_CLASSES) -> slice:
+    return slice(dim - num_classes, dim) if position == "last" else slice(0, num_classes)
 
 
 def overlay(x: torch.Tensor, labels: torch.Tensor | None, position: str = "last",
-            neutral_value: float = 0.1, out: torch.Tensor | None = None) -> torch.Tensor:
+            neutral_value: float = 0.1, out: torch.Tensor | None = None,
+            num_classes: int = NUM_CLASSES) -> torch.Tensor:
     """Copy of ``x`` with a one-hot label (or the neutral value when labels is None) written in."""
     out = x.clone() if out is None else out.copy_(x)
-    sl = label_slice(x.shape[1], position)
+    sl = label_slice(x.shape[1], position, num_classes)
     if labels is None:
         out[:, sl] = neutral_value
     else:
@@ -36,20 +38,22 @@ def overlay(x: torch.Tensor, labels: torch.Tensor | None, position: str = "last"
     return out
 
 
-def wrong_label_offsets(n: int, *parts: int) -> np.ndarray:
-    """Offsets in 1..9 drawn from a seed; (y + offset) % 10 is a wrong label for any y.
+def wrong_label_offsets(n: int, *parts: int, num_classes: int = NUM_CLASSES) -> np.ndarray:
+    """Offsets in 1..num_classes-1 drawn from a seed; (y + offset) % num_classes is a wrong
+    label for any y.
 
     Drawn for the whole training set from the seed alone, so every rank (and every shard)
     gets the same draw without knowing the other ranks' labels.
     """
     g = generator(*parts)
-    return torch.randint(1, NUM_CLASSES, (n,), generator=g).numpy().astype(np.int64)
+    return torch.randint(1, num_classes, (n,), generator=g).numpy().astype(np.int64)
 
 
-def random_negatives(y: np.ndarray, indices: np.ndarray, n_total: int, *parts: int) -> np.ndarray:
+def random_negatives(y: np.ndarray, indices: np.ndarray, n_total: int, *parts: int,
+                     num_classes: int = NUM_CLASSES) -> np.ndarray:
     """Wrong labels for the samples ``indices`` of a training set of ``n_total`` samples."""
-    off = wrong_label_offsets(n_total, *parts)[indices]
-    return (y + off) % NUM_CLASSES
+    off = wrong_label_offsets(n_total, *parts, num_classes=num_classes)[indices]
+    return (y + off) % num_classes
 
 
 def hardest_wrong_label(scores: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -63,9 +67,12 @@ class FFNet(nn.Module):
 
     def __init__(self, dims: Sequence[int], *, threshold_coeff: float = 0.01, goodness: str = "mean",
                  norm_eps: float = 1e-4, label_position: str = "last", neutral_value: float = 0.1,
-                 seed: int = 0) -> None:
+                 seed: int = 0, num_classes: int = NUM_CLASSES) -> None:
         super().__init__()
         self.dims = tuple(int(d) for d in dims)
+        if not 2 <= num_classes <= self.dims[0]:  # internal invariant: config and train check it
+            raise ValueError(f"{num_classes} classes do not fit an input of {self.dims[0]} values")
+        self.num_classes = int(num_classes)
         self.label_position = label_position
         self.neutral_value = neutral_value
         self.layers = nn.ModuleList(
@@ -74,17 +81,18 @@ class FFNet(nn.Module):
             for k in range(len(self.dims) - 1)
         )
         head_in = sum(self.dims[2:]) if len(self.dims) > 2 else self.dims[-1]
-        self.head = Linear(head_in, NUM_CLASSES, bias=False)
+        self.head = Linear(head_in, self.num_classes, bias=False)
         g = generator(seed, 0x4EAD)
         bound = 1.0 / head_in ** 0.5
         with torch.no_grad():
             self.head.weight.uniform_(-bound, bound, generator=g)
 
     @classmethod
-    def from_config(cls, cfg) -> FFNet:
+    def from_config(cls, cfg, num_classes: int = NUM_CLASSES) -> FFNet:
         m = cfg.model
         return cls(m.dims, threshold_coeff=m.threshold_coeff, goodness=m.goodness, norm_eps=m.norm_eps,
-                   label_position=m.label_position, neutral_value=m.neutral_value, seed=cfg.train.seed)
+                   label_position=m.label_position, neutral_value=m.neutral_value, seed=cfg.train.seed,
+                   num_classes=num_classes)
 
     @property
     def num_layers(self) -> int:
@@ -108,7 +116,7 @@ class FFNet(nn.Module):
 
     @torch.no_grad()
     def goodness_scores(self, x: torch.Tensor, check: Callable[[], None] | None = None) -> torch.Tensor:
-        """(n, 10): summed goodness of the classifier layers with each label overlaid. ``check``
+        """(n, classes): summed goodness of the classifier layers with each label overlaid. ``check``
         runs before each chunk and label (it raises to stop the run).
 
         The first layer's product is shared by the ten labels: the overlaid inputs differ only
@@ -117,15 +125,15 @@ class FFNet(nn.Module):
         One product and ten column additions replace ten products (the first layer is 28 % of
         the scoring arithmetic at [784,1000,1000,1000], 12 % at the paper's width)."""
         n = x.shape[0]
-        scores = torch.empty(n, NUM_CLASSES, dtype=torch.float32, device=x.device)
+        scores = torch.empty(n, self.num_classes, dtype=torch.float32, device=x.device)
         first, rest = self.layers[0], self.layers[1:]
-        sl = label_slice(x.shape[1], self.label_position)
+        sl = label_slice(x.shape[1], self.label_position, self.num_classes)
         for i in range(0, n, FORWARD_CHUNK):
             base = x[i:i + FORWARD_CHUNK].clone()
             base[:, sl] = 0.0
             scale = 1.0 / (torch.sqrt(base.pow(2).sum(dim=1, keepdim=True) + 1.0) + first.norm_eps)
             shared = linear(base * scale, first.weight, first.bias)   # (m, out), all labels
-            for label in range(NUM_CLASSES):
+            for label in range(self.num_classes):
                 if check is not None:
                     check()
                 column = first.weight[:, sl.start + label]
@@ -146,7 +154,8 @@ class FFNet(nn.Module):
         for i in range(0, n, FORWARD_CHUNK):
             if check is not None:
                 check()
-            xc = overlay(x[i:i + FORWARD_CHUNK], None, self.label_position, self.neutral_value)
+            xc = overlay(x[i:i + FORWARD_CHUNK], None, self.label_position, self.neutral_value,
+                         num_classes=self.num_classes)
             acts = self.activations(xc)
             feats[i:i + FORWARD_CHUNK] = torch.cat([acts[k] for k in self.classifier_layers], dim=1)
         return feats

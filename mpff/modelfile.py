@@ -2,12 +2,12 @@
 
 Layout (``docs/traces.md`` has the run directory as a whole)::
 
-    /                      attrs: format="mpff-model", format_version, dims, classifier,
+    /                      attrs: format="mpff-model", format_version, dims, num_classes, classifier,
                            label_position, neutral_value, threshold_coeff, goodness, norm_eps,
                            test_accuracy, config (JSON), versions and host facts
     /layers/<k>/weight     (out_features, in_features) float32, k = 0 .. L-1
     /layers/<k>/bias       (out_features,) float32
-    /head/weight           (10, sum(dims[2:])) float32 (the softmax head; bias-free)
+    /head/weight           (num_classes, sum(dims[2:])) float32 (the softmax head; bias-free)
     /input/mean, /input/std  (input_dim,) float32: raw pixel / 255 -> (x - mean) / std
     /config/<section>      attrs: the resolved configuration, one attribute per key
 
@@ -24,7 +24,7 @@ like any file a program writes, not mkstemp's private 0600: a group can read its
 
 A backprop model (``mpff.backprop``) has the same file with ``algorithm = "backprop"`` at the
 root (FF files written before that attribute existed read as FF), ``/layers/<k>`` for every
-Linear of the MLP, k = 0 .. L (the last is the 10-way output layer), and no ``/head``;
+Linear of the MLP, k = 0 .. L (the last is the output layer, one unit per class), and no ``/head``;
 ``predict`` takes the argmax of the output.
 """
 
@@ -112,7 +112,8 @@ def save_model(path: str, net: FFNet, cfg, *, input_mean: np.ndarray, input_std:
                extra: dict[str, Any] | None = None) -> None:
     with atomic_h5(path) as f:
         a = f.attrs
-        _write_common(f, net.dims, cfg, input_mean, input_std, input_scale, test_accuracy, extra)
+        _write_common(f, net.dims, net.num_classes, cfg, input_mean, input_std, input_scale, test_accuracy,
+                      extra)
         a["classifier"] = cfg.train.classifier
         a["label_position"] = cfg.model.label_position
         a["neutral_value"] = cfg.model.neutral_value
@@ -134,7 +135,8 @@ def save_bp_model(path: str, net, cfg, input_mean: np.ndarray, input_std: np.nda
                   extra: dict[str, Any] | None = None) -> None:
     """Write backprop's MLP (mpff.backprop.MLP): every Linear, the output layer included."""
     with atomic_h5(path) as f:
-        _write_common(f, net.dims, cfg, input_mean, input_std, input_scale, test_accuracy, extra)
+        _write_common(f, net.dims, net.num_classes, cfg, input_mean, input_std, input_scale, test_accuracy,
+                      extra)
         f.attrs["algorithm"] = "backprop"
         f.attrs["classifier"] = "argmax"
         for k in range(len(net.layers)):
@@ -144,12 +146,13 @@ def save_bp_model(path: str, net, cfg, input_mean: np.ndarray, input_std: np.nda
         _write_layers(f, net.layers)
 
 
-def _write_common(f: h5py.File, dims, cfg, input_mean, input_std, input_scale: float,
+def _write_common(f: h5py.File, dims, num_classes: int, cfg, input_mean, input_std, input_scale: float,
                   test_accuracy: float | None, extra: dict[str, Any] | None) -> None:
     a = f.attrs
     a["format"] = FORMAT
     a["format_version"] = FORMAT_VERSION
     a["dims"] = np.array(dims, dtype=np.int64)
+    a["num_classes"] = int(num_classes)
     a["test_accuracy"] = float("nan") if test_accuracy is None else float(test_accuracy)
     a["config"] = cfg.to_json()
     a["created"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
@@ -306,9 +309,10 @@ def load_model(path: str, device: str = "cpu") -> FFModel | BPModel:
         dims = [int(d) for d in a["dims"]]
         if a.get("algorithm", "ff") == "backprop":
             return _load_bp(f, a, dims).to(device).eval()
+        # the class count is the head's rows (files written before the attribute held 10)
         net = FFNet(dims, threshold_coeff=float(a["threshold_coeff"]), goodness=str(a["goodness"]),
                     norm_eps=float(a["norm_eps"]), label_position=str(a["label_position"]),
-                    neutral_value=float(a["neutral_value"]))
+                    neutral_value=float(a["neutral_value"]), num_classes=int(f["head/weight"].shape[0]))
         with torch.no_grad():
             for k, layer in enumerate(net.layers):
                 layer.weight.copy_(torch.from_numpy(f[f"layers/{k}/weight"][()]))
@@ -323,7 +327,7 @@ def load_model(path: str, device: str = "cpu") -> FFModel | BPModel:
 
 def _load_bp(f: h5py.File, attrs: dict[str, Any], dims: list[int]) -> BPModel:
     from .backprop import MLP
-    net = MLP(dims)
+    net = MLP(dims, num_classes=int(f[f"layers/{len(dims) - 1}/weight"].shape[0]))
     with torch.no_grad():
         for k, layer in enumerate(net.layers):
             layer.weight.copy_(torch.from_numpy(f[f"layers/{k}/weight"][()]))

@@ -155,9 +155,13 @@ class Plan:
     """The task graph of one run and its assignment to ``world_size`` ranks."""
 
     def __init__(self, cfg: Config, world_size: int, start_chapter: int = 0,
-                 n_train: int | None = None) -> None:
+                 n_train: int | None = None, num_classes: int | None = None) -> None:
         self.cfg = cfg
         self.n_train = n_train  # training samples: sizes the negatives buffers (None: unknown)
+        #: classes of the data set: the width of the head and of backprop's output, the labels the
+        #: goodness classifier tries; None takes the configuration's count (that of an ImageFolder
+        #: is known once its folders are read: 10 stands for it until then)
+        self.num_classes = int(num_classes or cfg.data.num_classes or 10)
         self.world_size = world_size
         self.schedule = cfg.run.schedule
         self.num_layers = cfg.model.num_layers
@@ -257,7 +261,7 @@ class Plan:
                 chapter[r] += sum(fwd[first:k]) * rows
                 if self.ship and k + 1 < self.num_layers:
                     chapter[r] += fwd[k] * rows                    # the pass it ships
-        per_label = 10 if self.cfg.train.classifier == "goodness" else 1
+        per_label = self.num_classes if self.cfg.train.classifier == "goodness" else 1
         evaluation = sum(fwd) * n_test * per_label
         last = self.owner[self.num_layers - 1]
         load = [chapter[r] * self.num_chapters for r in range(n)]
@@ -416,7 +420,7 @@ class Plan:
     def buffer_spec(self, b: Buf, full: bool) -> tuple[int, type]:
         """(elements, dtype) of buffer ``b`` as it travels and is checkpointed: a layer or the head
         is its parameters (weight then bias) and, when ``full``, Adam's step, exp_avg and exp_avg_sq;
-        so is backprop's "model" (all its Linear layers, the 10-way output included, one Adam);
+        so is backprop's "model" (all its Linear layers, the output layer included, one Adam);
         negatives are one int64 label per sample of the chapter's shard."""
         if b.kind == "neg":
             return self.shard_len(self.data_shard(b.chapter)), np.int64
@@ -426,9 +430,9 @@ class Plan:
         if b.kind == "layer":
             n = dims[b.index] * dims[b.index + 1] + dims[b.index + 1]
         elif b.kind == "head":
-            n = 10 * (sum(dims[2:]) if len(dims) > 2 else dims[-1])
-        elif b.kind == "model":  # backprop: the whole MLP dims -> 10, every Linear's weight and bias
-            ext = (*dims, 10)
+            n = self.num_classes * (sum(dims[2:]) if len(dims) > 2 else dims[-1])
+        elif b.kind == "model":  # backprop: the whole MLP dims -> classes, every Linear's weight, bias
+            ext = (*dims, self.num_classes)
             n = sum(ext[k] * ext[k + 1] + ext[k + 1] for k in range(len(ext) - 1))
         else:  # pragma: no cover - internal invariant
             raise AssertionError(f"unknown buffer kind {b.kind!r}")
@@ -586,8 +590,9 @@ class Plan:
                          messages=messages, bytes_moved=total_bytes)
 
 
-def build_plan(cfg: Config, world_size: int, start_chapter: int = 0, n_train: int | None = None) -> Plan:
-    return Plan(cfg, world_size, start_chapter, n_train)
+def build_plan(cfg: Config, world_size: int, start_chapter: int = 0, n_train: int | None = None,
+               num_classes: int | None = None) -> Plan:
+    return Plan(cfg, world_size, start_chapter, n_train, num_classes)
 
 
 def pipeline_bubble(num_chapters: int, num_stages: int) -> float:

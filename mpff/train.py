@@ -210,10 +210,13 @@ def _load_data(comm, cfg: Config, rundir, resume):
     if dataset.input_dim != cfg.model.dims[0]:
         raise ConfigError(f"the data has {dataset.input_dim} inputs but model.dims[0] = "
                           f"{cfg.model.dims[0]}; set model.dims[0] = {dataset.input_dim}")
+    if dataset.num_classes > cfg.model.dims[0]:  # the label overlay takes one input per class
+        raise ConfigError(f"{dataset.name} has {dataset.num_classes} classes, more than its "
+                          f"{dataset.input_dim} inputs can hold as a label; use larger images")
     if cfg.resolved_shards(comm.size) > dataset.x_train.shape[0]:
         raise ConfigError("more data shards than training samples; use fewer ranks or more data")
     plan = build_plan(cfg, comm.size, start_chapter=resume[0] if resume else 0,
-                      n_train=dataset.x_train.shape[0])
+                      n_train=dataset.x_train.shape[0], num_classes=dataset.num_classes)
     snapshot = load_checkpoint(rundir.path, resume[0], comm.rank, comm.size) if resume else None
     return device, dataset, plan, snapshot, memory.start(device)
 
@@ -244,7 +247,9 @@ def _find_resume_point(rundir, cfg: Config) -> tuple[int, int] | str:
     state = load_checkpoint(rundir.path, done, 0, world)  # validates every rank file
     old = json.loads(state["config"])
     new = cfg.to_dict()
+    defaults = Config().to_dict()
     for section in ("model", "train", "data"):
+        old[section] = {**defaults[section], **old[section]}  # keys added since take their defaults
         if old[section] != new[section]:
             diff = sorted(k for k in new[section] if old[section].get(k) != new[section][k])
             raise ConfigError(f"the checkpoint was made with different [{section}] settings "
@@ -642,7 +647,7 @@ def train_local(cfg: Config, dataset, *, tracer=None, device: torch.device | Non
 
     comm = Comm(self_comm(), poll_interval=cfg.run.poll_interval)
     try:
-        plan = build_plan(cfg, 1, n_train=dataset.x_train.shape[0])
+        plan = build_plan(cfg, 1, n_train=dataset.x_train.shape[0], num_classes=dataset.num_classes)
         tracer = tracer or Tracer(None, 0, {}, enabled=False)
         state = FFState(cfg, plan, dataset, tracer, device or torch.device("cpu"))
         Executor(plan, comm, state, tracer).run()
