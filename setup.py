@@ -40,7 +40,7 @@ setup(
         "mpi": ["mpich"],
         "test": ["pytest>=7", "ruff"],
         # torchvision's data sets (data.dataset = "torchvision"); needs the torch it was built for.
-        "vision": ["torchvision"],
+        "vision": ["torchvision", "scipy"],  # scipy: SVHN's .mat files
         # OTF2 archives for Vampir, Scalasca and Pipit (mpff export --format otf2).
         "otf2": ["otf2>=3.0; python_version >= '3.10' and python_version < '3.12' "
                  "and platform_machine == 'x86_64' and sys_platform == 'linux'"],
