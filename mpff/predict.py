@@ -24,7 +24,7 @@ import math
 import os
 import statistics
 import sys
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,7 +34,7 @@ import numpy as np
 from . import interconnect, predict_bp
 from . import report as report_mod
 from .config import BP_SCHEDULES, SCHEDULES, Config, ConfigError, from_dict, parse_override
-from .plan import Plan, Task, build_plan
+from .plan import Plan, Task, build_plan, count_tasks
 
 #: Span kinds that are work of a task (what contention slows and the profile measures).
 WORK_KINDS = ("train", "forward", "negatives", "head", "eval")
@@ -43,6 +43,13 @@ FIXED_SETTINGS = (("model", "dims"), ("train", "batch_size"), ("train", "classif
                   ("train", "threads"), ("data", "dataset"), ("run", "device"))
 FULL_SIZES = {"mnist": (60000, 10000), "cifar10": (50000, 10000)}
 DEFAULT_RANKS = (1, 2, 4, 8, 16)
+#: The most work one prediction may simulate, in tasks (a plan of T tasks on N ranks counts
+#: T + N), all plans together. The simulator does about 15,000 tasks a second on a laptop
+#: core, so this is about a minute (docs/predict.md); past it the command refuses at once
+#: instead of running for minutes with memory growing (about 0.8 KB a task while a plan lives).
+MAX_SIMULATED_TASKS = 1_000_000
+#: Above this much work the command says what it is simulating, plan by plan, on stderr.
+PROGRESS_TASKS = 100_000
 DEFAULT_SCHEDULES = ("sequential", "single_layer", "all_layers")
 
 
@@ -706,10 +713,12 @@ def simulate(profile: Profile, target: Target, schedule: str, world_size: int, n
 def predict(runs: list[report_mod.Run], *, ranks: Iterable[int] = DEFAULT_RANKS,
             schedules: Iterable[str] | None = None, network: Network | None = None,
             contention: str | float = "auto", overrides: Iterable[str] = (),
-            adaptive_lag: str = "config") -> Outcome:
+            adaptive_lag: str = "config", progress: Callable[[str], None] | None = None) -> Outcome:
     """Predict every schedule on every rank count from the first run's task times (``schedules``
     None: Sequential, Single Layer and All Layers from an FF run, Sequential and data-parallel
-    from a backprop run, :mod:`mpff.predict_bp`)."""
+    from a backprop run, :mod:`mpff.predict_bp`). More work than :data:`MAX_SIMULATED_TASKS`
+    is refused (ConfigError); above :data:`PROGRESS_TASKS` each plan is announced to
+    ``progress`` before it is simulated."""
     if not runs:
         raise ConfigError("name at least one run directory to predict from")
     network = network or Network(interconnect.preset("ib-hdr"), interconnect.preset("shm"), 1)
@@ -728,10 +737,13 @@ def predict(runs: list[report_mod.Run], *, ranks: Iterable[int] = DEFAULT_RANKS,
         return predict_bp.predict(runs, spans, ranks=ranks,
                                   schedules=BP_SCHEDULES if every else schedules,
                                   network=network, contention=contention, overrides=overrides,
-                                  n_sizes=dataset_sizes(runs[0].config, runs[0].info, attrs))
+                                  n_sizes=dataset_sizes(runs[0].config, runs[0].info, attrs),
+                                  progress=progress)
     if any(predict_bp.is_backprop(run) for run in runs[1:]):
         raise ConfigError(f"run {next(r.path for r in runs[1:] if predict_bp.is_backprop(r))} is "
                           f"backprop and {runs[0].path} Forward-Forward: predict each from its own runs")
+    if set(schedules) == set(SCHEDULES):  # 'all' from an FF run: every FF schedule
+        schedules = [s for s in schedules if s not in BP_SCHEDULES or s == "sequential"]
     measured = measure_contention(runs, spans)
     if contention == "auto":
         used = measured
@@ -744,6 +756,19 @@ def predict(runs: list[report_mod.Run], *, ranks: Iterable[int] = DEFAULT_RANKS,
     profile = build_profile(runs[0], spans[0], used, spans[1:])
     target = make_target(profile, overrides)
     notes: set[str] = set()
+    plans = []  # (what, work) of every plan this prediction simulates, the baselines included
+    shards_seen: set[int] = set()
+    for schedule in schedules:
+        for n in ([1] if schedule == "sequential" else [n for n in ranks if n > 1]):
+            if schedule == "single_layer" and n > target.config.model.num_layers:
+                continue  # refused before any task is made
+            cfg = target.config.replace(run={"schedule": schedule})
+            plans.append((f"{schedule} on {n} rank(s)", count_tasks(cfg, n) + n))
+            if cfg.resolved_shards(n) not in shards_seen:
+                shards_seen.add(cfg.resolved_shards(n))
+                plans.append((f"the sequential baseline with {cfg.resolved_shards(n)} shard(s)",
+                              count_tasks(cfg.replace(run={"schedule": "sequential"}), 1) + 1))
+    report_progress = check_work(plans, progress)
 
     predictions: list[Prediction] = []
     baselines: dict[int, Prediction] = {}
@@ -754,6 +779,7 @@ def predict(runs: list[report_mod.Run], *, ranks: Iterable[int] = DEFAULT_RANKS,
             if shards != target.config.resolved_shards(1):
                 t = Target(target.raw, target.config.replace(data={"shards": shards}), target.n_train,
                            target.n_test)
+            report_progress(f"the sequential baseline with {shards} shard(s)")
             baselines[shards] = simulate(profile, t, "sequential", 1, network, used, notes)
         return baselines[shards]
 
@@ -764,6 +790,7 @@ def predict(runs: list[report_mod.Run], *, ranks: Iterable[int] = DEFAULT_RANKS,
             if adaptive_lag == "ranks-1" and schedule != "sequential" and target.config.train.negatives == "adaptive":
                 t = Target(target.raw, target.config.replace(train={"adaptive_lag": n - 1}),
                            target.n_train, target.n_test)
+            report_progress(f"{schedule} on {n} rank(s)")
             pred = simulate(profile, t, schedule, n, network, used, notes)
             if pred.reason is None:
                 base = baseline(t.config.replace(run={"schedule": schedule}).resolved_shards(n))
@@ -775,6 +802,31 @@ def predict(runs: list[report_mod.Run], *, ranks: Iterable[int] = DEFAULT_RANKS,
     assumptions = _assumptions(profile, target, network, used, measured, contention, schedules,
                                adaptive_lag, sorted(notes))
     return Outcome(profile, target, network, used, predictions, assumptions)
+
+
+def check_work(plans: list[tuple[str, int]], progress: Callable[[str], None] | None = None
+               ) -> Callable[[str], None]:
+    """Refuse a prediction whose plans ((what, tasks + ranks) each) add up to more than
+    :data:`MAX_SIMULATED_TASKS`; returns what to call before each plan is simulated (it tells
+    ``progress`` when the work is large enough for a user to wonder, else nothing)."""
+    total = sum(work for _, work in plans)
+    if total > MAX_SIMULATED_TASKS:
+        what, work = max(plans, key=lambda p: p[1])
+        raise ConfigError(
+            f"this prediction would simulate {total:,} tasks in {len(plans)} plan(s) (the largest, "
+            f"{what}, {work:,}), more than the limit of {MAX_SIMULATED_TASKS:,} (about a minute); "
+            "predict fewer rank counts (--ranks), fewer schedules (--schedules) or fewer chapters "
+            "(--set train.chapters=N)")
+    if progress is None or total <= PROGRESS_TASKS:
+        return lambda what: None
+    done = [0]
+    counted = {what for what, _ in plans}
+
+    def announce(what: str) -> None:
+        if what in counted:  # a plan refused before it is built is not announced
+            done[0] += 1
+            progress(f"simulating {what} (plan {done[0]} of {len(plans)}, {total:,} tasks in all)")
+    return announce
 
 
 def _attach_measured(pred: Prediction, target: Target, runs: list[report_mod.Run]) -> None:
@@ -1043,7 +1095,8 @@ def main(argv: list[str] | None = None) -> int:
                           args.ranks_per_node)
         runs = [report_mod.load_run(d) for d in args.runs]
         outcome = predict(runs, ranks=_rank_list(args.ranks), schedules=schedules, network=network,
-                          contention=contention, overrides=args.overrides, adaptive_lag=args.adaptive_lag)
+                          contention=contention, overrides=args.overrides, adaptive_lag=args.adaptive_lag,
+                          progress=lambda line: print(f"mpff predict: {line}", file=sys.stderr, flush=True))
         out = args.out or os.path.join(args.runs[0], "predict")
         write_outputs(outcome, out)
     except ConfigError as exc:

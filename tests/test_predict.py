@@ -284,6 +284,42 @@ def test_bad_input_is_one_line_and_exit_2(seq_run, tmp_path, capsys, argv, fragm
     assert fragment in err, err
 
 
+@pytest.mark.parametrize("argv, largest", [
+    (["--ranks", "1,2,100000000"], "all_layers on 100000000 rank(s), 100,000,010"),
+    (["--set", "train.chapters=10000000", "--set", "train.epochs=10000000"], "all_layers on 16 rank(s), 20,000,018"),
+])
+def test_absurd_work_is_refused_at_once(seq_run, tmp_path, capsys, argv, largest):
+    # it used to simulate for minutes (hours) with memory growing and nothing said
+    import time
+    start = time.perf_counter()
+    assert predict.main([seq_run, "--out", str(tmp_path / "p")] + argv) == 2
+    assert time.perf_counter() - start < 5
+    err = capsys.readouterr().err
+    assert err.startswith("mpff predict: error: this prediction would simulate ") and err.count("\n") == 1, err
+    assert largest in err and "more than the limit of 1,000,000" in err, err
+    assert "--ranks" in err and "--schedules" in err and "train.chapters" in err
+    assert not (tmp_path / "p").exists()
+
+
+def test_large_work_says_what_it_simulates(seq_run, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(predict, "PROGRESS_TASKS", 10)
+    assert predict.main([seq_run, "--ranks", "1,2,4", "--schedules", "all", "--out", str(tmp_path / "p")]) == 0
+    lines = capsys.readouterr().err.splitlines()
+    # 'all' from an FF run: the FF schedules (data_parallel is backprop's)
+    assert [line.split(" (plan")[0] for line in lines] == [
+        "mpff predict: simulating sequential on 1 rank(s)", "mpff predict: simulating the sequential "
+        "baseline with 1 shard(s)", "mpff predict: simulating single_layer on 2 rank(s)",
+        "mpff predict: simulating all_layers on 2 rank(s)", "mpff predict: simulating all_layers on 4 rank(s)",
+        "mpff predict: simulating federated on 2 rank(s)",
+        "mpff predict: simulating the sequential baseline with 2 shard(s)",
+        "mpff predict: simulating federated on 4 rank(s)",
+        "mpff predict: simulating the sequential baseline with 4 shard(s)"], lines
+    assert lines[-1].endswith("(plan 9 of 9, 108 tasks in all)"), lines[-1]
+    monkeypatch.setattr(predict, "MAX_SIMULATED_TASKS", 100)
+    assert predict.main([seq_run, "--ranks", "1,2,4", "--schedules", "all", "--out", str(tmp_path / "p")]) == 2
+    assert "would simulate 108 tasks in 9 plan(s)" in capsys.readouterr().err
+
+
 def test_not_a_run_is_exit_2(tmp_path, capsys):
     assert predict.main([str(tmp_path)]) == 2
     assert "not an mpff run directory" in capsys.readouterr().err
