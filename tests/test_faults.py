@@ -651,11 +651,40 @@ def test_a_stalled_rank_aborts_the_job_naming_it(ws, mpff_rank_pids):
     assert r.rc == 69, r.shown()
     lines = [ln for ln in r.stderr.splitlines() if ln.startswith("mpff train:")]
     assert len(lines) == 1 and "rank 1 waited 3 s for layer 1 of chapter" in lines[0], r.shown()
-    assert "from rank 0 (run.stall_timeout)" in lines[0]
+    assert "from rank 0 (run.stall_timeout); rank 0 on host " in lines[0]  # the host too
     state = run_json(out)
     assert state["status"] == "failed" and state["exit_code"] == 69 and "rank 0" in state["reason"]
     assert not os.path.exists(os.path.join(out, "model.h5"))
     assert r.seconds < 3 + STOP_DEADLINE
+
+
+def test_a_stall_on_a_send_names_the_receiver_its_buffer_and_host(ws, mpff_rank_pids):
+    # rank 1 stops; rank 0 (layer 1's owner) trains on and then waits for its sends of layer 1
+    # (3 MB: past MPI's eager limit, so a send completes only when rank 1 takes it). That wait
+    # used to be reported as "rank ? is stuck".
+    out = os.path.join(ws, "run")
+    stopped = []
+
+    def stop_rank_1(proc):
+        pid = mpff_rank_pids(proc.pid)[1]
+        os.kill(pid, signal.SIGSTOP)
+        stopped.append(pid)
+
+    r = launch(train_cmd(out, "model.dims=[784,1024,16]", "train.epochs=8", "train.chapters=8",
+                         "run.schedule=single_layer", "run.stall_timeout=3", ranks=2),
+               when=trace_started(out, 0.5), act=stop_rank_1, timeout=120)
+    for pid in stopped:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    assert r.rc == 69, r.shown()
+    lines = [ln for ln in r.stderr.splitlines() if ln.startswith("mpff train:")]
+    assert len(lines) == 1, r.shown()
+    host = socket.gethostname()
+    assert "rank 0 waited 3 s for layer 1 of chapter " in lines[0], r.shown()
+    assert ", sent to rank 1, to be received (run.stall_timeout); rank 1 on host " in lines[0], r.shown()
+    assert "rank ?" not in lines[0] and "(this rank's host too)" in lines[0] and host.split(".")[0] in lines[0]
+    state = run_json(out)
+    assert state["status"] == "failed" and state["exit_code"] == 69 and "rank 1 on host" in state["reason"]
 
 
 # ------------------------------------------------------------------------------ predict's input
