@@ -617,6 +617,7 @@ class Prediction:
     measured_run: str | None = None
     measured_wall: float | None = None
     measured_training: float | None = None
+    measured_unfinished: str | None = None  # why the measured run is not a finished one
     details: dict | None = None        # what the model of this prediction computed on the way
 
     @property
@@ -625,8 +626,9 @@ class Prediction:
 
     @property
     def error(self) -> float | None:
-        """(predicted - measured) / measured wall time."""
-        if self.wall is None or not self.measured_wall:
+        """(predicted - measured) / measured wall time (None against a run that did not finish:
+        its wall is not the time of the whole run)."""
+        if self.wall is None or not self.measured_wall or self.measured_unfinished is not None:
             return None
         return self.wall / self.measured_wall - 1.0
 
@@ -644,7 +646,7 @@ class Prediction:
         if self.measured_run is not None:
             out.update({"measured_run": self.measured_run, "measured_wall_seconds": self.measured_wall,
                         "measured_training_seconds": self.measured_training,
-                        "wall_error": self.error})
+                        "measured_unfinished": self.measured_unfinished, "wall_error": self.error})
         return out
 
 
@@ -830,17 +832,20 @@ def check_work(plans: list[tuple[str, int]], progress: Callable[[str], None] | N
 
 
 def _attach_measured(pred: Prediction, target: Target, runs: list[report_mod.Run]) -> None:
-    """A given run of this schedule, rank count and problem: its measured wall and training time."""
-    for run in runs:
-        cfg = run.config
-        if (cfg.get("run", {}).get("schedule") != pred.schedule or run.world_size != pred.ranks
-                or report_mod.problem_differences(target.raw, cfg)
-                or cfg.get("train", {}).get("threads") != target.raw.get("train", {}).get("threads")):
-            continue
+    """A given run of this schedule, rank count and problem: its measured wall and training time
+    (a finished run before one that did not finish, which gets no error: see
+    ``Prediction.measured_unfinished``)."""
+    matching = [run for run in runs
+                if run.config.get("run", {}).get("schedule") == pred.schedule and run.world_size == pred.ranks
+                and not report_mod.problem_differences(target.raw, run.config)
+                and run.config.get("train", {}).get("threads") == target.raw.get("train", {}).get("threads")]
+    matching.sort(key=lambda run: report_mod.unfinished(run) is not None)
+    for run in matching[:1]:
         pred.measured_run = run.path
         pred.measured_wall = run.wall
         pred.measured_training = report_mod.training_phase(run).seconds
-        return
+        why = report_mod.unfinished(run)
+        pred.measured_unfinished = None if why is None else f"{run.name} did not finish: {why}"
 
 
 def _assumptions(profile: Profile, target: Target, network: Network, used: Contention,
@@ -878,6 +883,9 @@ def _assumptions(profile: Profile, target: Target, network: Network, used: Conte
             else " Packing and unpacking are not modelled: no run sent messages to measure them by "
                  "(pass a multi-rank run to include them).")),
     ]
+    if (why := report_mod.unfinished(run)) is not None:
+        out.append(f"The source run did not finish ({why}): the task times are those of the "
+                   "chapters it ran, its setup and end as far as it got.")
     if network.ranks_per_node > 1:
         if used.slowdown > 0:
             out.append(f"Ranks sharing a node slow each other: {used.note}; a rank's work runs "
@@ -943,6 +951,7 @@ def prediction_table(outcome: Outcome) -> str:
         rows.append([p.schedule, str(p.ranks), str(p.nodes), _num(p.wall, ",.1f"), _num(p.training, ",.1f"),
                      _num(p.speedup, ".2f"), report_mod._pct(p.efficiency), report_mod._pct(p.bubble),
                      report_mod._bytes(p.bytes_moved), _num(p.measured_wall, ",.1f"),
+                     f"– ({p.measured_unfinished})" if p.measured_unfinished else
                      "–" if p.error is None else f"{100 * p.error:+.1f} %"])
     return report_mod._table(headers, rows, numeric_from=1)
 
@@ -971,9 +980,9 @@ def plot_speedup(outcome: Outcome, path_png: str) -> None:
         if xs[0] > 1:  # start every curve at the baseline
             xs, ys = [1] + xs, [1.0] + ys
         line, = ax.plot(xs, ys, marker="o", label=f"{schedule}, predicted")
-        meas = [p for p in pts if p.measured_wall]
+        meas = [p for p in pts if p.measured_wall and p.measured_unfinished is None]
         base = next((b for b in outcome.predictions if b.schedule == "sequential" and b.ranks == 1), None)
-        if meas and base is not None and base.measured_wall:
+        if meas and base is not None and base.measured_wall and base.measured_unfinished is None:
             ax.plot([p.ranks for p in meas], [base.measured_wall / p.measured_wall for p in meas],
                     linestyle="none", marker="x", markersize=9, color=line.get_color(),
                     label=f"{schedule}, measured")

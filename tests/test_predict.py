@@ -118,6 +118,40 @@ def test_all_layers_on_two_ranks_worked_by_hand(seq_run):
     assert al.messages == 6 and al.bytes_moved == 3 * (LAYER0_BYTES + LAYER1_BYTES)
 
 
+@pytest.mark.parametrize("info, why", [
+    ({"status": "preempted"}, "run.json says status 'preempted'"),
+    ({"status": "running"}, "run.json says status 'running'"),
+    ({"status": "failed"}, "run.json says status 'failed'"),
+])
+def test_a_measured_run_that_did_not_finish_gets_no_error(seq_run, tmp_path, capsys, info, why):
+    # its wall is not a whole run's: the error column used to show -60 % with no word
+    al = make_run(tmp_path / "al", [sequential_spans(1), sequential_spans(1)], make_config("all_layers"),
+                  info=info)
+    out = predict.predict([load_run(seq_run), load_run(al)], ranks=[1, 2], schedules=["sequential", "all_layers"],
+                          network=IDEAL)
+    p = _by(out, "all_layers", 2)
+    assert p.measured_wall == pytest.approx(load_run(al).wall) and p.error is None
+    assert p.measured_unfinished == f"al did not finish: {why}"
+    assert p.record()["wall_error"] is None and p.record()["measured_unfinished"] == p.measured_unfinished
+    assert f"| – (al did not finish: {why}) |" in predict.prediction_table(out)
+    assert _by(out, "sequential", 1).error == pytest.approx(0.0, abs=1e-9)  # the finished one still has its error
+    # the same run as the source: the assumptions say so
+    alone = predict.predict([load_run(al)], ranks=[2], schedules=["all_layers"], network=IDEAL)
+    assert any(a.startswith(f"The source run did not finish ({why})") for a in alone.assumptions)
+
+
+def test_a_finished_measured_run_is_taken_before_an_unfinished_one(seq_run, tmp_path):
+    pre = make_run(tmp_path / "seq-pre", [sequential_spans(2)], make_config("sequential"),
+                   info={"status": "preempted"})
+    out = predict.predict([load_run(seq_run), load_run(pre)], ranks=[1], schedules=["sequential"],
+                          network=IDEAL)
+    p = _by(out, "sequential", 1)
+    assert p.measured_run == seq_run and p.measured_unfinished is None and p.error == pytest.approx(0.0, abs=1e-9)
+    out = predict.predict([load_run(seq_run), load_run(pre)][::-1], ranks=[1], schedules=["sequential"],
+                          network=IDEAL)
+    assert _by(out, "sequential", 1).measured_run == seq_run
+
+
 def test_message_latency_in_a_prediction(seq_run):
     # as above with 0.5 s on every message: rank 1 T0 [2.5,4.5] fwd [4.5,5] T1 waits 6 -> [6,9];
     # rank 0 T0 [5.5,7.5] fwd [7.5,8] T1 waits 9.5 -> [9.5,12.5]; rank 1 T0 [9,11] fwd [11,11.5]
