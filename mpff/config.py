@@ -441,6 +441,12 @@ def resolve_config_path(path: str) -> str:
     its bare name (``tiny``) or file name (``tiny.toml``), so presets work from any directory."""
     if os.path.isfile(path):
         return path
+    if os.path.isdir(path):
+        raise ConfigError(f"config file {path!r} is a directory; give a TOML file in it (such as "
+                          f"{os.path.join(path, 'config.toml')!r}) or a preset name ({', '.join(preset_names())})")
+    if os.path.exists(path):
+        raise ConfigError(f"config file {path!r} is not a regular file; give a TOML file or a preset name "
+                          f"({', '.join(preset_names())})")
     name = path[:-5] if path.endswith(".toml") else path
     if os.sep not in path and (os.altsep is None or os.altsep not in path) and name in preset_names():
         # resources.files is a real directory for a normal (or editable) install, not a zip

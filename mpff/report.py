@@ -203,6 +203,12 @@ def load_run(run_dir: str) -> Run:
     run_dir = os.path.normpath(run_dir)
     trace_dir = os.path.join(run_dir, "trace")
     info_path = os.path.join(run_dir, "run.json")
+    if os.path.exists(run_dir) and not os.path.isdir(run_dir):
+        parent = os.path.dirname(run_dir) or "."
+        inside = os.path.isfile(os.path.join(parent, "run.json")) or os.path.isdir(os.path.join(parent, "trace"))
+        raise ConfigError(f"{run_dir} is a file, not a run directory; pass "
+                          + (f"the run directory that holds it, {parent}" if inside else
+                             "the --out directory of an 'mpff train' run"))
     if not os.path.isdir(run_dir):
         raise ConfigError(f"run directory {run_dir} does not exist; pass the --out directory of "
                           "an 'mpff train' run")

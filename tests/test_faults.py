@@ -617,7 +617,7 @@ def test_a_binary_config_file(ws):
 def test_a_config_that_is_a_directory(ws):
     out = os.path.join(ws, "run")
     r = launch([PY, "-m", "mpff", "train", "--config", ws, "--out", out])
-    check(r, out, code=2, line=f"config file {ws!r} not found", status=None)
+    check(r, out, code=2, line=f"config file {ws!r} is a directory; give a TOML file in it", status=None)
 
 
 def test_a_truncated_model_file_is_one_clear_error(stopped_run, ws):
@@ -724,6 +724,28 @@ def test_predict_on_no_images_gives_no_labels(model):
     raw = np.random.default_rng(1).integers(0, 256, (4, 28, 28)).astype(np.uint8)
     assert model.predict(raw).shape == (4,)  # raw pixels, uint8 or float, are fine
     assert np.array_equal(model.predict(raw.astype(np.float32)).numpy(), model.predict(raw).numpy())
+
+
+def test_predict_takes_one_flat_image_and_any_byte_order(model):
+    # (784,) was "expected 784 values per sample"; a big-endian array "must be an array of numbers"
+    raw = np.random.default_rng(2).integers(0, 256, (3, 784)).astype(np.uint8)
+    want = model.predict(raw).numpy()
+    one = model.predict(raw[1])
+    assert one.shape == (1,) and one.numpy()[0] == want[1]
+    for dtype in (">f4", ">f8", ">i2", ">u2"):
+        assert np.array_equal(model.predict(raw.astype(dtype)).numpy(), want), dtype
+    assert np.array_equal(model.predict(raw[::-1]).numpy(), want[::-1])  # a reversed view
+
+
+@pytest.mark.parametrize("images, message", [
+    (np.zeros((28, 28), np.uint8), "that is one image's values: pass it as shape (784,) or (1, 28, 28)"),
+    (np.zeros((2, 100), np.uint8), "pass shape (n, 784), or any (n, ...) whose rows hold 784 values"),
+    (np.array([None] * 784), "not dtype object; pass uint8 pixels 0..255 or floats"),
+])
+def test_predict_says_exactly_what_shape_or_dtype_to_pass(model, images, message):
+    with pytest.raises(ValueError) as info:
+        model.predict(images)
+    assert message in str(info.value) and "\n" not in str(info.value), info.value
 
 
 def test_there_are_enough_fault_cases():
