@@ -338,7 +338,7 @@ def _toml_value(value: Any) -> str:
         return repr(value)
     if isinstance(value, int):
         return str(value)
-    return json.dumps(value).replace("\x7f", "\\u007f")  # TOML strings may not hold a raw DEL
+    return json.dumps(value)
 
 
 def _coerce(section: str, key: str, value: Any, annotation: str) -> Any:

@@ -12,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from mpff.config import Config, ConfigError, from_dict, load, parse_override, tomllib
+from mpff.config import Config, ConfigError, from_dict, load, parse_override
 
 # ------------------------------------------------------------------------------ defaults
 
@@ -158,14 +158,6 @@ def test_a_set_value_config_toml_cannot_hold_is_refused(text, what):
     with pytest.raises(ConfigError) as info:
         parse_override(text)
     assert what in str(info.value) and "which config.toml cannot hold" in str(info.value), info.value
-
-
-def test_a_tab_and_quoted_escapes_round_trip_through_config_toml():
-    cfg = load(None, ['data.path="a\tb"'])
-    assert cfg.data.path == "a\tb"
-    assert tomllib.loads(cfg.to_toml())["data"]["path"] == "a\tb"
-    odd = Config().replace(data={"path": "a\x7fb\x01"})  # a preset's escapes, written back
-    assert tomllib.loads(odd.to_toml())["data"]["path"] == "a\x7fb\x01"
 
 
 def test_overrides_apply_in_order_over_the_preset():
