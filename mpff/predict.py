@@ -1102,11 +1102,14 @@ def main(argv: list[str] | None = None) -> int:
         network = Network(_link(args.network, args.latency, args.bandwidth, ""),
                           _link(args.intra, args.intra_latency, args.intra_bandwidth, "intra-"),
                           args.ranks_per_node)
+        out = args.out or os.path.join(args.runs[0], "predict")
+        if os.path.lexists(out) and not os.path.isdir(out):  # before minutes of simulating
+            raise ConfigError(f"--out {out} is a file; the prediction is a directory of files, "
+                              "choose another --out")
         runs = [report_mod.load_run(d) for d in args.runs]
         outcome = predict(runs, ranks=_rank_list(args.ranks), schedules=schedules, network=network,
                           contention=contention, overrides=args.overrides, adaptive_lag=args.adaptive_lag,
                           progress=lambda line: print(f"mpff predict: {line}", file=sys.stderr, flush=True))
-        out = args.out or os.path.join(args.runs[0], "predict")
         write_outputs(outcome, out)
     except ConfigError as exc:
         print(f"mpff predict: error: {report_mod._one_line(exc)}", file=sys.stderr)

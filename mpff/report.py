@@ -1645,6 +1645,8 @@ def run_report(run_dirs: list[str] | str, baseline: str | None = None, out: str 
     summaries = [analyze_run(d, simulate) for d in run_dirs]
     base = analyze_run(baseline, simulate) if baseline else None
     out = out or default_out(run_dirs)
+    if os.path.lexists(out) and not os.path.isdir(out):
+        raise ConfigError(f"--out {out} is a file; a report is a directory of files, choose another --out")
     try:
         if len(summaries) == 1:
             s = summaries[0]

@@ -197,7 +197,6 @@ BAD_CLI = {
     "subset_too_large": (["--set", "data.train_subset=70000"], "data.train_subset = 70000 exceeds"),
     "federated_shards": (["--set", "run.schedule=federated", "--set", "data.shards=3"],
                          "federated needs one data shard per rank"),
-    "newline_in_set": (["--set", "train.epochs=2\ntrain.lr=0.5"], "holds a line break, which config.toml"),
 }
 
 

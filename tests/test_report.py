@@ -346,6 +346,12 @@ def test_a_file_is_not_a_run_directory(tmp_path, capsys):
         assert f"is a file, not a run directory; pass the run directory that holds it, {run}" in \
             capsys.readouterr().err
     assert not (tmp_path / "run" / "report").exists()
+    # and a file as --out (it was "cannot write ... (File exists)")
+    _expect_error(capsys, [run, "--out", str(tmp_path / "notes.txt")], "notes.txt is a file; a report is a "
+                  "directory of files, choose another --out")
+    assert predict.main([run, "--out", str(tmp_path / "notes.txt")]) == 2  # said before anything is read
+    assert "notes.txt is a file; the prediction is a directory" in capsys.readouterr().err
+    assert (tmp_path / "notes.txt").read_text() == "hello"
 
 
 def test_a_bad_baseline_is_an_error_too(tmp_path, capsys):
