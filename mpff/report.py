@@ -981,7 +981,8 @@ def predict_runs(summaries: list[RunSummary]) -> tuple[list[float | None], list[
         problems.setdefault(key, []).append(i)
     for idx in problems.values():
         members = [summaries[i] for i in idx]
-        source = min(members, key=lambda m: (m.setting("run", "schedule") != "sequential",
+        source = min(members, key=lambda m: (unfinished(m.run) is not None,  # its times are partial
+                                             m.setting("run", "schedule") != "sequential",
                                              m.run.world_size, _seed(m) != 0))
         per_host = max(max(sum(1 for rt in m.run.ranks if rt.host == h) for h in {rt.host for rt in m.run.ranks})
                        for m in members)

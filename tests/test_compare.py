@@ -204,6 +204,15 @@ def test_predicted_time_beside_the_measured_one(four_runs, tmp_path):
     assert data["runs"][0]["predicted_wall_seconds"] == pytest.approx(24.2)
 
 
+def test_predictions_come_from_a_finished_run_first(four_runs, tmp_path):
+    # a preempted Sequential run (seed 0, the one picked before) has the times of part of a run
+    pre = make_run(tmp_path / "seq-pre", [sequential_spans(2)], make_config("sequential"),
+                   info={"status": "preempted"})
+    summaries = [report.analyze_run(d) for d in (pre, four_runs["seq-seed1"], four_runs["al-seed0"])]
+    _, _, notes = report.predict_runs(summaries)
+    assert [n.split(":")[0] for n in notes] == ["predicted from seq-seed1"], notes
+
+
 # ------------------------------------------------------------------------------ writing again
 
 def test_writing_again_replaces_the_report_and_nothing_else(four_runs, tmp_path, monkeypatch):
