@@ -44,9 +44,10 @@ FIXED_SETTINGS = (("model", "dims"), ("train", "batch_size"), ("train", "classif
 FULL_SIZES = {"mnist": (60000, 10000), "cifar10": (50000, 10000)}
 DEFAULT_RANKS = (1, 2, 4, 8, 16)
 #: The most work one prediction may simulate, in tasks (a plan of T tasks on N ranks counts
-#: T + N), all plans together. The simulator does about 15,000 tasks a second on a laptop
-#: core, so this is about a minute (docs/predict.md); past it the command refuses at once
-#: instead of running for minutes with memory growing (about 0.8 KB a task while a plan lives).
+#: T + N), all plans together. Building and simulating a plan took about 16,000 tasks a
+#: second on one shared core here (997,000 tasks in 63 s, 128 MB; docs/predict.md), so this is
+#: about a minute; past it the command refuses at once instead of running for minutes with
+#: memory growing.
 MAX_SIMULATED_TASKS = 1_000_000
 #: Above this much work the command says what it is simulating, plan by plan, on stderr.
 PROGRESS_TASKS = 100_000
