@@ -47,6 +47,8 @@ class Comm:
         self.poll_interval = poll_interval
         attr = self.world.Get_attr(MPI.TAG_UB)
         self.tag_ub = int(attr) if attr is not None else 32767
+        #: every rank's host, by rank, so a rank that waits too long can say where its peer runs
+        self.hosts: list[str] = self.world.allgather(MPI.Get_processor_name())
 
     # ----- set-up helpers (blocking collectives are fine outside the training loop) -----
     def node_local_rank(self) -> tuple[int, int]:

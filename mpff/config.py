@@ -16,6 +16,7 @@ import json
 import math
 import os
 import sys
+import unicodedata
 from dataclasses import dataclass, field, fields
 from importlib import resources
 from typing import Any
@@ -460,10 +461,31 @@ def from_dict(data: dict[str, Any], name: str = "run") -> Config:
     return Config(name=str(name), **kwargs)
 
 
+def _unwritable(text: str) -> str | None:
+    """What in ``text`` cannot round-trip through a TOML file (config.toml): a newline or another
+    control character (TOML would read what follows it as more settings, or refuse it), or a
+    lone surrogate (bytes of the command line that are not UTF-8)."""
+    for ch in text:
+        if ch == "\n" or ch == "\r":
+            return "a line break"
+        if unicodedata.category(ch) == "Cc" and ch != "\t":
+            return f"the control character {ch!r}"
+        if unicodedata.category(ch) == "Cs":
+            return "bytes that are not UTF-8 text"
+    return None
+
+
 def parse_override(text: str) -> tuple[str, str, Any]:
-    """Parse 'section.key=value' where value is TOML (bare words are taken as strings)."""
+    """Parse 'section.key=value' where value is TOML (bare words are taken as strings). One
+    setting per --set: a value holding a line break (or anything config.toml could not hold)
+    is refused, not cut where TOML's next line would begin."""
     if "=" not in text or "." not in text.split("=", 1)[0]:
         raise ConfigError(f"--set {text!r} must look like section.key=value, e.g. train.epochs=4")
+    bad = _unwritable(text)
+    if bad is not None:
+        raise ConfigError(f"--set {text!r} holds {bad}, which config.toml cannot hold; "
+                          + ("give one setting per --set, on one line, e.g. --set train.epochs=4 "
+                             "--set train.lr=0.1" if bad == "a line break" else "remove it"))
     lhs, rhs = text.split("=", 1)
     section, key = lhs.strip().split(".", 1)
     try:
@@ -484,6 +506,12 @@ def resolve_config_path(path: str) -> str:
     its bare name (``tiny``) or file name (``tiny.toml``), so presets work from any directory."""
     if os.path.isfile(path):
         return path
+    if os.path.isdir(path):
+        raise ConfigError(f"config file {path!r} is a directory; give a TOML file in it (such as "
+                          f"{os.path.join(path, 'config.toml')!r}) or a preset name ({', '.join(preset_names())})")
+    if os.path.exists(path):
+        raise ConfigError(f"config file {path!r} is not a regular file; give a TOML file or a preset name "
+                          f"({', '.join(preset_names())})")
     name = path[:-5] if path.endswith(".toml") else path
     if os.sep not in path and (os.altsep is None or os.altsep not in path) and name in preset_names():
         # resources.files is a real directory for a normal (or editable) install, not a zip

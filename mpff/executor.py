@@ -117,7 +117,8 @@ class Executor:
         for i in range(len(self.tasks) - 1, -1, -1):
             low = min(low, self.tasks[i].chapter)
             self._pending_from[i] = low
-        self._sends: list[tuple[Any, np.ndarray]] = []
+        #: posted sends: (request, the packed buffer MPI reads, what it is and to whom)
+        self._sends: list[tuple[Any, np.ndarray, Transfer]] = []
         #: bytes of receive buffers posted ahead and not yet taken in (see _post_recvs)
         self._posted_bytes = 0
         self.recv_budget = recv_budget
@@ -141,7 +142,7 @@ class Executor:
                 except Exception:  # pragma: no cover - already complete or finalized
                     pass
         _KEEP_ALIVE.extend(rv.array for rv in self._recvs.values())
-        _KEEP_ALIVE.extend(a for _, a in self._sends)
+        _KEEP_ALIVE.extend(a for _, a, _ in self._sends)
         _KEEP_ALIVE.extend(self.reporter.buffers())
         self._recvs.clear()
         self._sends.clear()
@@ -196,8 +197,8 @@ class Executor:
         for b, rv in list(self._recvs.items()):
             if not rv.unpacked:
                 self._wait(rv.req, f"{_name(b)} from rank {rv.transfer.peer}", peer=rv.transfer.peer)
-        for req, _ in self._sends:
-            self._wait(req, "a send to complete")
+        for req, _, tr in self._sends:
+            self._wait(req, f"{_name(tr.buf)}, sent to rank {tr.peer}, to be received", peer=tr.peer)
         self._sends.clear()
 
     # ------------------------------------------------------------------ messages
@@ -248,7 +249,7 @@ class Executor:
             req = self.comm.isend(array, tr.peer, tr.tag)
             self.tracer.add_span("send", tr.buf.chapter, tr.buf.index, start, self.tracer.now(),
                                  array.nbytes, tr.peer)
-            self._sends.append((req, array))  # keep the buffer alive until the send completes
+            self._sends.append((req, array, tr))  # keep the buffer alive until the send completes
             self.result.bytes_sent += array.nbytes
 
     def _wait(self, req: Any, what: str, peer: int = -1) -> None:
@@ -258,14 +259,23 @@ class Executor:
             self._idle()
             if self.stall_timeout and time.monotonic() - start > self.stall_timeout:
                 raise Stalled(f"rank {self.rank} waited {self.stall_timeout:g} s for {what} "
-                              f"(run.stall_timeout); rank {peer if peer >= 0 else '?'} is stuck or "
-                              "far slower than its peers", peer=peer)
+                              f"(run.stall_timeout); {self._who(peer)} is stuck or far slower than "
+                              "its peers", peer=peer)
             time.sleep(self.comm.poll_interval)
+
+    def _who(self, peer: int) -> str:
+        """'rank 3 on host node7' (the host as the ranks told each other at start-up)."""
+        hosts = getattr(self.comm, "hosts", None) or []
+        if not 0 <= peer < len(hosts):
+            return f"rank {peer}"
+        here = 0 <= self.rank < len(hosts) and hosts[self.rank] == hosts[peer]
+        return f"rank {peer} on host {hosts[peer]}" + (" (this rank's host too)" if here else
+                                                       f" (this rank runs on {hosts[self.rank]})")
 
     def _idle(self) -> None:
         self._check_stop()
         if self._sends:
-            self._sends = [(r, a) for r, a in self._sends if not self.comm.test(r)]
+            self._sends = [s for s in self._sends if not self.comm.test(s[0])]
         self.reporter.poll()
 
     def _check_stop(self) -> None:
@@ -289,6 +299,7 @@ class Executor:
 
 
 def _name(b: Buf) -> str:
-    what = {"layer": f"layer {b.index + 1}", "head": "the softmax head", "neg": "the negatives"}.get(
-        b.kind, f"{b.kind} {b.index}")
+    """A buffer as a user reads it: its kind, layer (1-based) and chapter (1-based)."""
+    what = {"layer": f"layer {b.index + 1}", "head": "the softmax head", "neg": "the negatives",
+            "act": f"the outputs of layer {b.index + 1}", "model": "the model"}.get(b.kind, f"{b.kind} {b.index}")
     return f"{what} of chapter {b.chapter + 1}"

@@ -20,7 +20,8 @@ Files are created with the permissions the umask gives a new file (0644 under um
 like any file a program writes, not mkstemp's private 0600: a group can read its runs.
 
 ``mpff.load_model(path).predict(images)`` classifies raw images (uint8 0..255, any shape with
-``input_dim`` values per sample) with the goodness or softmax classifier.
+``input_dim`` values per sample, any byte order; one flat image of ``input_dim`` values is one
+row and gets one label) with the goodness or softmax classifier.
 
 A backprop model (``mpff.backprop``) has the same file with ``algorithm = "backprop"`` at the
 root (FF files written before that attribute existed read as FF), ``/layers/<k>`` for every
@@ -196,17 +197,31 @@ def _normalize_images(images, mean: torch.Tensor, std: torch.Tensor, scale: floa
     labels (a wrong size, NaN or infinity, values outside the data's range, images already
     scaled to 0..1) is a ValueError with one line that says what to pass instead."""
     dim = mean.shape[0]
+    if not torch.is_tensor(images):
+        images = np.asarray(images)
+        if images.dtype.kind in "iuf" and not images.dtype.isnative:
+            # torch takes native byte order only; the values are the same in ours
+            images = images.astype(images.dtype.newbyteorder("="))
+        if images.dtype.kind in "iufb" and any(st < 0 for st in images.strides):
+            images = np.ascontiguousarray(images)  # a reversed view (x[::-1]): torch refuses those
     try:
-        x = torch.as_tensor(images if torch.is_tensor(images) else _writable(np.asarray(images)))
+        x = torch.as_tensor(images if torch.is_tensor(images) else _writable(images))
     except (TypeError, ValueError, RuntimeError):
-        raise ValueError(f"images must be an array of numbers ({dim} per sample)") from None
+        kind = getattr(images, "dtype", None)
+        raise ValueError(f"images must be an array of numbers ({dim} per sample), not dtype {kind}; "
+                         "pass uint8 pixels 0..255 or floats") from None
     if x.ndim == 0:
         raise ValueError(f"images must be an array of samples ({dim} values each), not a scalar")
     if x.dtype == torch.bool or x.is_complex():
         raise ValueError(f"images have dtype {x.dtype}; pass numbers (uint8 pixels 0..255)")
+    if x.ndim == 1 and x.numel() == dim:
+        x = x.reshape(1, dim)  # one image, flat: one row (its label comes back as shape (1,))
     n = x.shape[0]
     if x.numel() != n * dim or (n == 0 and x.ndim > 1 and int(np.prod(x.shape[1:])) != dim):
-        raise ValueError(f"expected {dim} values per sample, got an array of shape {tuple(x.shape)}")
+        one = f" (that is one image's values: pass it as shape ({dim},) or {(1, *x.shape)})" \
+            if x.numel() == dim else ""
+        raise ValueError(f"expected {dim} values per sample, got an array of shape {tuple(x.shape)}{one}; "
+                         f"pass shape (n, {dim}), or any (n, ...) whose rows hold {dim} values")
     x = x.reshape(n, dim).to(torch.float32)
     if n == 0:
         return x

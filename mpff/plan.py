@@ -19,6 +19,7 @@ pipeline bubble.
 
 from __future__ import annotations
 
+import heapq
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -195,6 +196,7 @@ class Plan:
         for c, r in self.moved_evals.items():
             if Task("eval", c) in self.rank_of:
                 self.rank_of[Task("eval", c)] = r
+        self._by_rank: list[list[Task]] | None = None
         self.producer: dict[Buf, Task] = {}
         for t in self.tasks:
             for b in self.outputs(t):
@@ -281,12 +283,13 @@ class Plan:
 
     def _global_order(self) -> list[Task]:
         tasks = []
+        deferred = self._deferred()
         for c in range(self.start_chapter, self.num_chapters):
             for k in range(1 if self.backprop else self.num_layers):
                 tasks.append(Task("train", c, k))
                 if self.ship and k + 1 < self.num_layers and self.owner[k + 1] != self.owner[k]:
                     tasks.append(Task("ship", c, k))
-            for e in self._deferred_to(c):
+            for e in deferred.get(c, ()):
                 tasks.append(Task("eval", e))
             if self.softmax:
                 tasks.append(Task("head", c))
@@ -303,13 +306,16 @@ class Plan:
         (the last layer of chapter c is done about that many chapters after the rank's own)."""
         return self.world_size - rank
 
-    def _deferred_to(self, c: int) -> list[int]:
-        """The moved evaluations that run after the training of chapter ``c`` (the chapter
+    def _deferred(self) -> dict[int, list[int]]:
+        """Chapter c -> the moved evaluations that run after its training (the chapter
         ``eval_delay`` later, or the last chapter for those that would fall beyond it); only
         chapters of this plan (a resumed run's checkpoint came after the earlier ones)."""
         last = self.num_chapters - 1
-        return [e for e, r in sorted(self.moved_evals.items())
-                if e >= self.start_chapter and min(e + self.eval_delay(r), last) == c]
+        out: dict[int, list[int]] = {}
+        for e, r in sorted(self.moved_evals.items()):
+            if e >= self.start_chapter:
+                out.setdefault(min(e + self.eval_delay(r), last), []).append(e)
+        return out
 
     def network(self, c: int) -> list[Buf]:
         """Everything a whole-network task after chapter c needs."""
@@ -380,12 +386,16 @@ class Plan:
         self.recvs: list[list[tuple[Task, Transfer]]] = [[] for _ in range(self.world_size)]
         first_use: dict[tuple[Buf, int], Task] = {}
         full_needed: dict[tuple[Buf, int], bool] = {}
+        negatives = [b for b in self.producer if b.kind == "neg"] if self.newest else []
+        heard: set[int] = set()
         for t in self.tasks:
             r = self.rank_of[t]
             ins = self.inputs(t)
-            if self.newest and t.kind == "train":
-                # newest mode: every rank that trains hears every negatives update, never waits
-                ins = ins + [(b, False) for b in self.producer if b.kind == "neg" and b.chapter > t.chapter]
+            if self.newest and t.kind == "train" and r not in heard:
+                # newest mode: every rank that trains hears every negatives update, never waits;
+                # its first train task (the earliest chapter) is the first use of all it hears
+                heard.add(r)
+                ins = ins + [(b, False) for b in negatives if b.chapter > t.chapter]
             for b, trainable in ins:
                 if self.is_initial(b) or self.rank_of[self.producer[b]] == r:
                     continue
@@ -401,8 +411,15 @@ class Plan:
             self.recvs[r].append((t, Transfer(b, src, full, self.tag(b))))
 
     def rank_tasks(self, rank: int) -> list[Task]:
-        return [t for t in self.tasks
-                if self.rank_of[t] == rank or (self.replicated and t.kind == "train")]
+        if self._by_rank is None:  # one pass over the tasks for every rank, not one per rank
+            self._by_rank = [[] for _ in range(self.world_size)]
+            for t in self.tasks:
+                if self.replicated and t.kind == "train":
+                    for tasks in self._by_rank:
+                        tasks.append(t)
+                else:
+                    self._by_rank[self.rank_of[t]].append(t)
+        return list(self._by_rank[rank])
 
     def final_rank(self) -> int:
         return self.rank_of[Task("final", self.num_chapters - 1)]
@@ -528,64 +545,80 @@ class Plan:
                               else float(latency))
                     prog.append(("post", (tr.buf, tr.peer), flight))
 
+        # Event-driven: only ranks whose state can change are visited (a rank that finished a
+        # step, or whose awaited message was posted or has arrived), so a step costs the
+        # ranks at work, not the world size (1024 ranks x 1024 chapters: 31 s -> a second).
         now = 0.0
         pos = [0] * n
         left: list[float | None] = [None] * n   # seconds of work (alone) left in the current step
         arrival: dict[tuple[Buf, int], float] = {}
+        waiter: dict[tuple[Buf, int], int] = {}  # a message not yet posted -> the rank waiting for it
+        due: list[tuple[float, int]] = []         # (arrival, rank) of waits on posted messages
+        working: set[int] = set()
         busy = [0.0] * n
         done_at = [0.0] * n
         finish: dict[Task, float] = {}
+        ready = list(range(n))
         while True:
-            changed = True
-            while changed:  # take every step that needs no time; a post may release a waiting rank
-                changed = False
-                for r in range(n):
-                    prog = programs[r]
-                    while pos[r] < len(prog):
-                        step = prog[pos[r]]
-                        if step[0] == "wait":
-                            if arrival.get(step[1], np.inf) > now:
-                                break
-                        elif step[0] == "post":
-                            arrival[step[1]] = now + step[2]
-                        else:
-                            if left[r] is None:
-                                left[r] = max(step[1], 0.0)
-                            if left[r] > 0.0:
-                                break
-                            left[r] = None
-                            if step[2] is not None:
-                                finish[step[2]] = now
-                        pos[r] += 1
-                        done_at[r] = now
-                        changed = True
-            working = [r for r in range(n) if pos[r] < len(programs[r]) and programs[r][pos[r]][0] == "work"]
-            waiting = [programs[r][pos[r]][1] for r in range(n)
-                       if pos[r] < len(programs[r]) and programs[r][pos[r]][0] == "wait"]
-            if not working and not waiting:
+            while ready:  # take every step that needs no time; a post may release a waiting rank
+                r = ready.pop()
+                prog = programs[r]
+                while pos[r] < len(prog):
+                    step = prog[pos[r]]
+                    if step[0] == "wait":
+                        at = arrival.get(step[1])
+                        if at is None:
+                            waiter[step[1]] = r
+                            break
+                        if at > now:
+                            heapq.heappush(due, (at, r))
+                            break
+                    elif step[0] == "post":
+                        at = arrival[step[1]] = now + step[2]
+                        other = waiter.pop(step[1], None)
+                        if other is not None:
+                            if at > now:
+                                heapq.heappush(due, (at, other))
+                            else:
+                                ready.append(other)
+                    else:
+                        if left[r] is None:
+                            left[r] = max(step[1], 0.0)
+                        if left[r] > 0.0:
+                            working.add(r)
+                            break
+                        left[r] = None
+                        if step[2] is not None:
+                            finish[step[2]] = now
+                    pos[r] += 1
+                    done_at[r] = now
+            if not working and not due:
+                if waiter:  # pragma: no cover - the global order rules this out
+                    raise AssertionError(f"simulated deadlock at t = {now}: ranks wait for {list(waiter)}")
                 break
-            arrivals = [arrival[k] for k in waiting if k in arrival]
             if not working:
-                if not arrivals:  # pragma: no cover - the global order rules this out
-                    raise AssertionError(f"simulated deadlock at t = {now}: ranks wait for {waiting}")
-                now = min(arrivals)
-                continue
-            per_node: dict[int, int] = {}
-            for r in working:
-                per_node[node[r]] = per_node.get(node[r], 0) + 1
-            slow = {r: 1.0 + contention * (per_node[node[r]] - 1) for r in working}
-            step_end = min(left[r] * slow[r] for r in working)
-            if arrivals and min(arrivals) - now < step_end:
-                dt, new_now = min(arrivals) - now, min(arrivals)
+                now = due[0][0]
             else:
-                dt, new_now = step_end, now + step_end
-            for r in working:
-                busy[r] += dt
-                if left[r] * slow[r] <= dt:
-                    left[r] = 0.0  # ends now (exactly: no rounding left over)
+                per_node: dict[int, int] = {}
+                for r in working:
+                    per_node[node[r]] = per_node.get(node[r], 0) + 1
+                slow = {r: 1.0 + contention * (per_node[node[r]] - 1) for r in working}
+                step_end = min(left[r] * slow[r] for r in working)
+                if due and due[0][0] - now < step_end:
+                    dt, new_now = due[0][0] - now, due[0][0]
                 else:
-                    left[r] -= dt / slow[r]
-            now = new_now
+                    dt, new_now = step_end, now + step_end
+                for r in list(working):
+                    busy[r] += dt
+                    if left[r] * slow[r] <= dt:
+                        left[r] = 0.0  # ends now (exactly: no rounding left over)
+                        working.discard(r)
+                        ready.append(r)
+                    else:
+                        left[r] -= dt / slow[r]
+                now = new_now
+            while due and due[0][0] <= now:
+                ready.append(heapq.heappop(due)[1])
         return SimResult(makespan=max(done_at) if done_at else 0.0, busy=busy, finish=finish,
                          messages=messages, bytes_moved=total_bytes)
 
@@ -593,6 +626,24 @@ class Plan:
 def build_plan(cfg: Config, world_size: int, start_chapter: int = 0, n_train: int | None = None,
                num_classes: int | None = None) -> Plan:
     return Plan(cfg, world_size, start_chapter, n_train, num_classes)
+
+
+def count_tasks(cfg: Config, world_size: int) -> int:
+    """How many tasks the plan of ``cfg`` on ``world_size`` ranks has, counted without building
+    it (so a caller can refuse a plan too big to build): ``len(build_plan(cfg, n).tasks)``."""
+    chapters, layers = cfg.train.chapters, cfg.model.num_layers
+    backprop = cfg.train.algorithm == "backprop"
+    n = chapters * (1 if backprop else layers)
+    if not backprop:
+        if cfg.run.schedule == "single_layer" and cfg.run.inputs == "ship" and 1 < world_size <= layers:
+            n += chapters * (world_size - 1)   # one ship task per block boundary and chapter
+        if cfg.train.classifier == "softmax":
+            n += chapters
+        if cfg.train.negatives == "adaptive":
+            n += max(chapters - 1 - cfg.train.adaptive_lag, 0)
+    every = cfg.train.eval_every
+    n += (chapters // every + (1 if chapters % every else 0)) if every else 1
+    return n + 1  # the final model write
 
 
 def pipeline_bubble(num_chapters: int, num_stages: int) -> float:

@@ -24,7 +24,7 @@ import math
 import os
 import statistics
 import sys
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,7 +34,7 @@ import numpy as np
 from . import interconnect, predict_bp
 from . import report as report_mod
 from .config import BP_SCHEDULES, SCHEDULES, Config, ConfigError, from_dict, parse_override
-from .plan import Plan, Task, build_plan
+from .plan import Plan, Task, build_plan, count_tasks
 
 #: Span kinds that are work of a task (what contention slows and the profile measures).
 WORK_KINDS = ("train", "forward", "negatives", "head", "eval")
@@ -43,6 +43,14 @@ FIXED_SETTINGS = (("model", "dims"), ("train", "batch_size"), ("train", "classif
                   ("train", "threads"), ("data", "dataset"), ("run", "device"))
 FULL_SIZES = {"mnist": (60000, 10000), "cifar10": (50000, 10000)}
 DEFAULT_RANKS = (1, 2, 4, 8, 16)
+#: The most work one prediction may simulate, in tasks (a plan of T tasks on N ranks counts
+#: T + N), all plans together. Building and simulating a plan took about 16,000 tasks a
+#: second on one shared core here (997,000 tasks in 63 s, 128 MB; docs/predict.md), so this is
+#: about a minute; past it the command refuses at once instead of running for minutes with
+#: memory growing.
+MAX_SIMULATED_TASKS = 1_000_000
+#: Above this much work the command says what it is simulating, plan by plan, on stderr.
+PROGRESS_TASKS = 100_000
 DEFAULT_SCHEDULES = ("sequential", "single_layer", "all_layers")
 
 
@@ -610,6 +618,7 @@ class Prediction:
     measured_run: str | None = None
     measured_wall: float | None = None
     measured_training: float | None = None
+    measured_unfinished: str | None = None  # why the measured run is not a finished one
     details: dict | None = None        # what the model of this prediction computed on the way
 
     @property
@@ -618,8 +627,9 @@ class Prediction:
 
     @property
     def error(self) -> float | None:
-        """(predicted - measured) / measured wall time."""
-        if self.wall is None or not self.measured_wall:
+        """(predicted - measured) / measured wall time (None against a run that did not finish:
+        its wall is not the time of the whole run)."""
+        if self.wall is None or not self.measured_wall or self.measured_unfinished is not None:
             return None
         return self.wall / self.measured_wall - 1.0
 
@@ -637,7 +647,7 @@ class Prediction:
         if self.measured_run is not None:
             out.update({"measured_run": self.measured_run, "measured_wall_seconds": self.measured_wall,
                         "measured_training_seconds": self.measured_training,
-                        "wall_error": self.error})
+                        "measured_unfinished": self.measured_unfinished, "wall_error": self.error})
         return out
 
 
@@ -706,10 +716,12 @@ def simulate(profile: Profile, target: Target, schedule: str, world_size: int, n
 def predict(runs: list[report_mod.Run], *, ranks: Iterable[int] = DEFAULT_RANKS,
             schedules: Iterable[str] | None = None, network: Network | None = None,
             contention: str | float = "auto", overrides: Iterable[str] = (),
-            adaptive_lag: str = "config") -> Outcome:
+            adaptive_lag: str = "config", progress: Callable[[str], None] | None = None) -> Outcome:
     """Predict every schedule on every rank count from the first run's task times (``schedules``
     None: Sequential, Single Layer and All Layers from an FF run, Sequential and data-parallel
-    from a backprop run, :mod:`mpff.predict_bp`)."""
+    from a backprop run, :mod:`mpff.predict_bp`). More work than :data:`MAX_SIMULATED_TASKS`
+    is refused (ConfigError); above :data:`PROGRESS_TASKS` each plan is announced to
+    ``progress`` before it is simulated."""
     if not runs:
         raise ConfigError("name at least one run directory to predict from")
     network = network or Network(interconnect.preset("ib-hdr"), interconnect.preset("shm"), 1)
@@ -728,10 +740,13 @@ def predict(runs: list[report_mod.Run], *, ranks: Iterable[int] = DEFAULT_RANKS,
         return predict_bp.predict(runs, spans, ranks=ranks,
                                   schedules=BP_SCHEDULES if every else schedules,
                                   network=network, contention=contention, overrides=overrides,
-                                  n_sizes=dataset_sizes(runs[0].config, runs[0].info, attrs))
+                                  n_sizes=dataset_sizes(runs[0].config, runs[0].info, attrs),
+                                  progress=progress)
     if any(predict_bp.is_backprop(run) for run in runs[1:]):
         raise ConfigError(f"run {next(r.path for r in runs[1:] if predict_bp.is_backprop(r))} is "
                           f"backprop and {runs[0].path} Forward-Forward: predict each from its own runs")
+    if set(schedules) == set(SCHEDULES):  # 'all' from an FF run: every FF schedule
+        schedules = [s for s in schedules if s not in BP_SCHEDULES or s == "sequential"]
     measured = measure_contention(runs, spans)
     if contention == "auto":
         used = measured
@@ -744,6 +759,19 @@ def predict(runs: list[report_mod.Run], *, ranks: Iterable[int] = DEFAULT_RANKS,
     profile = build_profile(runs[0], spans[0], used, spans[1:])
     target = make_target(profile, overrides)
     notes: set[str] = set()
+    plans = []  # (what, work) of every plan this prediction simulates, the baselines included
+    shards_seen: set[int] = set()
+    for schedule in schedules:
+        for n in ([1] if schedule == "sequential" else [n for n in ranks if n > 1]):
+            if schedule == "single_layer" and n > target.config.model.num_layers:
+                continue  # refused before any task is made
+            cfg = target.config.replace(run={"schedule": schedule})
+            plans.append((f"{schedule} on {n} rank(s)", count_tasks(cfg, n) + n))
+            if cfg.resolved_shards(n) not in shards_seen:
+                shards_seen.add(cfg.resolved_shards(n))
+                plans.append((f"the sequential baseline with {cfg.resolved_shards(n)} shard(s)",
+                              count_tasks(cfg.replace(run={"schedule": "sequential"}), 1) + 1))
+    report_progress = check_work(plans, progress)
 
     predictions: list[Prediction] = []
     baselines: dict[int, Prediction] = {}
@@ -754,6 +782,7 @@ def predict(runs: list[report_mod.Run], *, ranks: Iterable[int] = DEFAULT_RANKS,
             if shards != target.config.resolved_shards(1):
                 t = Target(target.raw, target.config.replace(data={"shards": shards}), target.n_train,
                            target.n_test)
+            report_progress(f"the sequential baseline with {shards} shard(s)")
             baselines[shards] = simulate(profile, t, "sequential", 1, network, used, notes)
         return baselines[shards]
 
@@ -764,6 +793,7 @@ def predict(runs: list[report_mod.Run], *, ranks: Iterable[int] = DEFAULT_RANKS,
             if adaptive_lag == "ranks-1" and schedule != "sequential" and target.config.train.negatives == "adaptive":
                 t = Target(target.raw, target.config.replace(train={"adaptive_lag": n - 1}),
                            target.n_train, target.n_test)
+            report_progress(f"{schedule} on {n} rank(s)")
             pred = simulate(profile, t, schedule, n, network, used, notes)
             if pred.reason is None:
                 base = baseline(t.config.replace(run={"schedule": schedule}).resolved_shards(n))
@@ -777,18 +807,46 @@ def predict(runs: list[report_mod.Run], *, ranks: Iterable[int] = DEFAULT_RANKS,
     return Outcome(profile, target, network, used, predictions, assumptions)
 
 
+def check_work(plans: list[tuple[str, int]], progress: Callable[[str], None] | None = None
+               ) -> Callable[[str], None]:
+    """Refuse a prediction whose plans ((what, tasks + ranks) each) add up to more than
+    :data:`MAX_SIMULATED_TASKS`; returns what to call before each plan is simulated (it tells
+    ``progress`` when the work is large enough for a user to wonder, else nothing)."""
+    total = sum(work for _, work in plans)
+    if total > MAX_SIMULATED_TASKS:
+        what, work = max(plans, key=lambda p: p[1])
+        raise ConfigError(
+            f"this prediction would simulate {total:,} tasks in {len(plans)} plan(s) (the largest, "
+            f"{what}, {work:,}), more than the limit of {MAX_SIMULATED_TASKS:,} (about a minute); "
+            "predict fewer rank counts (--ranks), fewer schedules (--schedules) or fewer chapters "
+            "(--set train.chapters=N)")
+    if progress is None or total <= PROGRESS_TASKS:
+        return lambda what: None
+    done = [0]
+    counted = {what for what, _ in plans}
+
+    def announce(what: str) -> None:
+        if what in counted:  # a plan refused before it is built is not announced
+            done[0] += 1
+            progress(f"simulating {what} (plan {done[0]} of {len(plans)}, {total:,} tasks in all)")
+    return announce
+
+
 def _attach_measured(pred: Prediction, target: Target, runs: list[report_mod.Run]) -> None:
-    """A given run of this schedule, rank count and problem: its measured wall and training time."""
-    for run in runs:
-        cfg = run.config
-        if (cfg.get("run", {}).get("schedule") != pred.schedule or run.world_size != pred.ranks
-                or report_mod.problem_differences(target.raw, cfg)
-                or cfg.get("train", {}).get("threads") != target.raw.get("train", {}).get("threads")):
-            continue
+    """A given run of this schedule, rank count and problem: its measured wall and training time
+    (a finished run before one that did not finish, which gets no error: see
+    ``Prediction.measured_unfinished``)."""
+    matching = [run for run in runs
+                if run.config.get("run", {}).get("schedule") == pred.schedule and run.world_size == pred.ranks
+                and not report_mod.problem_differences(target.raw, run.config)
+                and run.config.get("train", {}).get("threads") == target.raw.get("train", {}).get("threads")]
+    matching.sort(key=lambda run: report_mod.unfinished(run) is not None)
+    for run in matching[:1]:
         pred.measured_run = run.path
         pred.measured_wall = run.wall
         pred.measured_training = report_mod.training_phase(run).seconds
-        return
+        why = report_mod.unfinished(run)
+        pred.measured_unfinished = None if why is None else f"{run.name} did not finish: {why}"
 
 
 def _assumptions(profile: Profile, target: Target, network: Network, used: Contention,
@@ -826,6 +884,9 @@ def _assumptions(profile: Profile, target: Target, network: Network, used: Conte
             else " Packing and unpacking are not modelled: no run sent messages to measure them by "
                  "(pass a multi-rank run to include them).")),
     ]
+    if (why := report_mod.unfinished(run)) is not None:
+        out.append(f"The source run did not finish ({why}): the task times are those of the "
+                   "chapters it ran, its setup and end as far as it got.")
     if network.ranks_per_node > 1:
         if used.slowdown > 0:
             out.append(f"Ranks sharing a node slow each other: {used.note}; a rank's work runs "
@@ -891,6 +952,7 @@ def prediction_table(outcome: Outcome) -> str:
         rows.append([p.schedule, str(p.ranks), str(p.nodes), _num(p.wall, ",.1f"), _num(p.training, ",.1f"),
                      _num(p.speedup, ".2f"), report_mod._pct(p.efficiency), report_mod._pct(p.bubble),
                      report_mod._bytes(p.bytes_moved), _num(p.measured_wall, ",.1f"),
+                     f"– ({p.measured_unfinished})" if p.measured_unfinished else
                      "–" if p.error is None else f"{100 * p.error:+.1f} %"])
     return report_mod._table(headers, rows, numeric_from=1)
 
@@ -919,9 +981,9 @@ def plot_speedup(outcome: Outcome, path_png: str) -> None:
         if xs[0] > 1:  # start every curve at the baseline
             xs, ys = [1] + xs, [1.0] + ys
         line, = ax.plot(xs, ys, marker="o", label=f"{schedule}, predicted")
-        meas = [p for p in pts if p.measured_wall]
+        meas = [p for p in pts if p.measured_wall and p.measured_unfinished is None]
         base = next((b for b in outcome.predictions if b.schedule == "sequential" and b.ranks == 1), None)
-        if meas and base is not None and base.measured_wall:
+        if meas and base is not None and base.measured_wall and base.measured_unfinished is None:
             ax.plot([p.ranks for p in meas], [base.measured_wall / p.measured_wall for p in meas],
                     linestyle="none", marker="x", markersize=9, color=line.get_color(),
                     label=f"{schedule}, measured")
@@ -1041,10 +1103,14 @@ def main(argv: list[str] | None = None) -> int:
         network = Network(_link(args.network, args.latency, args.bandwidth, ""),
                           _link(args.intra, args.intra_latency, args.intra_bandwidth, "intra-"),
                           args.ranks_per_node)
+        out = args.out or os.path.join(args.runs[0], "predict")
+        if os.path.lexists(out) and not os.path.isdir(out):  # before minutes of simulating
+            raise ConfigError(f"--out {out} is a file; the prediction is a directory of files, "
+                              "choose another --out")
         runs = [report_mod.load_run(d) for d in args.runs]
         outcome = predict(runs, ranks=_rank_list(args.ranks), schedules=schedules, network=network,
-                          contention=contention, overrides=args.overrides, adaptive_lag=args.adaptive_lag)
-        out = args.out or os.path.join(args.runs[0], "predict")
+                          contention=contention, overrides=args.overrides, adaptive_lag=args.adaptive_lag,
+                          progress=lambda line: print(f"mpff predict: {line}", file=sys.stderr, flush=True))
         write_outputs(outcome, out)
     except ConfigError as exc:
         print(f"mpff predict: error: {report_mod._one_line(exc)}", file=sys.stderr)

@@ -264,9 +264,10 @@ def simulate(profile: BPProfile, target, ranks: int, network, contention) -> Pre
 
 
 def predict(runs: list[report_mod.Run], spans, *, ranks, schedules, network, contention,
-            overrides, n_sizes) -> Outcome:
+            overrides, n_sizes, progress=None) -> Outcome:
     """Sequential on one rank and data-parallel on every rank count of ``ranks`` > 1."""
-    from .predict import Contention, Outcome, _attach_measured, make_target
+    from .plan import count_tasks
+    from .predict import Contention, Outcome, _attach_measured, check_work, make_target
     bad = [s for s in schedules if s not in BP_SCHEDULES]
     if bad:
         raise ConfigError(f"run {runs[0].path} is backprop: it predicts the schedules "
@@ -286,10 +287,16 @@ def predict(runs: list[report_mod.Run], spans, *, ranks, schedules, network, con
         used = Contention(float(contention) - 1.0, "given", f"given: a step's work takes "
                           f"{float(contention):g}x its time alone beside one other rank of its node")
     target = make_target(profile, overrides)
+    counts = [n for n in ranks if n > 1] if "data_parallel" in schedules else []
+    announce = check_work([("sequential on 1 rank", count_tasks(target.config, 1) + 1)]
+                          + [(f"data_parallel on {n} ranks", count_tasks(target.config, n) + n) for n in counts],
+                          progress)
     predictions = []
+    announce("sequential on 1 rank")
     base = simulate(profile, target, 1, network, used)
-    for n in ([1] if "sequential" in schedules else []) + \
-             ([n for n in ranks if n > 1] if "data_parallel" in schedules else []):
+    for n in ([1] if "sequential" in schedules else []) + counts:
+        if n > 1:
+            announce(f"data_parallel on {n} ranks")
         pred = base if n == 1 else simulate(profile, target, n, network, used)
         if pred.reason is None and base.reason is None:
             pred.speedup = base.wall / pred.wall if pred.wall else None

@@ -173,8 +173,11 @@ class Reporter:
                 last_news, seen = now, len(board.got) + len(board.done_ranks)
             elif timeout and now - last_news > timeout:
                 silent = sorted(set(range(self.comm.size)) - board.done_ranks)
+                hosts = getattr(self.comm, "hosts", None) or []
                 raise ProgressError(
-                    f"no progress from rank(s) {', '.join(map(str, silent))} for {timeout:.0f} s "
+                    f"no progress from rank(s) "
+                    f"{', '.join(f'{r} (host {hosts[r]})' if r < len(hosts) else str(r) for r in silent)} "
+                    f"for {timeout:.0f} s "
                     f"(run.stall_timeout); still missing: {_some(board.missing())}")
             if len(board.done_ranks) < self.comm.size:
                 if on_idle is not None:

@@ -203,6 +203,12 @@ def load_run(run_dir: str) -> Run:
     run_dir = os.path.normpath(run_dir)
     trace_dir = os.path.join(run_dir, "trace")
     info_path = os.path.join(run_dir, "run.json")
+    if os.path.exists(run_dir) and not os.path.isdir(run_dir):
+        parent = os.path.dirname(run_dir) or "."
+        inside = os.path.isfile(os.path.join(parent, "run.json")) or os.path.isdir(os.path.join(parent, "trace"))
+        raise ConfigError(f"{run_dir} is a file, not a run directory; pass "
+                          + (f"the run directory that holds it, {parent}" if inside else
+                             "the --out directory of an 'mpff train' run"))
     if not os.path.isdir(run_dir):
         raise ConfigError(f"run directory {run_dir} does not exist; pass the --out directory of "
                           "an 'mpff train' run")
@@ -281,6 +287,20 @@ def load_run(run_dir: str) -> Run:
                               f"is unreadable ({_one_line(exc)}); restore config.toml") from None
     name = os.path.basename(os.path.abspath(run_dir))
     return Run(path=run_dir, name=name, config=_as_it_ran(config), info=info, ranks=ranks, notes=notes)
+
+
+def unfinished(run: Run) -> str | None:
+    """Why ``run`` is not a finished run, or None: its run.json status (still running, stopped,
+    failed), a missing run.json, or a rank whose trace did not close as finished."""
+    if not run.info:
+        return "it has no run.json (still running, or killed)"
+    status = run.info.get("status", "finished")
+    if status != "finished":
+        return f"run.json says status {status!r}"
+    for rt in run.ranks:
+        if rt.status != "finished":
+            return f"rank {rt.rank}'s trace has status {rt.status!r}"
+    return None
 
 
 #: settings added after runs were first recorded, and what a run recorded without them did
@@ -656,7 +676,7 @@ def _ratio(x: float | None) -> str:
     return "–" if x is None else f"{x:.2f}"
 
 
-def summary_table(s: RunSummary, baseline: RunSummary | None) -> str:
+def summary_table(s: RunSummary, baseline: RunSummary | None, note: str = "") -> str:
     rows = [
         ["schedule", str(s.setting("run", "schedule"))],
         ["negatives / classifier", f"{s.setting('train', 'negatives')} / {s.setting('train', 'classifier')}"],
@@ -672,7 +692,8 @@ def summary_table(s: RunSummary, baseline: RunSummary | None) -> str:
     ]
     if baseline is not None:
         rows += [
-            ["baseline", f"{baseline.name} ({_sec(baseline.wall)} s, {baseline.run.world_size} rank(s))"],
+            ["baseline", f"{baseline.name} ({_sec(baseline.wall)} s, {baseline.run.world_size} rank(s))"
+                         + (f" ({note})" if note else "")],
             ["speedup", _ratio(speedup(baseline, s))],
             ["parallel efficiency", _pct(efficiency(baseline, s))],
         ]
@@ -769,26 +790,32 @@ def _same_problem(a: RunSummary, b: RunSummary) -> bool:
     return not problem_differences(a.run.config, b.run.config, a.run.world_size, b.run.world_size)
 
 
-def pair_baselines(summaries: list[RunSummary], baseline: RunSummary | None) -> list[Pairing]:
-    """--baseline for every row, refused (ConfigError) where it is another problem; without it,
-    the Sequential run of the same problem (the same seed and threads if there is one), as the
-    paper's Table 1, and where there is none a note on the closest Sequential run."""
+def pair_baselines(summaries: list[RunSummary], baseline: RunSummary | None,
+                   any_problem: bool = False) -> list[Pairing]:
+    """--baseline for every row, refused (ConfigError) where it is another problem unless
+    ``any_problem`` (``--any-baseline``: then the row's note says what differs); without it,
+    the Sequential run of the same problem (the same seed and threads if there is one; a
+    finished one before one that did not finish), as the paper's Table 1, and where there is
+    none a note on the closest Sequential run."""
     if baseline is not None:
+        pairs = []
         for s in summaries:
             diff = describe_differences(baseline.run.config, s.run.config, baseline.run.world_size,
                                         s.run.world_size)
-            if diff:
+            if diff and not any_problem:
                 raise ConfigError(
                     f"baseline {baseline.name} is not the same problem as run {s.name}: they differ "
-                    f"in {diff}; pass a baseline of the same problem, or leave --baseline out to pair "
-                    "each run with the Sequential run of its own problem")
-        return [Pairing(baseline) for _ in summaries]
+                    f"in {diff}; pass a baseline of the same problem, leave --baseline out to pair "
+                    "each run with the Sequential run of its own problem, or pass --any-baseline "
+                    "to compare them anyway")
+            pairs.append(Pairing(baseline, f"another problem: differs in {diff}" if diff else ""))
+        return pairs
     sequential = [s for s in summaries if s.setting("run", "schedule") == "sequential"]
     pairs = []
     for s in summaries:
         same = [b for b in sequential if _same_problem(b, s)]
         if same:
-            same.sort(key=lambda b: (_seed(b) != _seed(s),
+            same.sort(key=lambda b: (unfinished(b.run) is not None, _seed(b) != _seed(s),
                                      b.setting("train", "threads") != s.setting("train", "threads")))
             pairs.append(Pairing(same[0]))
             continue
@@ -802,9 +829,10 @@ def pair_baselines(summaries: list[RunSummary], baseline: RunSummary | None) -> 
     return pairs
 
 
-def pick_baselines(summaries: list[RunSummary], baseline: RunSummary | None) -> list[RunSummary | None]:
+def pick_baselines(summaries: list[RunSummary], baseline: RunSummary | None,
+                   any_problem: bool = False) -> list[RunSummary | None]:
     """The baseline of every run (see :func:`pair_baselines`)."""
-    return [p.baseline for p in pair_baselines(summaries, baseline)]
+    return [p.baseline for p in pair_baselines(summaries, baseline, any_problem)]
 
 
 # ----- runs that differ only in their seed
@@ -953,7 +981,8 @@ def predict_runs(summaries: list[RunSummary]) -> tuple[list[float | None], list[
         problems.setdefault(key, []).append(i)
     for idx in problems.values():
         members = [summaries[i] for i in idx]
-        source = min(members, key=lambda m: (m.setting("run", "schedule") != "sequential",
+        source = min(members, key=lambda m: (unfinished(m.run) is not None,  # its times are partial
+                                             m.setting("run", "schedule") != "sequential",
                                              m.run.world_size, _seed(m) != 0))
         per_host = max(max(sum(1 for rt in m.run.ranks if rt.host == h) for h in {rt.host for rt in m.run.ranks})
                        for m in members)
@@ -1425,11 +1454,11 @@ def chrome_trace(run: Run) -> dict:
 
 # ---------------------------------------------------------------- writing
 
-def run_markdown(s: RunSummary, baseline: RunSummary | None) -> str:
+def run_markdown(s: RunSummary, baseline: RunSummary | None, note: str = "") -> str:
     parts = [f"# mpff report: {s.name}", "", f"Run directory: `{os.path.abspath(s.run.path)}`", ""]
     if s.notes:
         parts += ["Notes:", ""] + [f"- {n}" for n in s.notes] + [""]
-    parts += ["## Summary", "", summary_table(s, baseline), ""]
+    parts += ["## Summary", "", summary_table(s, baseline, note), ""]
     if s.model_note:
         parts += [f"Modelled bubble: {s.model_note}.", ""]
     parts += [
@@ -1456,10 +1485,10 @@ def run_markdown(s: RunSummary, baseline: RunSummary | None) -> str:
     return "\n".join(parts)
 
 
-def write_run_report(s: RunSummary, out: str, baseline: RunSummary | None) -> None:
+def write_run_report(s: RunSummary, out: str, baseline: RunSummary | None, note: str = "") -> None:
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "report.md"), "w", encoding="utf-8") as fh:
-        fh.write(run_markdown(s, baseline))
+        fh.write(run_markdown(s, baseline, note))
     with open(os.path.join(out, "trace.json"), "w", encoding="utf-8") as fh:
         json.dump(chrome_trace(s.run), fh)
     plot_timeline(s.run, os.path.join(out, "timeline.png"))
@@ -1523,11 +1552,12 @@ def _replace_contents(out: str, build: Callable[[str], None]) -> None:
 
 
 def write_comparison(summaries: list[RunSummary], base: RunSummary | None, out: str, *,
-                     predict: bool = False, accuracies: tuple[float, ...] = DEFAULT_ACCURACIES) -> list[str]:
+                     predict: bool = False, accuracies: tuple[float, ...] = DEFAULT_ACCURACIES,
+                     any_baseline: bool = False) -> list[str]:
     """The report of several runs in ``out``: report.md, comparison.csv / .json,
     comparison-groups.csv, comparison.png, scaling.png / .pdf, accuracy.png and a sub-folder
     per run; returns the blocks to print."""
-    pairs = pair_baselines(summaries, base)
+    pairs = pair_baselines(summaries, base, any_baseline)
     baselines = [p.baseline for p in pairs]
     flags = [p.note for p in pairs]
     subdirs = _subdir_names(summaries)
@@ -1540,7 +1570,11 @@ def write_comparison(summaries: list[RunSummary], base: RunSummary | None, out: 
     if base is not None:
         lines += [(f"Speedup and efficiency against the baseline `{base.name}` "
                    f"({_sec(base.wall)} s, {base.run.world_size} rank(s)), which poses the same "
-                   "problem as every run."), ""]
+                   "problem as every run." if not any(flags) else
+                   f"Speedup and efficiency against the baseline `{base.name}` "
+                   f"({_sec(base.wall)} s, {base.run.world_size} rank(s)), given with --any-baseline: "
+                   "for the runs of another problem (noted in the baseline column) they compare "
+                   "different work."), ""]
     else:
         lines += [("Speedup and efficiency against the Sequential run of the same problem (model, "
                    "data, epochs, chapters, batch size, learning rates, negatives, classifier, "
@@ -1577,8 +1611,8 @@ def write_comparison(summaries: list[RunSummary], base: RunSummary | None, out: 
         lines.insert(lines.index(table) + 3, "")
 
     def build(tmp: str) -> None:
-        for s, b, sub in zip(summaries, baselines, subdirs):
-            write_run_report(s, os.path.join(tmp, sub), b)
+        for s, p, sub in zip(summaries, pairs, subdirs):
+            write_run_report(s, os.path.join(tmp, sub), p.baseline, p.note if p.baseline else "")
         with open(os.path.join(tmp, "report.md"), "w", encoding="utf-8") as fh:
             fh.write("\n".join(lines))
         write_table_files(tmp, run_records(summaries, pairs, subdirs, predicted), groups,
@@ -1601,7 +1635,8 @@ def default_out(run_dirs: list[str]) -> str:
 
 def run_report(run_dirs: list[str] | str, baseline: str | None = None, out: str | None = None, *,
                simulate: Simulator | None = None, stream: TextIO | None = None,
-               predict: bool = False, accuracies: tuple[float, ...] = DEFAULT_ACCURACIES) -> str:
+               predict: bool = False, accuracies: tuple[float, ...] = DEFAULT_ACCURACIES,
+               any_baseline: bool = False) -> str:
     """Analyse the runs, write the report, print its tables; returns the output directory.
     ``predict``: add the task-graph prediction to the comparison of several runs."""
     run_dirs = [run_dirs] if isinstance(run_dirs, str) else list(run_dirs)
@@ -1611,14 +1646,18 @@ def run_report(run_dirs: list[str] | str, baseline: str | None = None, out: str 
     summaries = [analyze_run(d, simulate) for d in run_dirs]
     base = analyze_run(baseline, simulate) if baseline else None
     out = out or default_out(run_dirs)
+    if os.path.lexists(out) and not os.path.isdir(out):
+        raise ConfigError(f"--out {out} is a file; a report is a directory of files, choose another --out")
     try:
         if len(summaries) == 1:
             s = summaries[0]
-            write_run_report(s, out, base)
-            text = ["\n".join(f"note: {n}" for n in s.notes), summary_table(s, base),
+            (pair,) = pair_baselines([s], base, any_baseline) if base is not None else [Pairing(None)]
+            write_run_report(s, out, base, pair.note)
+            text = ["\n".join(f"note: {n}" for n in s.notes), summary_table(s, base, pair.note),
                     breakdown_table(s), bubble_table(s)]
         else:
-            text = write_comparison(summaries, base, out, predict=predict, accuracies=accuracies)
+            text = write_comparison(summaries, base, out, predict=predict, accuracies=accuracies,
+                                    any_baseline=any_baseline)
     except OSError as exc:
         raise ConfigError(f"cannot write the report to {out} ({_one_line(exc)}); "
                           "choose another directory with --out") from None
@@ -1636,7 +1675,11 @@ def build_parser() -> argparse.ArgumentParser:
                     "finished (or killed) runs, from their HDF5 traces. Needs no MPI.")
     parser.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories (mpff train --out)")
     parser.add_argument("--baseline", metavar="RUN_DIR",
-                        help="run to measure speedup and parallel efficiency against")
+                        help="run to measure speedup and parallel efficiency against (the same "
+                             "problem: model, data, epochs, ...; see --any-baseline)")
+    parser.add_argument("--any-baseline", action="store_true",
+                        help="accept a --baseline of another problem (another network or data "
+                             "size): its speedup then compares different work, and the report says so")
     parser.add_argument("--out", metavar="DIR",
                         help="output directory (default: RUN_DIR/report for one run, "
                              "comparison-report/ beside the first run for several)")
@@ -1663,7 +1706,11 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError(f"--accuracies {args.accuracies!r} must be fractions such as 0.9,0.95") from None
         if not all(0 < a <= 1 for a in accuracies):
             raise ConfigError(f"--accuracies {args.accuracies!r}: give fractions between 0 and 1, e.g. 0.9,0.95")
-        run_report(args.runs, baseline=args.baseline, out=args.out, predict=args.predict, accuracies=accuracies)
+        if args.any_baseline and not args.baseline:
+            raise ConfigError("--any-baseline applies to a --baseline RUN_DIR; pass one, or leave "
+                              "--any-baseline out")
+        run_report(args.runs, baseline=args.baseline, out=args.out, predict=args.predict, accuracies=accuracies,
+                   any_baseline=args.any_baseline)
     except ConfigError as exc:
         print(f"mpff report: error: {_one_line(exc)}", file=sys.stderr)
         return 2

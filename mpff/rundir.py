@@ -158,6 +158,10 @@ class RunDir:
         while not os.path.exists(probe):
             probe = os.path.dirname(probe)
         if not os.access(probe, os.W_OK):
+            if resume and os.path.isdir(self.path):  # its checkpoints are here: another --out has none
+                raise ConfigError(f"cannot write to {self.path!r} (no permission on {probe!r}), and its "
+                                  "checkpoints are there; make it writable (chmod -R u+w), or copy the "
+                                  "directory somewhere writable and pass --resume --out COPY")
             raise ConfigError(f"cannot write to {self.path!r} (no permission on {probe!r}); choose another --out")
 
     # ----- the lock -----

@@ -56,11 +56,14 @@ def pick_device(cfg: Config, local_rank: int) -> torch.device:
     if want == "cpu" or (want == "auto" and not torch.cuda.is_available()):
         if cfg.train.precision == "tf32":
             raise ConfigError("train.precision = 'tf32' needs a CUDA GPU (TF32 is a tensor-core format); "
-                              "use bf16 on a CPU")
+                              + ("use train.precision=bf16 (this CPU computes bf16 products) or fp32"
+                                 if cpu_bf16_products() else
+                                 "use train.precision=fp32 (this CPU has no bf16 products either)"))
         if cfg.train.precision == "bf16" and not cpu_bf16_products():
             raise ConfigError("train.precision = 'bf16' needs a CPU whose oneDNN computes bf16 products "
-                              "(AVX-512 or AMX; torch reports none here, so every product would stay fp32); "
-                              "use train.precision=fp32")
+                              "(AVX-512 BF16 or AMX; torch reports none here, so every product would stay "
+                              "fp32); use train.precision=fp32 here, or run bf16 on a GPU (run.device=cuda) "
+                              "or a CPU that has them")
         return torch.device("cpu")
     if not torch.cuda.is_available():
         raise ConfigError("run.device = 'cuda' but torch sees no GPU; use run.device=cpu or a CUDA build of torch")
@@ -178,9 +181,9 @@ def _load_config(comm, args: argparse.Namespace):
     from .plan import build_plan
 
     config_path = args.config
+    if args.resume and not args.out:  # never a directory of a new name: it holds nothing to resume
+        raise ConfigError("--resume needs --out RUN_DIR (the run to continue)")
     if args.resume and not config_path:
-        if not args.out:
-            raise ConfigError("--resume needs --out RUN_DIR (the run to continue)")
         config_path = os.path.join(args.out, "config.toml")
     notes: list[str] = []
     cfg = load(config_path, args.overrides, notes)
@@ -213,8 +216,14 @@ def _load_data(comm, cfg: Config, rundir, resume):
     if dataset.num_classes > cfg.model.dims[0]:  # the label overlay takes one input per class
         raise ConfigError(f"{dataset.name} has {dataset.num_classes} classes, more than its "
                           f"{dataset.input_dim} inputs can hold as a label; use larger images")
-    if cfg.resolved_shards(comm.size) > dataset.x_train.shape[0]:
-        raise ConfigError("more data shards than training samples; use fewer ranks or more data")
+    shards, n_train = cfg.resolved_shards(comm.size), dataset.x_train.shape[0]
+    if shards > n_train:
+        # federated has one shard per rank: only there do fewer ranks help
+        raise ConfigError(f"federated on {comm.size} ranks makes one data shard per rank but the data "
+                          f"has {n_train} training samples; use at most {n_train} ranks or more data"
+                          if cfg.run.schedule == "federated" else
+                          f"data.shards = {shards} but the data has {n_train} training samples; set "
+                          f"data.shards to at most {n_train} (or use more data: data.train_subset)")
     plan = build_plan(cfg, comm.size, start_chapter=resume[0] if resume else 0,
                       n_train=dataset.x_train.shape[0], num_classes=dataset.num_classes)
     snapshot = load_checkpoint(rundir.path, resume[0], comm.rank, comm.size) if resume else None

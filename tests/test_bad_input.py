@@ -53,6 +53,7 @@ class Case:
     usage: bool = False   # an argparse error: 'usage: ...' lines may precede the error line
     process: bool = False  # a plain `python -m mpff train` process rather than the fork server
     marks: tuple = ()
+    out_arg: bool = True  # pass --out
 
 
 def S(*pairs: str) -> tuple[str, ...]:
@@ -132,6 +133,13 @@ CASES = [
          "mpff train: error: argument --resume: not allowed with argument --force", usage=True),
     Case("unknown-option-2-ranks", ("--epochs", "3"), "mpff train: error: unrecognized arguments: --epochs 3",
          ranks=2, marks=tuple(needs_mpi)),
+    # ----- advice that names the cure (issue 24)
+    Case("resume-without-out", ("--resume",), "--resume needs --out RUN_DIR (the run to continue)",
+         out_arg=False),  # it resumed an invented outputs/tiny-sequential-n1-<time>
+    Case("shards-more-than-samples", IDX + S("data.shards=60"),
+         "data.shards = 60 but the data has 50 training samples; set data.shards to at most 50", out="idx"),
+    Case("config-is-a-directory", ("--config", "{ws}"), "config file '{ws}' is a directory", config=False),
+    Case("newline-in-set", S("train.epochs=2\ntrain.lr=0.5"), "holds a line break, which config.toml cannot hold"),
 ]
 
 #: The finished run the run-directory cases copy: 2 chapters, a checkpoint after the first.
@@ -238,7 +246,7 @@ def fill(text: str, ws: str, out: str) -> str:
 
 def train_args(case: Case, ws: str, out: str) -> list[str]:
     args = ["--config", TINY, "--set", "run.report=false"] if case.config else []
-    return ["train", *args, *(fill(a, ws, out) for a in case.args), "--out", out, "-q"]
+    return ["train", *args, *(fill(a, ws, out) for a in case.args), *(["--out", out] if case.out_arg else []), "-q"]
 
 
 # Runs under mpiexec: each rank records its exit code in $MPFF_EXIT_DIR/rank<r> and waits (30 s at
@@ -413,3 +421,39 @@ def test_bad_input(case, outcomes):
     assert r.after == r.before, f"{r.watched} changed\n{shown}"
     if r.before is None:
         assert not os.path.lexists(r.out), f"{r.out} was created\n{shown}"
+
+
+# ---------------------------------------------------------------------------- advice, in process
+
+
+@pytest.mark.parametrize("precision, has_bf16, cure", [
+    ("bf16", False, "use train.precision=fp32 here, or run bf16 on a GPU (run.device=cuda) or a CPU that has them"),
+    ("tf32", False, "use train.precision=fp32 (this CPU has no bf16 products either)"),
+    ("tf32", True, "use train.precision=bf16 (this CPU computes bf16 products) or fp32"),
+])
+def test_precision_advice_fits_the_cpu(monkeypatch, precision, has_bf16, cure):
+    # tf32 advised bf16 even on a CPU that cannot do it
+    from mpff import train
+    from mpff.config import Config, ConfigError
+    monkeypatch.setattr(train, "cpu_bf16_products", lambda: has_bf16)
+    with pytest.raises(ConfigError) as info:
+        train.pick_device(Config().replace(train={"precision": precision}, run={"device": "cpu"}), 0)
+    assert cure in str(info.value) and "\n" not in str(info.value), info.value
+
+
+def test_resume_of_a_read_only_run_says_how_to_resume_it(tmp_path, monkeypatch):
+    # "choose another --out" loses the checkpoints: they live only in this directory
+    from mpff.config import ConfigError
+    from mpff.rundir import RunDir
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "run.json").write_text(json.dumps({"status": "preempted"}))
+    real = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: False if os.path.abspath(p) == str(run) else real(p, mode))
+    with pytest.raises(ConfigError) as info:
+        RunDir(str(run)).check(force=False, resume=True)
+    text = str(info.value)
+    assert "its checkpoints are there; make it writable (chmod -R u+w), or copy the directory somewhere " \
+           "writable and pass --resume --out COPY" in text and "another --out" not in text, text
+    with pytest.raises(ConfigError, match="choose another --out"):  # a new run may go anywhere
+        RunDir(str(run)).check(force=True, resume=False)

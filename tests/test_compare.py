@@ -67,6 +67,44 @@ def test_a_baseline_of_another_problem_is_refused(tmp_path, four_runs, capsys):
                         "--out", str(tmp_path / "ok")]) == 0
 
 
+def test_the_report_of_one_run_refuses_a_baseline_of_another_problem(tmp_path, four_runs, capsys):
+    # one run went another way than several: it printed a speedup against any --baseline
+    other = make_run(tmp_path / "seq-wide", [sequential_spans(4)],
+                     make_config("sequential", dims=(784, 16, 16), data={"train_subset": 2000}))
+    out = tmp_path / "one"
+    assert report.main([four_runs["al-seed0"], "--baseline", other, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("mpff report: error: baseline seq-wide is not the same "
+                                                  "problem as run al-seed0: they differ in model.dims"), err
+    assert "--any-baseline" in err
+    assert not out.exists()
+    # asked for explicitly, it is compared and the baseline row says what differs
+    assert report.main([four_runs["al-seed0"], "--baseline", other, "--any-baseline", "--out", str(out)]) == 0
+    text = (out / "report.md").read_text()
+    assert "(another problem: differs in model.dims ([784, 16, 16] vs [784, 8, 8]), data.train_subset" in text
+    assert "| speedup |" in text
+    # several runs: the same flag, the same note in the baseline column
+    cmp = tmp_path / "cmp"
+    assert report.main([four_runs["al-seed0"], four_runs["al-seed1"], "--baseline", other, "--any-baseline",
+                        "--out", str(cmp)]) == 0
+    (row,) = _rows((cmp / "report.md").read_text(), "al-seed0")
+    assert row.rstrip(" |").endswith("seq-wide (another problem: differs in model.dims ([784, 16, 16] vs "
+                                     "[784, 8, 8]), data.train_subset (2000 vs 1000))"), row
+    capsys.readouterr()
+    assert report.main([four_runs["al-seed0"], "--any-baseline", "--out", str(tmp_path / "x")]) == 2
+    assert "--any-baseline applies to a --baseline" in capsys.readouterr().err
+
+
+def test_auto_pairing_prefers_a_finished_baseline(tmp_path, four_runs):
+    # a Sequential run of the same problem and seed that was preempted is a worse baseline than
+    # a finished one of another seed: its wall is not a whole run's
+    pre = make_run(tmp_path / "seq-pre", [sequential_spans(2)], make_config("sequential"),
+                   info={"status": "preempted"})
+    pairs = report.pair_baselines([report.analyze_run(d) for d in (pre, four_runs["seq-seed1"],
+                                                                   four_runs["al-seed0"])], None)
+    assert pairs[2].baseline.name == "seq-seed1"
+
+
 def test_auto_pairing_names_what_differs_instead_of_a_speedup(tmp_path, four_runs):
     other = make_run(tmp_path / "seq-neg", [sequential_spans(4)], make_config("sequential", negatives="random"))
     out = tmp_path / "cmp"
@@ -164,6 +202,15 @@ def test_predicted_time_beside_the_measured_one(four_runs, tmp_path):
     data = json.loads((out / "comparison.json").read_text())
     assert {(c["schedule"], c["ranks"]) for c in data["predicted"]} >= {("sequential", 1), ("all_layers", 2)}
     assert data["runs"][0]["predicted_wall_seconds"] == pytest.approx(24.2)
+
+
+def test_predictions_come_from_a_finished_run_first(four_runs, tmp_path):
+    # a preempted Sequential run (seed 0, the one picked before) has the times of part of a run
+    pre = make_run(tmp_path / "seq-pre", [sequential_spans(2)], make_config("sequential"),
+                   info={"status": "preempted"})
+    summaries = [report.analyze_run(d) for d in (pre, four_runs["seq-seed1"], four_runs["al-seed0"])]
+    _, _, notes = report.predict_runs(summaries)
+    assert [n.split(":")[0] for n in notes] == ["predicted from seq-seed1"], notes
 
 
 # ------------------------------------------------------------------------------ writing again

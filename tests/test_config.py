@@ -146,6 +146,20 @@ def test_parse_override_rejects_malformed(text):
         parse_override(text)
 
 
+@pytest.mark.parametrize("text, what", [
+    ("train.epochs=4\ntrain.lr=0.1", "holds a line break"),      # TOML kept 4 and dropped the rest
+    ("train.epochs=4\r\n", "holds a line break"),
+    ('data.path="a\nb"', "holds a line break"),
+    ("data.path=a\x00b", "holds the control character '\\x00'"),
+    ("data.path=x\x7f", "holds the control character '\\x7f'"),
+    ("data.path=\udcff", "holds bytes that are not UTF-8 text"),   # argv bytes Python could not decode
+])
+def test_a_set_value_config_toml_cannot_hold_is_refused(text, what):
+    with pytest.raises(ConfigError) as info:
+        parse_override(text)
+    assert what in str(info.value) and "which config.toml cannot hold" in str(info.value), info.value
+
+
 def test_overrides_apply_in_order_over_the_preset():
     cfg = load("configs/tiny.toml", ["train.epochs=8", "train.chapters=2", "train.epochs=6",
                                      "run.schedule=federated", "model.dims=[784,5,5]"])

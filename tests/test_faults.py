@@ -617,7 +617,7 @@ def test_a_binary_config_file(ws):
 def test_a_config_that_is_a_directory(ws):
     out = os.path.join(ws, "run")
     r = launch([PY, "-m", "mpff", "train", "--config", ws, "--out", out])
-    check(r, out, code=2, line=f"config file {ws!r} not found", status=None)
+    check(r, out, code=2, line=f"config file {ws!r} is a directory; give a TOML file in it", status=None)
 
 
 def test_a_truncated_model_file_is_one_clear_error(stopped_run, ws):
@@ -651,11 +651,40 @@ def test_a_stalled_rank_aborts_the_job_naming_it(ws, mpff_rank_pids):
     assert r.rc == 69, r.shown()
     lines = [ln for ln in r.stderr.splitlines() if ln.startswith("mpff train:")]
     assert len(lines) == 1 and "rank 1 waited 3 s for layer 1 of chapter" in lines[0], r.shown()
-    assert "from rank 0 (run.stall_timeout)" in lines[0]
+    assert "from rank 0 (run.stall_timeout); rank 0 on host " in lines[0]  # the host too
     state = run_json(out)
     assert state["status"] == "failed" and state["exit_code"] == 69 and "rank 0" in state["reason"]
     assert not os.path.exists(os.path.join(out, "model.h5"))
     assert r.seconds < 3 + STOP_DEADLINE
+
+
+def test_a_stall_on_a_send_names_the_receiver_its_buffer_and_host(ws, mpff_rank_pids):
+    # rank 1 stops; rank 0 (layer 1's owner) trains on and then waits for its sends of layer 1
+    # (3 MB: past MPI's eager limit, so a send completes only when rank 1 takes it). That wait
+    # used to be reported as "rank ? is stuck".
+    out = os.path.join(ws, "run")
+    stopped = []
+
+    def stop_rank_1(proc):
+        pid = mpff_rank_pids(proc.pid)[1]
+        os.kill(pid, signal.SIGSTOP)
+        stopped.append(pid)
+
+    r = launch(train_cmd(out, "model.dims=[784,1024,16]", "train.epochs=8", "train.chapters=8",
+                         "run.schedule=single_layer", "run.stall_timeout=3", ranks=2),
+               when=trace_started(out, 0.5), act=stop_rank_1, timeout=120)
+    for pid in stopped:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    assert r.rc == 69, r.shown()
+    lines = [ln for ln in r.stderr.splitlines() if ln.startswith("mpff train:")]
+    assert len(lines) == 1, r.shown()
+    host = socket.gethostname()
+    assert "rank 0 waited 3 s for layer 1 of chapter " in lines[0], r.shown()
+    assert ", sent to rank 1, to be received (run.stall_timeout); rank 1 on host " in lines[0], r.shown()
+    assert "rank ?" not in lines[0] and "(this rank's host too)" in lines[0] and host.split(".")[0] in lines[0]
+    state = run_json(out)
+    assert state["status"] == "failed" and state["exit_code"] == 69 and "rank 1 on host" in state["reason"]
 
 
 # ------------------------------------------------------------------------------ predict's input
@@ -695,6 +724,28 @@ def test_predict_on_no_images_gives_no_labels(model):
     raw = np.random.default_rng(1).integers(0, 256, (4, 28, 28)).astype(np.uint8)
     assert model.predict(raw).shape == (4,)  # raw pixels, uint8 or float, are fine
     assert np.array_equal(model.predict(raw.astype(np.float32)).numpy(), model.predict(raw).numpy())
+
+
+def test_predict_takes_one_flat_image_and_any_byte_order(model):
+    # (784,) was "expected 784 values per sample"; a big-endian array "must be an array of numbers"
+    raw = np.random.default_rng(2).integers(0, 256, (3, 784)).astype(np.uint8)
+    want = model.predict(raw).numpy()
+    one = model.predict(raw[1])
+    assert one.shape == (1,) and one.numpy()[0] == want[1]
+    for dtype in (">f4", ">f8", ">i2", ">u2"):
+        assert np.array_equal(model.predict(raw.astype(dtype)).numpy(), want), dtype
+    assert np.array_equal(model.predict(raw[::-1]).numpy(), want[::-1])  # a reversed view
+
+
+@pytest.mark.parametrize("images, message", [
+    (np.zeros((28, 28), np.uint8), "that is one image's values: pass it as shape (784,) or (1, 28, 28)"),
+    (np.zeros((2, 100), np.uint8), "pass shape (n, 784), or any (n, ...) whose rows hold 784 values"),
+    (np.array([None] * 784), "not dtype object; pass uint8 pixels 0..255 or floats"),
+])
+def test_predict_says_exactly_what_shape_or_dtype_to_pass(model, images, message):
+    with pytest.raises(ValueError) as info:
+        model.predict(images)
+    assert message in str(info.value) and "\n" not in str(info.value), info.value
 
 
 def test_there_are_enough_fault_cases():

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from mpff.config import Config, ConfigError
-from mpff.plan import Buf, Plan, Task, Transfer, build_plan, layer_blocks, pipeline_bubble
+from mpff.plan import Buf, Plan, Task, Transfer, build_plan, count_tasks, layer_blocks, pipeline_bubble
 
 
 def make_cfg(schedule="sequential", layers=4, chapters=6, negatives="fixed", classifier="goodness",
@@ -245,6 +245,34 @@ def test_every_receive_has_a_matching_send():
             assert all(not s for s in plan.sends.values()) and plan.recvs == [[]]
         count += 1
     assert count > 150
+
+
+def test_tasks_are_counted_without_building_the_plan():
+    # what mpff predict checks before it builds a plan (a plan too big to simulate is refused)
+    count = 0
+    for cfg, ranks in _configs():
+        for eval_every, inputs in ((1, "recompute"), (4, "recompute"), (0, "ship")):
+            if inputs == "ship" and cfg.run.schedule != "single_layer":
+                continue
+            c = cfg.replace(train={"eval_every": eval_every}, run={"inputs": inputs})
+            assert count_tasks(c, ranks) == len(build_plan(c, ranks).tasks), (c, ranks)
+            count += 1
+    bp = Config().replace(model={"dims": (784, 8, 8)}, train={"algorithm": "backprop", "chapters": 5,
+                                                               "epochs": 5, "eval_every": 2},
+                          run={"schedule": "data_parallel"})
+    assert count_tasks(bp, 3) == len(build_plan(bp, 3).tasks) == 5 + 3 + 1
+    assert count > 300
+
+
+def test_a_large_plan_is_simulated_in_time_linear_in_its_tasks():
+    # 1024 ranks x 1024 chapters: each step of the simulator visits the ranks it concerns, not
+    # all 1024 (4.4 s here when it visited them all; 0.15 s now)
+    import time
+    plan = build_plan(make_cfg("all_layers", layers=2, chapters=1024, eval_every=0), 1024)
+    start = time.perf_counter()
+    sim = plan.simulate({("train", c, k): 1.0 for c in range(1024) for k in range(2)})
+    assert time.perf_counter() - start < 1.5
+    assert sim.makespan == pytest.approx(1025.0)  # chapter c's layer 0 waits for chapter c-1's
 
 
 def test_full_exchange_ships_optimizer_state_only_to_trainers():

@@ -118,6 +118,40 @@ def test_all_layers_on_two_ranks_worked_by_hand(seq_run):
     assert al.messages == 6 and al.bytes_moved == 3 * (LAYER0_BYTES + LAYER1_BYTES)
 
 
+@pytest.mark.parametrize("info, why", [
+    ({"status": "preempted"}, "run.json says status 'preempted'"),
+    ({"status": "running"}, "run.json says status 'running'"),
+    ({"status": "failed"}, "run.json says status 'failed'"),
+])
+def test_a_measured_run_that_did_not_finish_gets_no_error(seq_run, tmp_path, capsys, info, why):
+    # its wall is not a whole run's: the error column used to show -60 % with no word
+    al = make_run(tmp_path / "al", [sequential_spans(1), sequential_spans(1)], make_config("all_layers"),
+                  info=info)
+    out = predict.predict([load_run(seq_run), load_run(al)], ranks=[1, 2], schedules=["sequential", "all_layers"],
+                          network=IDEAL)
+    p = _by(out, "all_layers", 2)
+    assert p.measured_wall == pytest.approx(load_run(al).wall) and p.error is None
+    assert p.measured_unfinished == f"al did not finish: {why}"
+    assert p.record()["wall_error"] is None and p.record()["measured_unfinished"] == p.measured_unfinished
+    assert f"| – (al did not finish: {why}) |" in predict.prediction_table(out)
+    assert _by(out, "sequential", 1).error == pytest.approx(0.0, abs=1e-9)  # the finished one still has its error
+    # the same run as the source: the assumptions say so
+    alone = predict.predict([load_run(al)], ranks=[2], schedules=["all_layers"], network=IDEAL)
+    assert any(a.startswith(f"The source run did not finish ({why})") for a in alone.assumptions)
+
+
+def test_a_finished_measured_run_is_taken_before_an_unfinished_one(seq_run, tmp_path):
+    pre = make_run(tmp_path / "seq-pre", [sequential_spans(2)], make_config("sequential"),
+                   info={"status": "preempted"})
+    out = predict.predict([load_run(seq_run), load_run(pre)], ranks=[1], schedules=["sequential"],
+                          network=IDEAL)
+    p = _by(out, "sequential", 1)
+    assert p.measured_run == seq_run and p.measured_unfinished is None and p.error == pytest.approx(0.0, abs=1e-9)
+    out = predict.predict([load_run(seq_run), load_run(pre)][::-1], ranks=[1], schedules=["sequential"],
+                          network=IDEAL)
+    assert _by(out, "sequential", 1).measured_run == seq_run
+
+
 def test_message_latency_in_a_prediction(seq_run):
     # as above with 0.5 s on every message: rank 1 T0 [2.5,4.5] fwd [4.5,5] T1 waits 6 -> [6,9];
     # rank 0 T0 [5.5,7.5] fwd [7.5,8] T1 waits 9.5 -> [9.5,12.5]; rank 1 T0 [9,11] fwd [11,11.5]
@@ -282,6 +316,42 @@ def test_bad_input_is_one_line_and_exit_2(seq_run, tmp_path, capsys, argv, fragm
     err = capsys.readouterr().err
     assert err.startswith("mpff predict: error: ") and err.count("\n") == 1, err
     assert fragment in err, err
+
+
+@pytest.mark.parametrize("argv, largest", [
+    (["--ranks", "1,2,100000000"], "all_layers on 100000000 rank(s), 100,000,010"),
+    (["--set", "train.chapters=10000000", "--set", "train.epochs=10000000"], "all_layers on 16 rank(s), 20,000,018"),
+])
+def test_absurd_work_is_refused_at_once(seq_run, tmp_path, capsys, argv, largest):
+    # it used to simulate for minutes (hours) with memory growing and nothing said
+    import time
+    start = time.perf_counter()
+    assert predict.main([seq_run, "--out", str(tmp_path / "p")] + argv) == 2
+    assert time.perf_counter() - start < 5
+    err = capsys.readouterr().err
+    assert err.startswith("mpff predict: error: this prediction would simulate ") and err.count("\n") == 1, err
+    assert largest in err and "more than the limit of 1,000,000" in err, err
+    assert "--ranks" in err and "--schedules" in err and "train.chapters" in err
+    assert not (tmp_path / "p").exists()
+
+
+def test_large_work_says_what_it_simulates(seq_run, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(predict, "PROGRESS_TASKS", 10)
+    assert predict.main([seq_run, "--ranks", "1,2,4", "--schedules", "all", "--out", str(tmp_path / "p")]) == 0
+    lines = capsys.readouterr().err.splitlines()
+    # 'all' from an FF run: the FF schedules (data_parallel is backprop's)
+    assert [line.split(" (plan")[0] for line in lines] == [
+        "mpff predict: simulating sequential on 1 rank(s)", "mpff predict: simulating the sequential "
+        "baseline with 1 shard(s)", "mpff predict: simulating single_layer on 2 rank(s)",
+        "mpff predict: simulating all_layers on 2 rank(s)", "mpff predict: simulating all_layers on 4 rank(s)",
+        "mpff predict: simulating federated on 2 rank(s)",
+        "mpff predict: simulating the sequential baseline with 2 shard(s)",
+        "mpff predict: simulating federated on 4 rank(s)",
+        "mpff predict: simulating the sequential baseline with 4 shard(s)"], lines
+    assert lines[-1].endswith("(plan 9 of 9, 108 tasks in all)"), lines[-1]
+    monkeypatch.setattr(predict, "MAX_SIMULATED_TASKS", 100)
+    assert predict.main([seq_run, "--ranks", "1,2,4", "--schedules", "all", "--out", str(tmp_path / "p")]) == 2
+    assert "would simulate 108 tasks in 9 plan(s)" in capsys.readouterr().err
 
 
 def test_not_a_run_is_exit_2(tmp_path, capsys):

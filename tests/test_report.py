@@ -329,6 +329,31 @@ def test_not_a_run_directory(tmp_path, capsys):
     _expect_error(capsys, [str(tmp_path / "nowhere")], str(tmp_path / "nowhere"))
 
 
+def test_a_file_is_not_a_run_directory(tmp_path, capsys):
+    # a file was "does not exist"; a run's own file names the run directory to pass instead
+    from mpff import export, predict
+    (tmp_path / "notes.txt").write_text("hello")
+    err = _expect_error(capsys, [str(tmp_path / "notes.txt")], "notes.txt is a file, not a run directory; "
+                        "pass the --out directory of an 'mpff train' run")
+    assert "does not exist" not in err
+    run = make_run(tmp_path / "run", [BUSY7])
+    inside = os.path.join(run, "run.json")
+    _expect_error(capsys, [inside], f"{inside} is a file, not a run directory; pass the run directory "
+                  f"that holds it, {run}")
+    _expect_error(capsys, [run, "--baseline", inside], "pass the run directory that holds it")
+    for main, extra in ((predict.main, []), (export.main, ["--format", "chrome"])):  # they read runs alike
+        assert main([inside, *extra]) == 2
+        assert f"is a file, not a run directory; pass the run directory that holds it, {run}" in \
+            capsys.readouterr().err
+    assert not (tmp_path / "run" / "report").exists()
+    # and a file as --out (it was "cannot write ... (File exists)")
+    _expect_error(capsys, [run, "--out", str(tmp_path / "notes.txt")], "notes.txt is a file; a report is a "
+                  "directory of files, choose another --out")
+    assert predict.main([run, "--out", str(tmp_path / "notes.txt")]) == 2  # said before anything is read
+    assert "notes.txt is a file; the prediction is a directory" in capsys.readouterr().err
+    assert (tmp_path / "notes.txt").read_text() == "hello"
+
+
 def test_a_bad_baseline_is_an_error_too(tmp_path, capsys):
     run = make_run(tmp_path / "run", [BUSY7])
     _expect_error(capsys, [run, "--baseline", str(tmp_path)], str(tmp_path))
