@@ -123,13 +123,13 @@ def refuse_run_files(target: str, what: str, *, whole: bool = False) -> None:
     while True:
         if os.path.isdir(here) and looks_like_run(here):
             if not parts and whole:
-                raise ConfigError(f"{what} {target!r} is an mpff run directory, which would be replaced; "
-                                  "give a path of its own (a new file or folder)")
+                raise ConfigError(f"{what} {target!r} is an mpff run directory, which an offline output "
+                                  "must not replace; choose another --out (a new file or folder)")
             if parts and is_run_file(parts[-1]):
-                inside = os.path.join(here, parts[-1])
-                raise ConfigError(f"{what} {target!r} would write over the run's own "
-                                  f"{'files in ' if len(parts) > 1 or os.path.isdir(inside) else ''}"
-                                  f"{inside!r}; choose another --out")
+                own = os.path.join(here, parts[-1])
+                where = "is" if len(parts) == 1 else "lies inside"
+                raise ConfigError(f"{what} {target!r} {where} the run's own {own!r}, which an offline "
+                                  "output must not replace; choose another --out")
         parent = os.path.dirname(here)
         if parent == here:
             return
