@@ -127,9 +127,16 @@ def refuse_run_files(target: str, what: str, *, whole: bool = False) -> None:
                                   "must not replace; choose another --out (a new file or folder)")
             if parts and is_run_file(parts[-1]):
                 own = os.path.join(here, parts[-1])
-                where = "is" if len(parts) == 1 else "lies inside"
-                raise ConfigError(f"{what} {target!r} {where} the run's own {own!r}, which an offline "
-                                  "output must not replace; choose another --out")
+                if len(parts) > 1:
+                    where = f"lies inside the run's own folder {own!r}"
+                elif os.path.isdir(own):
+                    where = "is a folder of the run itself"
+                elif os.path.lexists(own):
+                    where = "is a file of the run itself"
+                else:
+                    where = f"is a name the run itself writes ({parts[-1]})"
+                raise ConfigError(f"{what} {target!r} {where}, which an offline output must not replace; "
+                                  "choose another --out")
         parent = os.path.dirname(here)
         if parent == here:
             return
