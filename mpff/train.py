@@ -237,6 +237,10 @@ def _find_resume_point(rundir, cfg: Config) -> tuple[int, int] | str:
         return "finished"
     found = complete_checkpoints(rundir.path)
     if not found:
+        if not rundir.holds_run():  # --force would refuse it too: nothing there is known to be mpff's
+            raise ConfigError(f"no complete checkpoint in {rundir.path!r} to resume from, and no run.json: "
+                              "it holds no mpff run to continue or replace; move its files away or choose "
+                              "another --out")
         raise ConfigError(f"no complete checkpoint in {rundir.path!r} to resume from (checkpoints are "
                           "written with run.checkpoint_every > 0); start the run over with --force "
                           "instead of --resume")

@@ -134,6 +134,9 @@ CASES = [
     # user from one to the other: "pass --resume", then "run without --resume")
     Case("resume-without-checkpoints-advice", ("--resume",),
          "start the run over with --force instead of --resume", out="preempted-no-checkpoints", config=False),
+    Case("resume-without-checkpoints-or-run-json", ("--resume",),
+         "no complete checkpoint in '{out}' to resume from, and no run.json: it holds no mpff run to "
+         "continue or replace; move its files away", out="finished-no-run-json-no-checkpoints", config=False),
     Case("rerun-without-checkpoints", (),
          "'{out}' holds an unfinished run (status 'preempted') with no checkpoint to resume from; pass "
          "--force to start it over", out="preempted-no-checkpoints"),
@@ -245,8 +248,10 @@ def prepare(case: Case, ws: str, finished: str) -> tuple[str, str]:
             fh.write(b"the user's model\n")
     elif kind.startswith(("finished", "locked", "preempted")):
         shutil.copytree(finished, out, symlinks=True)
-        if kind == "finished-no-run-json":  # a run's files, but not known to be one
+        if kind.startswith("finished-no-run-json"):  # a run's files, but not known to be one
             os.unlink(os.path.join(out, "run.json"))
+        if kind == "finished-no-run-json-no-checkpoints":
+            shutil.rmtree(os.path.join(out, "checkpoints"))
         if kind == "locked":
             with open(os.path.join(out, ".lock"), "w") as fh:
                 fh.write(f"{socket.gethostname()} {os.getpid()}\n")  # this test process: alive

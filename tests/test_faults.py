@@ -289,6 +289,22 @@ def test_sighup_to_a_rank_is_a_stop_and_the_mpi_library_stays_quiet(ws, mpff_ran
     assert r.seconds < STOP_DEADLINE, f"{r.seconds:.1f} s"
 
 
+def test_a_hangup_of_the_workstation_script_stops_the_run(ws):
+    """The terminal that ran ``bash jobs/workstation.sh`` closes: its process group (the script
+    and mpiexec) gets SIGHUP. Hydra's mpiexec does not handle it and used to die, SIGKILLing the
+    ranks (run.json left 'running'); the script now turns it into a stop (exit 75)."""
+    out = os.path.join(ws, "run")
+    cmd = ["bash", os.path.join(ROOT, "jobs", "workstation.sh"), "-q",
+           *sets(*SMALL, *LONG_TASK, "run.schedule=all_layers")]
+    r = launch(cmd, env=dict(ENV, MPFF_CONFIG=TINY, MPFF_OUT=out, MPFF_NP="2"), when=trace_started(out, 1.5),
+               act=lambda proc: os.killpg(proc.pid, signal.SIGHUP))
+    assert r.rc == 75, r.shown()
+    state = run_json(out)
+    assert state["status"] == "preempted" and state["exit_code"] == 75, state
+    assert "mpff: stopped by signal 15" in r.stdout and "Traceback" not in r.stdout + r.stderr, r.shown()
+    assert r.seconds < STOP_DEADLINE, f"{r.seconds:.1f} s"
+
+
 def test_ctrl_c_to_the_job_then_resume_leaves_no_failure_notes(ws, mpff_rank_pids):
     """Ctrl-C reaches mpiexec (the terminal's process group); it forwards SIGINT to every rank."""
     out = os.path.join(ws, "run")
