@@ -2,7 +2,7 @@
 
 Layout (``docs/traces.md`` documents each file)::
 
-    RUN_DIR/config.toml        the resolved configuration (a resume reads it back)
+    RUN_DIR/config.toml        the resolved configuration of the latest attempt (a resume reads it back)
     RUN_DIR/run.json           status and results, one schema (:data:`RUN_FIELDS`), written
                                atomically (temporary file + rename) by rank 0 only
     RUN_DIR/.lock              "host pid" of the job using the directory

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 import time
 import traceback
@@ -454,10 +455,11 @@ def out_of_memory_reason(cfg: Config, device, exc: BaseException | None, *, rank
     """One line for memory the run's settings need and a rank cannot get, saying what to lower."""
     who = f"rank {rank} " if rank is not None else "a rank "
     size = f"about {need / 2**30:.3g} GiB " if need is not None else ""
-    if need is None and exc is not None:
-        import re
-        m = re.search(r"allocate (\d+) bytes", str(exc))
-        size = f"{int(m.group(1)) / 2**30:.3g} GiB more " if m else ""
+    if need is None and exc is not None:  # torch says "allocate 627200000000000 bytes" or "2.00 GiB"
+        m = re.search(r"allocate ([\d.]+) ?(bytes|[KMGTP]iB)", str(exc))
+        if m:
+            amount = float(m.group(1)) / 2**30 if m.group(2) == "bytes" else None
+            size = (f"{amount:.3g} GiB" if amount is not None else f"{m.group(1)} {m.group(2)}") + " more "
     return (f"{who}cannot allocate {size}on {device} for train.batch_size = {cfg.train.batch_size} "
             f"and model.dims {list(cfg.model.dims)}; lower train.batch_size (or the layer widths)")
 
@@ -470,7 +472,7 @@ def _probe_memory(cfg: Config, device, n_train: int, world_size: int) -> None:
     need = int(memory.analytic(cfg, n_train, world_size)["peak"])
     try:
         block = torch.empty(need, dtype=torch.uint8, device=device)
-    except BaseException as exc:
+    except (MemoryError, RuntimeError) as exc:
         if not is_out_of_memory(exc):
             raise
         raise ConfigError(out_of_memory_reason(cfg, device, None, need=need)) from None

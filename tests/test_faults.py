@@ -769,7 +769,8 @@ def test_running_out_of_memory_is_a_setting_to_lower_not_a_bug(ranks, ws):
                          f"run.schedule={schedule}", ranks=ranks, script=script),
                env=dict(ENV, PYTHONPATH=ROOT))
     state = check(r, out, code=2, line="lower train.batch_size", status="failed")
-    assert "cannot allocate" in r.stderr and "failure-rank" not in " ".join(os.listdir(out))
+    assert "cannot allocate 2.00 GiB more on " in r.stderr, r.shown()
+    assert "failure-rank" not in " ".join(os.listdir(out))
     assert "lower train.batch_size" in state["reason"]
 
 
