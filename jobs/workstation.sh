@@ -6,6 +6,7 @@
 # 1. jobs/setup_env.sh creates/updates .venv (first time: a few minutes, torch is large);
 # 2. mpiexec -n $MPFF_NP .venv/bin/python -m mpi4py -m mpff train \
 #        --config $MPFF_CONFIG [--out $MPFF_OUT] "$@"
+#    (a hangup, the terminal closing, stops the run as SIGTERM does: exit 75, --resume continues)
 #
 # Environment (defaults in brackets):
 #   MPFF_NP       MPI ranks [2]; the schedule must suit it: sequential is 1 rank,
@@ -69,4 +70,24 @@ if [ -n "${MPFF_OUT:-}" ]; then
 fi
 
 echo "workstation.sh: $mpiexec -n $np $venv/bin/python -m mpi4py -m mpff ${args[*]} $*" >&2
-exec "$mpiexec" -n "$np" "$venv/bin/python" -m mpi4py -m mpff "${args[@]}" "$@"
+# A closing terminal sends SIGHUP, which Hydra's mpiexec does not handle: it would die and take
+# the ranks down with SIGKILL, leaving run.json 'running'. So mpiexec ignores SIGHUP, and this
+# script turns it (and a SIGTERM sent to this script) into a SIGTERM for mpiexec, which forwards
+# it to every rank: the run stops as preempted (exit 75) and `--resume` continues it. Ctrl-C's
+# SIGINT reaches mpiexec directly (same process group) and is not forwarded twice.
+(
+  trap '' HUP
+  exec "$mpiexec" -n "$np" "$venv/bin/python" -m mpi4py -m mpff "${args[@]}" "$@"
+) &
+pid=$!
+# shellcheck disable=SC2317  # called by the trap below
+stop() { kill -TERM "$pid" 2>/dev/null || true; }
+trap stop HUP TERM
+trap : INT  # mpiexec has it too (the same process group) and stops the ranks; wait for it
+# `wait` returns early when a trapped signal arrives; keep waiting for mpiexec (a child that
+# has exited stays visible to kill -0 until wait has collected its status)
+rc=0
+while kill -0 "$pid" 2>/dev/null; do
+  wait "$pid" && rc=0 || rc=$?
+done
+exit "$rc"

@@ -16,6 +16,8 @@ exits with the same code, 2.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import os
 import sys
 
@@ -136,6 +138,57 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class PipeSafe:
+    """A stream that outlives its reader (``mpff train ... | head -1``): at the first broken pipe
+    the file descriptor is pointed at /dev/null, as Python's documentation on SIGPIPE advises,
+    and later writes are dropped. The run goes on and ends as it would have (its results are in
+    the run directory); without this, the next progress line raised BrokenPipeError mid-run."""
+
+    def __init__(self, stream) -> None:
+        self._stream = stream
+        self.broken = False
+
+    def write(self, text: str) -> int:
+        if not self.broken:
+            try:
+                return self._stream.write(text)
+            except BrokenPipeError:
+                self._drop()
+        return len(text)
+
+    def flush(self) -> None:
+        if not self.broken:
+            try:
+                self._stream.flush()
+            except BrokenPipeError:
+                self._drop()
+
+    def _drop(self) -> None:
+        self.broken = True
+        try:  # the stream's buffered bytes, and the interpreter's last flush, go to /dev/null
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            try:
+                os.dup2(devnull, self._stream.fileno())
+            finally:
+                os.close(devnull)
+        except (OSError, ValueError, AttributeError, io.UnsupportedOperation):
+            pass
+
+    def __getattr__(self, name: str):
+        return getattr(self._stream, name)
+
+
+@contextlib.contextmanager
+def pipe_safe_output():
+    """sys.stdout and sys.stderr as :class:`PipeSafe` streams while a command runs."""
+    saved = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = PipeSafe(sys.stdout), PipeSafe(sys.stderr)
+    try:
+        yield
+    finally:
+        sys.stdout, sys.stderr = saved
+
+
 #: name -> (command, whether it runs under MPI); commands that parse their own arguments get argv
 COMMANDS = {"train": (cmd_train, True), "info": (cmd_info, True)}
 RAW_COMMANDS = {"report": cmd_report, "predict": cmd_predict, "export": cmd_export, "settings": cmd_settings,
@@ -144,6 +197,11 @@ RAW_COMMANDS = {"report": cmd_report, "predict": cmd_predict, "export": cmd_expo
 
 def main(argv: list[str] | None = None, comm=None) -> int:
     """Parse ``argv`` and run the command on ``comm`` (default: the job's COMM_WORLD)."""
+    with pipe_safe_output():
+        return _main(argv, comm)
+
+
+def _main(argv: list[str] | None, comm) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] and argv[0] in RAW_COMMANDS:
         return RAW_COMMANDS[argv[0]](None, argv[1:])  # parses its own arguments, needs no MPI
@@ -161,6 +219,9 @@ def main(argv: list[str] | None = None, comm=None) -> int:
     args.argv = argv  # the command line, for run.json's provenance
     fn, needs_mpi = COMMANDS[args.command]
     if needs_mpi and comm is None:
+        # UCX (MPICH's transport) takes SIGHUP as its signal to print debug lines, hundreds a
+        # second, and keeps running: SIGHUP is a stop here (mpff.halt.STOP_SIGNALS)
+        os.environ.setdefault("UCX_DEBUG_SIGNO", "0")
         from .comm import world
         comm = world()
     try:

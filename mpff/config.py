@@ -406,6 +406,18 @@ def _toml_value(value: Any) -> str:
     return json.dumps(value)
 
 
+#: Integers a setting may hold: TOML's (config.toml is written back and read on --resume) and
+#: HDF5's attributes' (the model and the traces store the configuration), 64-bit signed.
+INT_MIN, INT_MAX = -(2 ** 63), 2 ** 63 - 1
+
+
+def _int64(where: str, value: int) -> int:
+    if not INT_MIN <= value <= INT_MAX:
+        raise ConfigError(f"{where} = {value} does not fit in 64 bits (TOML's integers, which "
+                          f"config.toml and the model file keep); give a value from {INT_MIN} to {INT_MAX}")
+    return value
+
+
 def _coerce(section: str, key: str, value: Any, annotation: str) -> Any:
     """Check a TOML or --set value against the field's type; ints widen to floats."""
     where = f"{section}.{key}"
@@ -415,7 +427,7 @@ def _coerce(section: str, key: str, value: Any, annotation: str) -> Any:
         raise ConfigError(f"{where} must be true or false, not {value!r}")
     if annotation == "int":
         if isinstance(value, int) and not isinstance(value, bool):
-            return value
+            return _int64(where, value)
         raise ConfigError(f"{where} must be an integer, not {value!r}")
     if annotation == "float":
         if isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -431,7 +443,7 @@ def _coerce(section: str, key: str, value: Any, annotation: str) -> Any:
         if isinstance(value, (list, tuple)) and all(
             isinstance(v, int) and not isinstance(v, bool) for v in value
         ):
-            return tuple(value)
+            return tuple(_int64(where, v) for v in value)
         raise ConfigError(f"{where} must be a list of integers, not {value!r}")
     raise AssertionError(f"unhandled annotation {annotation}")  # internal invariant
 

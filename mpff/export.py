@@ -43,6 +43,7 @@ import numpy as np
 
 from .config import ConfigError
 from .report import COUNTERS, Run, chrome_trace, load_run, messages
+from .rundir import refuse_run_files
 
 FORMATS = ("otf2", "chrome")
 OTF2_ARCHIVE = "traces"        # the archive's name: DIR/traces.otf2, DIR/traces.def, DIR/traces/
@@ -280,6 +281,7 @@ def run_export(args: argparse.Namespace) -> str:
     """Export as ``args`` say (run, format, out); returns what to open. Raises ConfigError."""
     run = load_run(args.run)
     out = args.out or default_out(args.run, args.format)
+    refuse_run_files(out, "--out", whole=True)  # the export replaces what --out names
     try:
         if args.format == "otf2":
             return export_otf2(run, out)

@@ -5,12 +5,13 @@ Exit codes (``mpff train --help`` and the README list them too):
 ====  ==========================================================================================
    0  finished (or nothing to resume)
    1  a bug: a traceback, and ``failure-rank<r>.txt`` in the run directory
-   2  bad input: one line says what to fix; nothing was written
+   2  bad input: one line says what to fix; nothing was written (or, for memory that a
+      run's settings need and that runs out once it started, the run is marked failed)
   65  diverged: a loss or weight became NaN or infinite; no model is written (lower the rate)
   69  stalled: a rank waited longer than ``run.stall_timeout`` for a peer; the job is aborted
   74  an I/O error (disk full, EIO, quota) writing a trace, checkpoint, model or run.json
-  75  stopped by SIGTERM, SIGUSR1 or SIGINT (Ctrl-C); resume with ``--resume`` (EX_TEMPFAIL:
-      SLURM scripts requeue on it)
+  75  stopped by SIGTERM, SIGUSR1, SIGINT (Ctrl-C) or SIGHUP (the terminal closed); resume with
+      ``--resume`` (EX_TEMPFAIL: SLURM scripts requeue on it)
 ====  ==========================================================================================
 
 A halt detected on one rank (a signal, a non-finite loss, an I/O error) is announced to every
@@ -47,10 +48,13 @@ EXIT_CODES = {
     EXIT_DIVERGED: "diverged (NaN or infinite loss or weights; no model written)",
     EXIT_STALLED: "stalled (a peer silent longer than run.stall_timeout; job aborted)",
     EXIT_IO: "I/O error writing a trace, checkpoint, model or run.json",
-    EXIT_PREEMPTED: "stopped by SIGTERM/SIGUSR1/SIGINT; resume with --resume",
+    EXIT_PREEMPTED: "stopped by SIGTERM/SIGUSR1/SIGINT/SIGHUP; resume with --resume",
 }
 
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+#: SIGHUP too: a closing terminal or a scheduler sends it, and its default action kills the
+#: rank with run.json left 'running' (UCX, under MPICH, would take it for its debug signal:
+#: mpff.cli turns that off before MPI starts)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT, signal.SIGHUP)
 
 
 class Halt(Exception):
@@ -69,7 +73,7 @@ class Halt(Exception):
 
 
 class Preempted(Halt):
-    """A stop was requested (SIGTERM / SIGUSR1 / SIGINT); checkpoints of passed chapters are on disk."""
+    """A stop was requested (SIGTERM / SIGUSR1 / SIGINT / SIGHUP); checkpoints of passed chapters are on disk."""
     code = EXIT_PREEMPTED
     status = "preempted"
 
@@ -94,12 +98,19 @@ class Stalled(Halt):
         self.peer = peer
 
 
-HALTS = {cls.__name__: cls for cls in (Halt, Preempted, Diverged, IOFailure, Stalled)}
+class OutOfMemory(Halt):
+    """The run's settings need more memory than a rank can allocate (a user's choice, such as
+    train.batch_size, not a bug): one line saying what to lower."""
+    code = EXIT_USAGE
+    status = "failed"
+
+
+HALTS = {cls.__name__: cls for cls in (Halt, Preempted, Diverged, IOFailure, Stalled, OutOfMemory)}
 
 
 def from_code(code: int) -> Halt:
     """The halt another rank voted for, known only by its exit code (data-parallel votes)."""
-    cls = {c.code: c for c in (Preempted, Diverged, IOFailure, Stalled)}.get(code, Halt)
+    cls = {c.code: c for c in (Preempted, Diverged, IOFailure, Stalled, OutOfMemory)}.get(code, Halt)
     what = "stopped" if cls is Preempted else "halted"
     return cls(f"{what} on another rank (exit code {code})", received=True)
 
@@ -116,8 +127,9 @@ _stop_signals: list[int] = []
 
 def install_signal_handlers() -> None:
     """SLURM sends SIGUSR1 (with --signal) or SIGTERM before a time limit or preemption; mpiexec
-    forwards those and Ctrl-C's SIGINT to every rank. The handler only records the signal: the
-    run stops at the next check (between training steps, or while waiting)."""
+    forwards those and Ctrl-C's SIGINT to every rank; SIGHUP comes when the terminal closes. The
+    handler only records the signal: the run stops at the next check (between training steps, or
+    while waiting)."""
     def handler(signum, frame):  # noqa: ARG001
         _stop_signals.append(signum)
 

@@ -35,6 +35,7 @@ from . import interconnect, predict_bp
 from . import report as report_mod
 from .config import BP_SCHEDULES, SCHEDULES, Config, ConfigError, from_dict, parse_override
 from .plan import Plan, Task, build_plan, count_tasks
+from .rundir import refuse_run_files
 
 #: Span kinds that are work of a task (what contention slows and the profile measures).
 WORK_KINDS = ("train", "forward", "negatives", "head", "eval")
@@ -1004,6 +1005,7 @@ def plot_speedup(outcome: Outcome, path_png: str) -> None:
 
 def write_outputs(outcome: Outcome, out: str) -> None:
     """prediction.md, prediction.json, speedup.png and speedup.pdf in ``out`` (each replaced whole)."""
+    refuse_run_files(out, "--out")
     try:
         os.makedirs(out, exist_ok=True)
         for name, text in (("prediction.md", markdown(outcome)),

@@ -50,6 +50,7 @@ import numpy as np
 from . import trace as trace_mod
 from .config import Config, ConfigError, from_dict, tomllib
 from .plan import build_plan, pipeline_bubble
+from .rundir import refuse_run_files
 
 __all__ = ["CATEGORIES", "analyze_run", "load_run", "main", "pipeline_bubble", "run_report"]
 
@@ -1528,6 +1529,8 @@ def _replace_contents(out: str, build: Callable[[str], None]) -> None:
                 old = [str(n) for n in json.load(fh).get("entries", []) if isinstance(n, str)]
         except (OSError, ValueError, AttributeError):
             old = []
+        for name in set(old) | set(entries):  # a run's own files (a run named "checkpoints")
+            refuse_run_files(os.path.join(out, name), "--out", whole=True)
         for name in entries:  # a folder of the same name that no report wrote is the user's
             path = os.path.join(out, name)
             if (os.path.isdir(path) and not os.path.islink(path) and name not in old
@@ -1646,6 +1649,7 @@ def run_report(run_dirs: list[str] | str, baseline: str | None = None, out: str 
     summaries = [analyze_run(d, simulate) for d in run_dirs]
     base = analyze_run(baseline, simulate) if baseline else None
     out = out or default_out(run_dirs)
+    refuse_run_files(out, "--out")
     if os.path.lexists(out) and not os.path.isdir(out):
         raise ConfigError(f"--out {out} is a file; a report is a directory of files, choose another --out")
     try:

@@ -2,7 +2,7 @@
 
 Layout (``docs/traces.md`` documents each file)::
 
-    RUN_DIR/config.toml        the resolved configuration (a resume reads it back)
+    RUN_DIR/config.toml        the resolved configuration of the latest attempt (a resume reads it back)
     RUN_DIR/run.json           status and results, one schema (:data:`RUN_FIELDS`), written
                                atomically (temporary file + rename) by rank 0 only
     RUN_DIR/.lock              "host pid" of the job using the directory
@@ -13,16 +13,25 @@ Layout (``docs/traces.md`` documents each file)::
     RUN_DIR/report/            the report
 
 Chapters in run.json are counted from 1, as in the progress lines and the report.
+
+What a directory may hold before a new run goes into it (:meth:`RunDir.check`): nothing (it is
+missing or empty), or an mpff run, which only ``--force`` replaces (``--resume`` continues it).
+An mpff run is known by its run.json; without one, nothing in the directory is known to be
+mpff's (a user's own ``model.h5`` looks like a run's), so it is refused even with ``--force``.
+``--force`` removes only the names in :data:`FORCE_REMOVES`; anything else stays. Offline tools
+never write over, or inside, a run's own files (:func:`refuse_run_files`).
 """
 
 from __future__ import annotations
 
 import errno
+import glob
 import json
 import os
 import shutil
 import socket
 import time
+from collections.abc import Callable
 from typing import Any
 
 from .config import Config, ConfigError
@@ -65,6 +74,74 @@ RUN_FIELDS: dict[str, Any] = {
     "host": {},
     "provenance": {},
 }
+
+
+#: Files and folders of a run directory that ``mpff train`` writes and reads back; an offline
+#: output (``mpff export --out``, ``mpff report --out``, ``mpff predict --out``) may neither
+#: replace them nor go inside them.
+RUN_FILES = ("config.toml", "run.json", "model.h5", "trace", "checkpoints", ".lock", ".lock.break",
+             ".reserve")
+#: name prefixes of the same (failure notes, the traces a resume kept, the lock's and the atomic
+#: writes' temporary files)
+RUN_FILE_PREFIXES = ("failure-rank", "trace-before-", ".lock.tmp-", ".tmp-")
+#: What ``--force`` removes before a new run: the run's own files, and the outputs mpff's tools
+#: write inside a run by default (they describe the run being replaced). Nothing else.
+FORCE_REMOVES = RUN_FILES + ("report", "predict", "otf2", "trace.json")
+#: a directory holding only these is as good as empty (left by a job that died while starting)
+HOUSEKEEPING = (".lock", ".lock.break", ".reserve")
+HOUSEKEEPING_PREFIXES = (".lock.tmp-", ".tmp-")
+
+
+def _force_removes(name: str) -> bool:
+    """Does ``--force`` remove this entry? Not the lock (this job's own), not config.toml (written
+    anew), not another job's lock attempt (``.lock.tmp-``)."""
+    if name in (".lock", ".lock.break", "config.toml") or name.startswith(".lock.tmp-"):
+        return False
+    return name in FORCE_REMOVES or name.startswith(RUN_FILE_PREFIXES)
+
+
+def is_run_file(name: str) -> bool:
+    """Is ``name`` (an entry of a run directory) one of the run's own files?"""
+    return name in RUN_FILES or name.startswith(RUN_FILE_PREFIXES)
+
+
+def looks_like_run(path: str) -> bool:
+    """Does directory ``path`` hold an mpff run (or what is left of one: traces or checkpoints)?"""
+    return (os.path.isfile(os.path.join(path, "run.json"))
+            or bool(glob.glob(os.path.join(glob.escape(path), "trace", "rank*.h5")))
+            or bool(glob.glob(os.path.join(glob.escape(path), "checkpoints", "c[0-9]*"))))
+
+
+def refuse_run_files(target: str, what: str, *, whole: bool = False) -> None:
+    """Raise ConfigError when writing ``target`` (``what``: the option that named it) would replace
+    one of a run's own files or write inside one (a report in ``RUN/checkpoints``, a Chrome trace
+    as ``RUN/model.h5``). ``whole``: the target is replaced as a whole, so a run directory itself
+    is refused too. Symbolic links are followed: what counts is where the bytes would land."""
+    real = os.path.realpath(target)
+    parts = []
+    here = real
+    while True:
+        if os.path.isdir(here) and looks_like_run(here):
+            if not parts and whole:
+                raise ConfigError(f"{what} {target!r} is an mpff run directory, which an offline output "
+                                  "must not replace; choose another --out (a new file or folder)")
+            if parts and is_run_file(parts[-1]):
+                own = os.path.join(here, parts[-1])
+                if len(parts) > 1:
+                    where = f"lies inside the run's own folder {own!r}"
+                elif os.path.isdir(own):
+                    where = "is a folder of the run itself"
+                elif os.path.lexists(own):
+                    where = "is a file of the run itself"
+                else:
+                    where = f"is a name the run itself writes ({parts[-1]})"
+                raise ConfigError(f"{what} {target!r} {where}, which an offline output must not replace; "
+                                  "choose another --out")
+        parent = os.path.dirname(here)
+        if parent == here:
+            return
+        parts.append(os.path.basename(here))
+        here = parent
 
 
 def now_iso() -> str:
@@ -135,14 +212,46 @@ class RunDir:
         return data
 
     # ----- checks before a run (rank 0) -----
-    def check(self, force: bool, resume: bool) -> None:
-        """Refuse to overwrite a run's results, to resume nothing, or to share a directory."""
+    def holds_run(self) -> bool:
+        """Is there an mpff run here? Known by its run.json: an object with a status (or mpff's
+        format name), or one that cannot be read (a damaged run.json is still the run's)."""
+        try:
+            with open(self.run_json) as fh:
+                data = json.load(fh)
+        except FileNotFoundError:
+            return False
+        except (OSError, ValueError):
+            return True
+        return isinstance(data, dict) and ("status" in data or data.get("format") == RUN_FORMAT)
+
+    def contents(self) -> list[str]:
+        """What the directory holds besides a dead job's lock and temporary files, sorted."""
+        try:
+            names = os.listdir(self.path)
+        except FileNotFoundError:
+            return []
+        return sorted(n for n in names if n not in HOUSEKEEPING and not n.startswith(HOUSEKEEPING_PREFIXES))
+
+    def check(self, force: bool, resume: bool, resumable: Callable[[], bool] | None = None) -> None:
+        """Refuse to overwrite a run's results, to resume nothing, or to share a directory. A
+        new run goes only into a directory that is missing, empty, or holds an mpff run that
+        ``--force`` replaces; files without a run.json are not known to be mpff's, and are
+        refused even with ``--force``. ``resumable()``: does the run have a checkpoint to resume
+        from (the advice for an unfinished run names only what will work)?"""
         if os.path.isdir(self.path):
             holder = self.lock_holder()
             if holder is not None:
                 raise self._in_use(holder)
         if os.path.exists(self.path) and not os.path.isdir(self.path):
             raise ConfigError(f"--out {self.path!r} is a file, not a directory; choose another --out")
+        if not resume and os.path.isdir(self.path) and not self.holds_run():
+            there = self.contents()
+            if there:
+                shown = ", ".join(n + ("/" if os.path.isdir(self.file(n)) else "") for n in there[:6])
+                more = f" and {len(there) - 6} more" if len(there) > 6 else ""
+                raise ConfigError(f"{self.path!r} holds files that are not an mpff run's ({shown}{more}; no "
+                                  "run.json), which a new run would write over; move them away or choose "
+                                  "another --out" + (" (--force replaces only an mpff run)" if force else ""))
         status = self.status
         if status is None and os.path.exists(self.run_json):
             status = "unreadable run.json"
@@ -150,6 +259,10 @@ class RunDir:
             raise ConfigError(f"{self.path!r} already holds a finished run; pass --force to replace it "
                               "or choose another --out")
         if status is not None and status != "finished" and not (force or resume):
+            if resumable is not None and not resumable():  # --resume would find nothing to resume
+                raise ConfigError(f"{self.path!r} holds an unfinished run (status {status!r}) with no "
+                                  "checkpoint to resume from; pass --force to start it over, or choose "
+                                  "another --out")
             raise ConfigError(f"{self.path!r} holds an unfinished run (status {status!r}); pass --resume "
                               "to continue it from its newest checkpoint, --force to start over, or "
                               "choose another --out")
@@ -299,18 +412,21 @@ class RunDir:
                 provenance: dict | None = None, n_train: int | None = None, n_test: int | None = None) -> None:
         """Before the first task: clear what --force replaces, write config.toml (a new run) or
         keep the interrupted attempt's traces (a resume), and mark the run running."""
-        if force:
-            for name in ["trace", "report", "checkpoints", "model.h5", "run.json", ".reserve"] + [
-                    n for n in os.listdir(self.path) if n.startswith(("failure-rank", "trace-before-"))]:
+        if force:  # only what mpff wrote: anything else in the directory is the user's
+            for name in os.listdir(self.path):
+                if not _force_removes(name):
+                    continue
                 path = self.file(name)
-                if os.path.isdir(path):
+                if os.path.isdir(path) and not os.path.islink(path):
                     shutil.rmtree(path)
-                elif os.path.exists(path):
+                elif os.path.lexists(path):
                     os.unlink(path)
         previous = self.read() if resume_after is not None else {}
-        if resume_after is None:
+        if resume_after is None or cfg.to_toml() != self._config_text():
+            # a resume may change how the run goes on (the schedule, the rank count): the next
+            # plain --resume reads these settings back, so they must be the ones that run now
             write_text_atomic(self.config_toml, cfg.to_toml())
-        else:
+        if resume_after is not None:
             old = self.file("trace")
             if os.path.isdir(old):
                 os.replace(old, self.file(f"trace-before-c{resume_after + 1:05d}-{int(time.time())}"))
@@ -329,6 +445,13 @@ class RunDir:
                     accuracy_per_chapter=previous.get("accuracy_per_chapter", {}),
                     chapters_done=resume_after or 0, provenance=provenance or {}, n_train=n_train,
                     n_test=n_test)
+
+    def _config_text(self) -> str | None:
+        try:
+            with open(self.config_toml) as fh:
+                return fh.read()
+        except (OSError, UnicodeDecodeError):
+            return None
 
     #: Bytes set aside at the start of a run, freed before run.json is written at its end: on a
     #: full disk the final status (failed, and why) still fits.

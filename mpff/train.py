@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 import time
 import traceback
@@ -31,6 +32,7 @@ from .halt import (
     EXIT_USAGE,
     Halt,
     IOFailure,
+    OutOfMemory,
     Preempted,
     Stalled,
     Watch,
@@ -194,10 +196,11 @@ def _load_config(comm, args: argparse.Namespace):
 
 
 def _check_run_dir(cfg: Config, args: argparse.Namespace, world_size: int):
+    from .checkpoint import complete_checkpoints
     from .rundir import RunDir
 
     rundir = RunDir(args.out or default_run_dir(cfg, world_size))
-    rundir.check(args.force, args.resume)
+    rundir.check(args.force, args.resume, resumable=lambda: bool(complete_checkpoints(rundir.path)))
     return rundir, (_find_resume_point(rundir, cfg) if args.resume else None)
 
 
@@ -210,6 +213,7 @@ def _load_data(comm, cfg: Config, rundir, resume):
     configure_torch(cfg)
     device = pick_device(cfg, comm.node_local_rank()[0])
     dataset = load_dataset(cfg.data)
+    _probe_memory(cfg, device, dataset.x_train.shape[0], comm.size)
     if dataset.input_dim != cfg.model.dims[0]:
         raise ConfigError(f"the data has {dataset.input_dim} inputs but model.dims[0] = "
                           f"{cfg.model.dims[0]}; set model.dims[0] = {dataset.input_dim}")
@@ -250,8 +254,13 @@ def _find_resume_point(rundir, cfg: Config) -> tuple[int, int] | str:
         return "finished"
     found = complete_checkpoints(rundir.path)
     if not found:
+        if not rundir.holds_run():  # --force would refuse it too: nothing there is known to be mpff's
+            raise ConfigError(f"no complete checkpoint in {rundir.path!r} to resume from, and no run.json: "
+                              "it holds no mpff run to continue or replace; move its files away or choose "
+                              "another --out")
         raise ConfigError(f"no complete checkpoint in {rundir.path!r} to resume from (checkpoints are "
-                          "written with run.checkpoint_every > 0); run without --resume")
+                          "written with run.checkpoint_every > 0); start the run over with --force "
+                          "instead of --resume")
     done, world = found[0]
     state = load_checkpoint(rundir.path, done, 0, world)  # validates every rank file
     old = json.loads(state["config"])
@@ -317,6 +326,18 @@ def execute(setup: Setup, quiet: bool = False) -> Outcome:
         _close_quietly(tracer, halt.status)
         return Outcome(halt.status, halt=halt)
     except BaseException as exc:
+        if is_out_of_memory(exc):  # the settings' fault, not a bug: one line, exit 2
+            halt = OutOfMemory(out_of_memory_reason(cfg, setup.device, exc, rank=comm.rank))
+            _close_quietly(tracer, halt.status)
+            if plan.replicated and comm.size > 1:
+                # the other data-parallel ranks wait in a torch.distributed collective, where no
+                # notice reaches them: record it here and end the job
+                _record_halt(setup.rundir, halt)
+                print(f"mpff train: error: {halt.reason}", file=sys.stderr, flush=True)
+                comm.abort(halt.code)
+            if comm.size > 1:
+                comm.notify_halt(halt.notice(comm.rank))
+            return Outcome(halt.status, halt=halt)
         # a bug: leave a note in the run directory, then let mpi4py abort the job
         setup.rundir.write_failure_note(comm.rank, traceback.format_exc())
         _record_bug(setup.rundir, comm.rank, exc)
@@ -438,6 +459,54 @@ def _close_quietly(tracer, status: str) -> None:
             pass
 
 
+def is_out_of_memory(exc: BaseException) -> bool:
+    """An allocation that failed: MemoryError, torch's OutOfMemoryError (CUDA), or the
+    RuntimeError of torch's CPU allocator ("can't allocate memory")."""
+    if isinstance(exc, (MemoryError, torch.OutOfMemoryError)):
+        return True
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and ("can't allocate memory" in text or "out of memory" in text)
+
+
+def out_of_memory_reason(cfg: Config, device, exc: BaseException | None, *, rank: int | None = None,
+                         need: int | None = None) -> str:
+    """One line for memory the run's settings need and a rank cannot get, saying what to lower."""
+    who = f"rank {rank} " if rank is not None else "a rank "
+    size = f"about {need / 2**30:.3g} GiB " if need is not None else ""
+    if need is None and exc is not None:  # torch says "allocate 627200000000000 bytes" or "2.00 GiB"
+        m = re.search(r"allocate ([\d.]+) ?(bytes|[KMGTP]iB)", str(exc))
+        if m:
+            amount = float(m.group(1)) / 2**30 if m.group(2) == "bytes" else None
+            size = (f"{amount:.3g} GiB" if amount is not None else f"{m.group(1)} {m.group(2)}") + " more "
+    return (f"{who}cannot allocate {size}on {device} for train.batch_size = {cfg.train.batch_size} "
+            f"and model.dims {list(cfg.model.dims)}; lower train.batch_size (or the layer widths)")
+
+
+def _probe_memory(cfg: Config, device, n_train: int, world_size: int) -> None:
+    """Bad input found before anything is written: memory the run's settings need (the analytic
+    peak of a rank, mpff.memory) that cannot be allocated at all, such as a batch of 10^11 rows.
+    The block is only reserved, never touched, so the probe costs nothing when it fits."""
+    from . import memory
+    need = int(memory.analytic(cfg, n_train, world_size)["peak"])
+    try:
+        block = torch.empty(need, dtype=torch.uint8, device=device)
+    except (MemoryError, RuntimeError) as exc:
+        if not is_out_of_memory(exc):
+            raise
+        raise ConfigError(out_of_memory_reason(cfg, device, None, need=need)) from None
+    del block
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def _record_halt(rundir, halt: Halt) -> None:
+    """Best effort, from the rank that found the halt when the job is about to be aborted."""
+    try:
+        rundir.end_attempt(halt.status, reason=halt.reason, exit_code=halt.code)
+    except Exception:  # noqa: BLE001 - nothing more can be done here
+        pass
+
+
 def _record_bug(rundir, rank: int, exc: BaseException) -> None:
     """Best effort, from the failing rank itself (the job is about to be aborted): run.json says
     failed, and why."""
@@ -465,8 +534,11 @@ class _Checkpointer:
         s = self.setup
         try:
             write_rank_checkpoint(s.rundir.path, chapter, self.rank, s.comm.size, s.cfg.to_json(), snapshot)
-            if self.rank == 0:  # older complete checkpoints than the newest `keep` are not needed
-                prune(s.rundir.path, s.cfg.run.checkpoint_keep)
+            # Every rank prunes after its own file: the rank whose file completes a checkpoint
+            # may be any of them (in Single Layer rank 0 writes all its files long before the
+            # last rank writes its first). Pruning only removes checkpoints older than a
+            # complete one, which every rank has passed, so no rank still writes into them.
+            prune(s.rundir.path, s.cfg.run.checkpoint_keep)
         except OSError as exc:
             where = os.path.join(checkpoint_dir(s.rundir.path, chapter + 1), f"rank{self.rank:04d}.h5")
             raise IOFailure(io_reason(f"the checkpoint {where}", exc)) from None
@@ -511,37 +583,41 @@ def finish(setup: Setup, outcome: Outcome) -> int:
     comm.barrier()
     code = 0
     if comm.rank == 0:
-        from .modelfile import host_facts, versions
-        board = setup.board
-        wall = time.perf_counter() - setup.start
-        last = cfg.train.chapters - 1
-        final_acc = board.acc.get(last)
-        previous = rundir.read().get("accuracy_per_chapter", {})
-        accuracy = {**previous, **{str(c + 1): a for c, a in sorted(board.acc.items())}}
-        training = max(s["train_end"] for s in stats) - min(s["train_start"] for s in stats)
-        for s in stats:
-            del s["train_start"], s["train_end"]
+        # the lock is held until the job's last write (the report): until then a --force start
+        # into the directory, which deletes the model and the traces the report reads, is
+        # refused as "in use"
         try:
-            rundir.end_attempt("finished", test_accuracy=final_acc, wall_time=wall, training_seconds=training,
-                               accuracy_per_chapter=accuracy, chapters_done=cfg.train.chapters, ranks=stats,
-                               versions=versions(), host=host_facts(), exit_code=0, reason=None)
-        except OSError as exc:
+            from .modelfile import host_facts, versions
+            board = setup.board
+            wall = time.perf_counter() - setup.start
+            last = cfg.train.chapters - 1
+            final_acc = board.acc.get(last)
+            previous = rundir.read().get("accuracy_per_chapter", {})
+            accuracy = {**previous, **{str(c + 1): a for c, a in sorted(board.acc.items())}}
+            training = max(s["train_end"] for s in stats) - min(s["train_start"] for s in stats)
+            for s in stats:
+                del s["train_start"], s["train_end"]
+            try:
+                rundir.end_attempt("finished", test_accuracy=final_acc, wall_time=wall, training_seconds=training,
+                                   accuracy_per_chapter=accuracy, chapters_done=cfg.train.chapters, ranks=stats,
+                                   versions=versions(), host=host_facts(), exit_code=0, reason=None)
+            except OSError as exc:
+                print(f"mpff train: error: {io_reason(rundir.run_json, exc)}; the model is written: "
+                      f"{rundir.model_path}", file=sys.stderr, flush=True)
+                return IOFailure.code
+            rundir.clear_failure_notes()
+            acc_text = f"{100 * final_acc:.2f}%" if final_acc is not None else "n/a"
+            how = "backprop" if setup.plan.backprop else f"{cfg.train.classifier} classifier"
+            print(f"mpff: done in {wall:.1f}s: test accuracy {acc_text} ({how}), model {rundir.model_path}",
+                  flush=True)
+            if cfg.run.report and cfg.run.trace:
+                if stop_signal() is not None:  # the run is done; a stop now skips only the report
+                    print(f"mpff: stopped before the report; write it with: python -m mpff report {rundir.path}",
+                          flush=True)
+                else:
+                    code = _write_report(rundir.path)
+        finally:
             rundir.release()
-            print(f"mpff train: error: {io_reason(rundir.run_json, exc)}; the model is written: "
-                  f"{rundir.model_path}", file=sys.stderr, flush=True)
-            return IOFailure.code
-        rundir.clear_failure_notes()
-        rundir.release()
-        acc_text = f"{100 * final_acc:.2f}%" if final_acc is not None else "n/a"
-        how = "backprop" if setup.plan.backprop else f"{cfg.train.classifier} classifier"
-        print(f"mpff: done in {wall:.1f}s: test accuracy {acc_text} ({how}), model {rundir.model_path}",
-              flush=True)
-        if cfg.run.report and cfg.run.trace:
-            if stop_signal() is not None:  # the run is done; a stop now skips only the report
-                print(f"mpff: stopped before the report; write it with: python -m mpff report {rundir.path}",
-                      flush=True)
-            else:
-                code = _write_report(rundir.path)
     return code
 
 
@@ -570,12 +646,14 @@ def _halted(setup: Setup, halt: Halt) -> int:
             rundir.end_attempt(halt.status, **fields)
         except OSError as exc:
             unrecorded = f" ({io_reason(rundir.run_json, exc)}: it still says 'running')"
-        rundir.release()
+        if isinstance(halt, Stalled):
+            rundir.release()  # the job is aborted next; nothing more is written
         if isinstance(halt, Preempted):
             sig = stop_signal()
             print(f"mpff: stopped by signal {sig if sig is not None else '(on another rank)'}; "
                   + (f"resume with --resume from after chapter {max(done)}" if done else
-                     "no complete checkpoint yet (set run.checkpoint_every)") + unrecorded, flush=True)
+                     "no complete checkpoint yet, so nothing to resume: start it over with --force "
+                     "(checkpoints come every run.checkpoint_every chapters)") + unrecorded, flush=True)
         else:
             print(f"mpff train: error: {halt.reason}{unrecorded}", file=sys.stderr, flush=True)
     if isinstance(halt, Stalled):
@@ -585,6 +663,8 @@ def _halted(setup: Setup, halt: Halt) -> int:
     together = comm.bounded_barrier(30 if isinstance(halt, Preempted) else 10)
     if comm.rank == writer and setup.board is not None and comm.size > 1:
         _late_accuracies(setup)
+    if comm.rank == writer:
+        rundir.release()  # after the last write (the late accuracies)
     if not together:
         comm.abort(halt.code)
     return halt.code

@@ -112,6 +112,17 @@ CASES = [
                                           "covers an output directory that cannot be created"),)),
     Case("finished-without-force", (), "'{out}' already holds a finished run; pass --force",
          out="finished", process=True),
+    # a directory holding what no mpff run wrote (no run.json) is not free, even with --force
+    Case("users-own-model", (), "'{out}' holds files that are not an mpff run's (model.h5; no run.json)",
+         out="foreign"),
+    Case("users-own-model-force", ("--force",),
+         "'{out}' holds files that are not an mpff run's (model.h5; no run.json)", out="foreign"),
+    Case("run-files-without-run-json", (),
+         "'{out}' holds files that are not an mpff run's (checkpoints/, config.toml, model.h5, trace/; "
+         "no run.json)", out="finished-no-run-json"),
+    Case("run-files-without-run-json-force", ("--force",),
+         "'{out}' holds files that are not an mpff run's (checkpoints/, config.toml, model.h5, trace/; "
+         "no run.json)", out="finished-no-run-json"),
     Case("in-use-by-live-job", ("--force",),
          "run directory '{out}' is in use by another job (pid {pid} on {host})", out="locked"),
     Case("in-use-by-live-job-2-ranks", ("--force", "--set", "run.schedule=all_layers"),
@@ -120,6 +131,16 @@ CASES = [
     # ----- --resume
     Case("resume-without-checkpoints", ("--resume",), "no complete checkpoint in '{out}' to resume from",
          out="preempted-no-checkpoints", config=False),
+    # the two answers for a run stopped before its first checkpoint agree (they used to send the
+    # user from one to the other: "pass --resume", then "run without --resume")
+    Case("resume-without-checkpoints-advice", ("--resume",),
+         "start the run over with --force instead of --resume", out="preempted-no-checkpoints", config=False),
+    Case("resume-without-checkpoints-or-run-json", ("--resume",),
+         "no complete checkpoint in '{out}' to resume from, and no run.json: it holds no mpff run to "
+         "continue or replace; move its files away", out="finished-no-run-json-no-checkpoints", config=False),
+    Case("rerun-without-checkpoints", (),
+         "'{out}' holds an unfinished run (status 'preempted') with no checkpoint to resume from; pass "
+         "--force to start it over", out="preempted-no-checkpoints"),
     Case("resume-corrupt-checkpoint", ("--resume",),
          "checkpoint file '{out}/checkpoints/c00001/rank0000.h5' is corrupt or unreadable",
          out="preempted-corrupt", config=False),
@@ -128,6 +149,13 @@ CASES = [
     Case("resume-other-settings", ("--resume", "--config", "{ws}/finished.toml", "--set", "train.lr=0.02"),
          "the checkpoint was made with different [train] settings (lr)", out="preempted",
          config=False),
+    # ----- what cannot be stored or allocated
+    Case("seed-beyond-64-bits", S("train.seed=123456789012345678901234"),
+         "train.seed = 123456789012345678901234 does not fit in 64 bits"),
+    Case("dims-beyond-64-bits", S("model.dims=[784,18446744073709551616]"),
+         "model.dims = 18446744073709551616 does not fit in 64 bits"),
+    Case("batch-that-cannot-be-allocated", S("train.batch_size=100000000000"),
+         "for train.batch_size = 100000000000 and model.dims [784, 256, 256, 256]; lower train.batch_size"),
     # ----- the command line itself (argparse)
     Case("force-and-resume", ("--force", "--resume"),
          "mpff train: error: argument --resume: not allowed with argument --force", usage=True),
@@ -222,8 +250,16 @@ def prepare(case: Case, ws: str, finished: str) -> tuple[str, str]:
         os.chmod(os.path.join(ws, "ro"), 0o500)
         out = os.path.join(ws, "ro", "run")
         return out, os.path.join(ws, "ro")
+    elif kind == "foreign":  # the user's own file, in a directory no run wrote
+        os.makedirs(out)
+        with open(os.path.join(out, "model.h5"), "wb") as fh:
+            fh.write(b"the user's model\n")
     elif kind.startswith(("finished", "locked", "preempted")):
         shutil.copytree(finished, out, symlinks=True)
+        if kind.startswith("finished-no-run-json"):  # a run's files, but not known to be one
+            os.unlink(os.path.join(out, "run.json"))
+        if kind == "finished-no-run-json-no-checkpoints":
+            shutil.rmtree(os.path.join(out, "checkpoints"))
         if kind == "locked":
             with open(os.path.join(out, ".lock"), "w") as fh:
                 fh.write(f"{socket.gethostname()} {os.getpid()}\n")  # this test process: alive

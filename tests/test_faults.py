@@ -211,7 +211,8 @@ def copy(src: str, dst: str) -> str:
 
 # ------------------------------------------------------------------------------ signals
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGUSR1], ids=lambda s: s.name)
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGHUP],
+                         ids=lambda s: s.name)
 def test_a_stop_interrupts_a_long_task(sig, ws):
     out = os.path.join(ws, "run")
     r = launch(train_cmd(out, *LONG_TASK), when=trace_started(out, 1.5), act=send(sig))
@@ -272,6 +273,35 @@ def test_a_signal_to_one_rank_stops_the_whole_job(ws, mpff_rank_pids):
                act=term_rank_1)
     check(r, out, code=75, line="mpff: stopped by signal (on another rank)", status="preempted",
           stdout_line=True)
+    assert r.seconds < STOP_DEADLINE, f"{r.seconds:.1f} s"
+
+
+def test_sighup_to_a_rank_is_a_stop_and_the_mpi_library_stays_quiet(ws, mpff_rank_pids):
+    """A hangup (a closing terminal, a scheduler) reaches a rank: the job stops as for SIGTERM.
+    UCX, MPICH's transport, takes SIGHUP for its own debug signal: it used to print hundreds of
+    debug lines a second while the run went on."""
+    out = os.path.join(ws, "run")
+    r = launch(train_cmd(out, *LONG_TASK, "run.schedule=all_layers", ranks=2), when=trace_started(out, 1.5),
+               act=lambda proc: os.kill(mpff_rank_pids(proc.pid)[1], signal.SIGHUP))
+    check(r, out, code=75, line="mpff: stopped by signal (on another rank)", status="preempted",
+          stdout_line=True)
+    assert "UCX" not in r.stdout + r.stderr, r.shown()
+    assert r.seconds < STOP_DEADLINE, f"{r.seconds:.1f} s"
+
+
+def test_a_hangup_of_the_workstation_script_stops_the_run(ws):
+    """The terminal that ran ``bash jobs/workstation.sh`` closes: its process group (the script
+    and mpiexec) gets SIGHUP. Hydra's mpiexec does not handle it and used to die, SIGKILLing the
+    ranks (run.json left 'running'); the script now turns it into a stop (exit 75)."""
+    out = os.path.join(ws, "run")
+    cmd = ["bash", os.path.join(ROOT, "jobs", "workstation.sh"), "-q",
+           *sets(*SMALL, *LONG_TASK, "run.schedule=all_layers")]
+    r = launch(cmd, env=dict(ENV, MPFF_CONFIG=TINY, MPFF_OUT=out, MPFF_NP="2"), when=trace_started(out, 1.5),
+               act=lambda proc: os.killpg(proc.pid, signal.SIGHUP))
+    assert r.rc == 75, r.shown()
+    state = run_json(out)
+    assert state["status"] == "preempted" and state["exit_code"] == 75, state
+    assert "mpff: stopped by signal 15" in r.stdout and "Traceback" not in r.stdout + r.stderr, r.shown()
     assert r.seconds < STOP_DEADLINE, f"{r.seconds:.1f} s"
 
 
@@ -601,6 +631,147 @@ def test_an_empty_lock_is_a_job_starting_unless_it_is_old(ws):
     assert rd._lock_is_mine()
     rd.release()
     assert os.listdir(path) == []
+
+
+HELD_REPORT_WRAPPER = textwrap.dedent("""
+    # Holds the run at the start of its report (after "done" is printed) until $MPFF_GO exists,
+    # so that a second job can be started into the directory at that moment.
+    import os, sys, time
+    import mpff.report
+    original = mpff.report.main
+
+    def main(argv):
+        open(os.environ["MPFF_IN_REPORT"], "w").close()
+        deadline = time.monotonic() + 120
+        while not os.path.exists(os.environ["MPFF_GO"]) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return original(argv)
+    mpff.report.main = main
+
+    from mpff.__main__ import _exit
+    from mpff.cli import main as cli_main
+    _exit(cli_main(sys.argv[1:]))
+""")
+
+
+def test_a_force_start_while_the_report_is_written_is_refused(ws):
+    """The first job has printed "done" and writes its report: the directory is still its own.
+    (The lock used to be released before the report: a --force start then deleted the model and
+    the traces, and the finished job's report failed.)"""
+    script = os.path.join(ws, "held.py")
+    with open(script, "w") as fh:
+        fh.write(HELD_REPORT_WRAPPER)
+    out, in_report, go = os.path.join(ws, "run"), os.path.join(ws, "in-report"), os.path.join(ws, "go")
+    settings = ("train.epochs=2", "train.chapters=2", "run.report=true")
+    first = subprocess.Popen(train_cmd(out, *settings, script=script), cwd=ROOT, stdin=subprocess.DEVNULL,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             env=dict(ENV, MPFF_IN_REPORT=in_report, MPFF_GO=go, PYTHONPATH=ROOT))
+    try:
+        deadline = time.monotonic() + 180
+        while not os.path.exists(in_report) and first.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert os.path.exists(in_report), first.communicate()
+        model = digest(out)["model.h5"]
+        second = launch(train_cmd(out, *settings, extra=("--force",)))
+        assert second.rc == 2, second.shown()
+        assert "is in use by another job" in second.stderr and len(second.stderr.splitlines()) == 1, \
+            second.shown()
+    finally:
+        open(go, "w").close()
+        stdout, stderr = first.communicate(timeout=180)
+    r = Result(first.returncode, stdout, stderr)
+    assert r.rc == 0, r.shown()
+    assert "mpff: done" in r.stdout and "report written to" in r.stdout, r.shown()
+    assert digest(out)["model.h5"] == model and os.path.isfile(os.path.join(out, "report", "report.md"))
+    assert not os.path.exists(os.path.join(out, ".lock")) and leftovers(out) == []
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory) -> str:
+    """A finished run (1 chapter) with its traces and model."""
+    out = str(tmp_path_factory.mktemp("faults") / "finished")
+    r = launch(train_cmd(out, "train.epochs=1", "train.chapters=1"))
+    assert r.rc == 0, r.shown()
+    return out
+
+
+@pytest.mark.parametrize("args", [
+    ("export", "{run}", "--format", "chrome", "--out", "{run}/model.h5"),
+    ("export", "{run}", "--format", "chrome", "--out", "{run}/run.json"),
+    ("export", "{run}", "--format", "chrome", "--out", "{run}/trace/rank0000.h5"),
+    ("export", "{run}", "--format", "otf2", "--out", "{run}"),
+    ("export", "{run}", "--format", "otf2", "--out", "{run}/checkpoints"),
+    ("report", "{run}", "--out", "{run}/trace"),
+    ("report", "{run}", "--out", "{run}/config.toml"),
+    ("predict", "{run}", "--ranks", "1,2", "--out", "{run}/trace"),
+    ("predict", "{run}", "--ranks", "1,2", "--out", "{run}/.lock"),
+], ids=lambda a: f"{a[0]}-{a[-1].replace('{run}', 'RUN')}")
+def test_an_offline_output_never_replaces_a_runs_own_files(args, finished_run, ws):
+    """An output of mpff export, report or predict named after (or inside) a file the run
+    itself owns is refused: one line, exit 2, every file of the run unchanged. (``export
+    --format chrome --out RUN/model.h5`` used to exit 0 with the model gone.)"""
+    run = copy(finished_run, os.path.join(ws, "run"))
+    before = digest(run)
+    r = launch([PY, "-m", "mpff", *(a.format(run=run) for a in args)])
+    check(r, run, code=2, line="which an offline output must not replace; choose another --out",
+          status=UNCHANGED, kept=before, model=True)
+    assert digest(run) == before and sorted(os.listdir(run)) == sorted(os.listdir(finished_run))
+
+
+def test_a_reader_that_closes_the_pipe_does_not_stop_the_run(ws):
+    """``mpff train ... | head -1``: the lines after the reader left are dropped and the run
+    finishes (it used to die of BrokenPipeError at the next progress line, marked failed)."""
+    out = os.path.join(ws, "run")
+    cmd = [a for a in train_cmd(out, "train.epochs=8", "train.chapters=8") if a != "-q"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    first = proc.stdout.readline()
+    proc.stdout.close()  # as head -1 does after its line
+    try:
+        stderr = proc.stderr.read()
+        proc.wait(timeout=180)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert first.startswith("mpff: "), first
+    r = Result(proc.returncode, first, stderr)
+    check(r, out, code=0, line="", status="finished", stdout_line=True, model=True)
+
+
+OOM_WRAPPER = textwrap.dedent("""
+    # Training runs out of memory in its second chapter, as a GPU too small for the batch would.
+    import sys
+    import torch
+    import mpff.ffstate
+    original, calls = mpff.ffstate.train_epochs, []
+
+    def train_epochs(*args, **kwargs):
+        calls.append(1)
+        if len(calls) > 1:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return original(*args, **kwargs)
+    mpff.ffstate.train_epochs = train_epochs
+
+    from mpff.__main__ import _exit
+    from mpff.cli import main
+    _exit(main(sys.argv[1:]))
+""")
+
+
+@pytest.mark.parametrize("ranks", [1, 2])
+def test_running_out_of_memory_is_a_setting_to_lower_not_a_bug(ranks, ws):
+    script = os.path.join(ws, "oom.py")
+    with open(script, "w") as fh:
+        fh.write(OOM_WRAPPER)
+    out = os.path.join(ws, "run")
+    schedule = "sequential" if ranks == 1 else "all_layers"
+    r = launch(train_cmd(out, "train.epochs=4", "train.chapters=4", "run.checkpoint_every=1",
+                         f"run.schedule={schedule}", ranks=ranks, script=script),
+               env=dict(ENV, PYTHONPATH=ROOT))
+    state = check(r, out, code=2, line="lower train.batch_size", status="failed")
+    assert "cannot allocate 2.00 GiB more on " in r.stderr, r.shown()
+    assert "failure-rank" not in " ".join(os.listdir(out))
+    assert "lower train.batch_size" in state["reason"]
 
 
 # ------------------------------------------------------------------------------ damaged files

@@ -37,6 +37,7 @@ import numpy as np
 import pytest
 
 from mpff.checkpoint import complete_checkpoints
+from mpff.config import tomllib
 from mpff.modelfile import weights_of
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -516,3 +517,41 @@ def test_moved_evaluations_survive_a_stop_and_resume(work):
     assert got["accuracy_per_chapter"] == want["accuracy_per_chapter"]
     assert differing(weights_of(os.path.join(resumed.out, "model.h5")),
                      weights_of(os.path.join(plain.out, "model.h5"))) == []
+
+
+def test_a_resume_that_changes_settings_is_what_the_next_resume_reads(work):
+    """A run stopped on 1 rank (Sequential) is resumed on 2 ranks with another schedule, and
+    stopped again: the resumed attempt wrote config.toml anew, so a plain --resume (as the SLURM
+    scripts issue after every requeue) continues with the settings that ran last. (config.toml
+    used to keep the first settings, and that --resume refused: Sequential runs on one rank.)"""
+    out = os.path.join(work, "changed")
+    first = run_batch({"first": Spec(1, out, *BASE, chapter=2, act=sigterm)}, work)["first"]
+    assert first.proc.returncode == EXIT_PREEMPTED, first.output()
+    after_first = newest_complete(out)
+    second = run_batch({"second": Spec(2, out, "--resume", "-q", "--set", "run.schedule=all_layers",
+                                       chapter=after_first + 2, act=sigterm)}, work)["second"]
+    assert second.proc.returncode == EXIT_PREEMPTED, second.output()
+    with open(os.path.join(out, "config.toml"), "rb") as fh:
+        assert tomllib.load(fh)["run"]["schedule"] == "all_layers"
+    after_second = newest_complete(out)
+    assert after_second > after_first, second.output()
+    third = run_batch({"third": Spec(2, out, "--resume", "-q")}, work)["third"]
+    assert_resumed_to_the_end(third, after_second, 2)
+    assert [a["world_size"] for a in run_json(out)["attempts"]] == [1, 2, 2]
+
+
+def test_checkpoint_keep_is_honoured_on_every_rank_and_schedule(work):
+    """run.checkpoint_keep = 2: only the newest two complete checkpoints remain, whichever rank
+    wrote the last file of each. (Only rank 0 pruned, right after its own file: in a 2-rank
+    Single Layer run it writes all of its files before rank 1 has written one, so nothing was
+    ever pruned.)"""
+    specs = {schedule: Spec(ranks, os.path.join(work, f"keep-{schedule}"), *BASE, "--set",
+                            f"run.schedule={schedule}", "--set", "run.checkpoint_keep=2")
+             for schedule, ranks in SCHEDULES}
+    jobs = run_batch(specs, work)
+    for schedule, job in jobs.items():
+        assert job.proc.returncode == 0, job.output()
+        # the last chapter is never checkpointed: the model is written right after it
+        assert [c for c, _ in complete_checkpoints(job.out)] == [CHAPTERS - 1, CHAPTERS - 2], schedule
+        assert sorted(os.listdir(os.path.join(job.out, "checkpoints"))) == [
+            f"c{CHAPTERS - 2:05d}", f"c{CHAPTERS - 1:05d}"], schedule
