@@ -160,10 +160,44 @@ def summarize(row: str, out: str, sets: list[str], epochs: int, attempts: list[d
     }
 
 
+def plot(results: str) -> str | None:
+    """Test accuracy per chapter of every row's JSON in one picture, each row's paper figure
+    (at the paper's width) as a mark at E = 100: results/paper_table/curves.png and .pdf."""
+    import glob
+
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rows = [read_json(p) for p in sorted(glob.glob(os.path.join(results, "*.json")))]
+    rows = [r for r in rows if r and r.get("accuracy_per_chapter")]
+    if not rows:
+        return None
+    fig, ax = plt.subplots(figsize=(7.2, 4.6))
+    for r in rows:
+        pts = sorted((int(c), 100 * a) for c, a in r["accuracy_per_chapter"].items())
+        name = os.path.basename(r["run_dir"])
+        line, = ax.plot([c for c, _ in pts], [a for _, a in pts], marker=".", label=name)
+        ax.plot([r["epochs"]], [100 * r["paper"]["test_accuracy"]], marker="*", markersize=11,
+                color=line.get_color(), linestyle="none")
+    ax.set_ylim(94, 99)
+    ax.set_xlabel("chapter (E = S: one epoch a chapter)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title("mpff per chapter; stars: the paper's final accuracy (4 x 2000 units)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    path = os.path.join(results, "curves")
+    for ext in ("png", "pdf"):
+        fig.savefig(f"{path}.{ext}")
+    plt.close(fig)
+    return path + ".png"
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("row", nargs="?", choices=sorted(ROWS), help="the configuration to run")
     p.add_argument("--list", action="store_true", help="the rows and the state of each")
+    p.add_argument("--plot", action="store_true", help="draw every row's accuracy curve (curves.png)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dims", type=int, nargs="+", default=DEFAULT_DIMS)
     p.add_argument("--epochs", type=int, default=100, help="E = S (100, the paper's)")
@@ -178,6 +212,9 @@ def main() -> int:
                    help="where the run directories live (outside a fresh clone's reach: keep it)")
     args = p.parse_args()
     results = os.path.join(RESULTS, "paper_table")
+    if args.plot:
+        print(f"paper_table: wrote {plot(results)}")
+        return 0
     if args.list or not args.row:
         for row in sorted(ROWS):
             name = run_dir_name(row, args.seed, args.dims, args.epochs, args.train_subset)
