@@ -219,9 +219,8 @@ def _main(argv: list[str] | None, comm) -> int:
     args.argv = argv  # the command line, for run.json's provenance
     fn, needs_mpi = COMMANDS[args.command]
     if needs_mpi and comm is None:
-        # UCX (MPICH's transport) takes SIGHUP as its signal to print debug lines, hundreds a
-        # second, and keeps running: SIGHUP is a stop here (mpff.halt.STOP_SIGNALS)
-        os.environ.setdefault("UCX_DEBUG_SIGNO", "0")
+        from .mpienv import prepare
+        prepare()  # before MPI starts: UCX's SIGHUP, the PyPI mpich's netmod across nodes
         from .comm import world
         comm = world()
     try:

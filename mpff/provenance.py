@@ -34,7 +34,7 @@ SLURM_VARIABLES = {
 }
 #: Other environment variables that change how a run behaves or performs.
 ENVIRONMENT = ("OMP_NUM_THREADS", "CUDA_VISIBLE_DEVICES", "MPIR_CVAR_ENABLE_HEAVY_YIELD",
-               "MPFF_SETUP", "MPFF_CONFIG")
+               "MPIR_CVAR_CH4_NETMOD", "MPFF_SETUP", "MPFF_CONFIG")
 GIT_TIMEOUT = 2.0  # seconds; a slow network file system must not delay the start of a run
 
 
