@@ -95,6 +95,19 @@ def read_json(path: str) -> dict | None:
         return None
 
 
+def cpu_model() -> str | None:
+    """The processor's name (/proc/cpuinfo): times of different sessions may come from different
+    machines, and only times of one machine compare."""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return None
+
+
 def attempt(out: str, sets: list[str], ranks: int, time_limit: float | None) -> tuple[int, dict]:
     """One `mpff train` (a resume when the run directory holds an unfinished run). A time limit
     stops it with SIGTERM, which mpff takes as a preemption: the newest checkpoint is kept."""
@@ -111,7 +124,8 @@ def attempt(out: str, sets: list[str], ranks: int, time_limit: float | None) -> 
     if ranks > 1:
         cmd = [os.path.join(VENV_BIN, "mpiexec"), "-n", str(ranks)] + cmd
     env = dict(os.environ, MPIR_CVAR_ENABLE_HEAVY_YIELD="1", OMP_NUM_THREADS="1")
-    load = {"loadavg_before": os.getloadavg(), "cpus": os.cpu_count(), "resumed": resume,
+    load = {"loadavg_before": os.getloadavg(), "cpus": os.cpu_count(), "cpu_model": cpu_model(),
+            "host": os.uname().nodename, "resumed": resume,
             "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "chapters_before": int((run or {}).get("chapters_done") or 0)}
     print(f"paper_table: {'resuming' if resume else 'starting'} {out}", flush=True)
