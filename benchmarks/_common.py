@@ -51,6 +51,15 @@ def span_seconds(run_dir: str, kinds: tuple[str, ...]) -> list[float]:
     return out
 
 
+def read_json(path: str) -> dict | None:
+    """A JSON file's contents, or None where it is missing or unreadable."""
+    try:
+        with open(path) as fh:
+            return json.load(fh)
+    except (OSError, ValueError):
+        return None
+
+
 def write_result(name: str, data: dict) -> str:
     os.makedirs(RESULTS, exist_ok=True)
     data = {"benchmark": name, "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),

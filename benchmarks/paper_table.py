@@ -34,7 +34,7 @@ import subprocess
 import sys
 import time
 
-from _common import RESULTS, ROOT, VENV_BIN
+from _common import RESULTS, ROOT, VENV_BIN, read_json
 
 #: The paper's Table 1 (SPEC section 1): test accuracy and wall time of the whole training,
 #: [784, 2000, 2000, 2000, 2000] on its cluster, by (negatives, classifier) and schedule.
@@ -85,14 +85,6 @@ def run_dir_name(row: str, seed: int, dims: list[int], epochs: int = 100, subset
     suffix += "" if epochs == 100 else f"-e{epochs}"
     suffix += f"-n{subset}" if subset else ""
     return f"{row}-s{seed}{suffix}"
-
-
-def read_json(path: str) -> dict | None:
-    try:
-        with open(path) as fh:
-            return json.load(fh)
-    except (OSError, ValueError):
-        return None
 
 
 def cpu_model() -> str | None:
