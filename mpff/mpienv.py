@@ -27,9 +27,6 @@ import importlib.metadata
 import os
 from collections.abc import MutableMapping
 
-#: the variables :func:`prepare` may set, for run.json's record (mpff.provenance)
-SETS = ("UCX_DEBUG_SIGNO", "MPIR_CVAR_CH4_NETMOD")
-
 
 def pypi_mpich() -> bool:
     """True where mpi4py would load the PyPI ``mpich`` wheel's library."""
