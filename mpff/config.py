@@ -342,9 +342,19 @@ class Config:
         return dataclasses.replace(self, **kwargs)
 
     def resolved_shards(self, world_size: int) -> int:
+        """How many shards the training set is cut into on ``world_size`` ranks: data.shards when
+        set, else one per rank for Federated and one (no sharding) otherwise. Chapter c trains on
+        shard c mod shards; ``shard_sizes`` gives their lengths."""
         if self.data.shards:
             return self.data.shards
         return world_size if self.run.schedule == "federated" else 1
+
+
+def shard_sizes(n: int, shards: int) -> list[int]:
+    """Samples in each of ``shards`` shards of ``n`` samples: np.array_split's rule, the first
+    n mod shards shards one longer. The one statement of the shard rule (data, plan, predict)."""
+    base, extra = divmod(n, shards)
+    return [base + (1 if s < extra else 0) for s in range(shards)]
 
 
 #: Settings only Forward-Forward uses. A backprop run refuses any of them set to something other

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .config import Config, ConfigError
+from .config import Config, ConfigError, shard_sizes
 
 
 @dataclass(frozen=True, order=True)
@@ -431,8 +431,7 @@ class Plan:
         """Samples in ``shard`` (np.array_split of the training set into ``shards`` parts)."""
         if self.n_train is None:
             raise ValueError("the plan was built without n_train: negatives buffers have no size")
-        base, extra = divmod(self.n_train, self.shards)
-        return base + (1 if shard < extra else 0)
+        return shard_sizes(self.n_train, self.shards)[shard]
 
     def buffer_spec(self, b: Buf, full: bool) -> tuple[int, type]:
         """(elements, dtype) of buffer ``b`` as it travels and is checkpointed: a layer or the head
