@@ -13,10 +13,12 @@ import os
 import socket
 import sys
 import time
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 from mpi4py import MPI
+
+T = TypeVar("T")
 
 #: Progress records (loss, accuracy, ...) travel to rank 0 on a communicator of their own,
 #: so their tags can never match a weight buffer's receive; halt notices on a third one.
@@ -59,13 +61,11 @@ class Comm:
         finally:
             local.Free()
 
-    def all_ok(self, ok: bool) -> bool:
-        return bool(self.world.allreduce(bool(ok), op=MPI.LAND))
-
-    def first_error(self, message: str | None) -> str | None:
-        """Every rank learns the first non-empty error message of any rank (by rank order)."""
-        messages = self.world.allgather(message)
-        return next((m for m in messages if m), None)
+    def first_error(self, error: T | None) -> T | None:
+        """Every rank learns the first error of any rank, by rank order (None: no rank had one).
+        ``error`` is whatever the caller reports, e.g. train's (exit code, one line)."""
+        errors = self.world.allgather(error)
+        return next((e for e in errors if e is not None), None)
 
     def bcast(self, obj: Any, root: int = 0) -> Any:
         return self.world.bcast(obj, root=root)

@@ -36,6 +36,7 @@ from typing import Any
 
 from .config import Config, ConfigError
 from .fsutil import write_atomic
+from .halt import DISK_ERRNOS
 
 RUN_FORMAT = "mpff-run"
 RUN_FORMAT_VERSION = 2
@@ -372,8 +373,8 @@ class RunDir:
         """Delete the lock if it is stale, one job at a time: only the job that creates
         ``.lock.break`` (atomically, as the lock) checks the lock again and deletes it. Nothing
         can replace a lock that exists, and nothing but the breaker deletes a stale one, so the
-        lock it deletes is the one it found stale. (The lock used to be moved aside and put back
-        when live: a job could take the lock while it was aside, and two jobs ran.) The others
+        lock it deletes is the one it found stale. (Moving the lock aside to check it, and back
+        when live, would not do: a job could take the lock while it was aside.) The others
         come back when the breaker is done; a breaker file left by a job that died is removed
         once it is :attr:`BREAK_STALE_S` old."""
         breaker = self.file(".lock.break")
@@ -425,7 +426,7 @@ class RunDir:
         if resume_after is None or cfg.to_toml() != self._config_text():
             # a resume may change how the run goes on (the schedule, the rank count): the next
             # plain --resume reads these settings back, so they must be the ones that run now
-            write_text_atomic(self.config_toml, cfg.to_toml())
+            write_atomic(self.config_toml, cfg.to_toml())
         if resume_after is not None:
             old = self.file("trace")
             if os.path.isdir(old):
@@ -492,11 +493,8 @@ class RunDir:
     def write_failure_note(self, rank: int, text: str) -> None:
         """Best effort: a failure note must not raise on a full disk."""
         try:
-            write_text_atomic(self.failure_note(rank), text)
+            write_atomic(self.failure_note(rank), text)
         except OSError as exc:
-            if exc.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS):
+            if exc.errno not in DISK_ERRNOS:
                 raise
 
-
-def write_text_atomic(path: str, text: str) -> None:
-    write_atomic(path, text)

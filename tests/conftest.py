@@ -210,3 +210,80 @@ def rank_pids(root_pid: int) -> dict[int, int]:
 def mpff_rank_pids():
     """The :func:`rank_pids` helper."""
     return rank_pids
+
+
+# ----------------------------------------------------------------------------------------------
+# The fast loop: the `unit` marker (in-process tests; `bash tests/run.sh -m unit`, about a minute)
+# ----------------------------------------------------------------------------------------------
+#: fixtures that start processes (mpff subprocesses, mpiexec)
+PROCESS_FIXTURES = {"mpff_run", "mpff_start", "mpff_finish", "mpff_launch", "tiny_run", "mpff_rank_pids"}
+#: names whose use in a test, or in a module-level function it calls, means it starts a process
+PROCESS_NAMES = {"subprocess", "Popen", "run_mpff", "start_mpff", "finish_mpff", "check_output", "system"}
+_MARKED_SLOW = ("mpi", "slurm", "cuda")
+#: programs a unit test must not start (mpff itself, MPI, the job scripts)
+LAUNCHERS = {"mpiexec", "mpirun", "hydra_pmi_proxy", "bash", "sh", "srun", "sbatch", "salloc", MPFF_PYTHON}
+
+
+def _starts_processes(fn, seen: set | None = None) -> bool:
+    """Whether ``fn``'s code, or a module-level function or class of its module it names (followed
+    transitively), uses one of PROCESS_NAMES."""
+    import inspect
+    seen = set() if seen is None else seen
+    code = getattr(fn, "__code__", None)
+    if code is None or code in seen:
+        return False
+    seen.add(code)
+    names = set(code.co_names) | {n for c in code.co_consts if inspect.iscode(c) for n in _all_names(c)}
+    if names & PROCESS_NAMES:
+        return True
+    module = inspect.getmodule(fn)
+    for name in names:
+        target = getattr(module, name, None)
+        if inspect.isfunction(target) and target.__module__ == fn.__module__ and _starts_processes(target, seen):
+            return True
+    return False
+
+
+def _all_names(code) -> set[str]:
+    import inspect
+    names = set(code.co_names)
+    for c in code.co_consts:
+        if inspect.iscode(c):
+            names |= _all_names(c)
+    return names
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        fn = getattr(item, "function", None)
+        if fn is None or any(item.get_closest_marker(m) for m in _MARKED_SLOW):
+            continue
+        if PROCESS_FIXTURES & set(getattr(item, "fixturenames", ())) or _starts_processes(fn):
+            continue
+        item.add_marker(pytest.mark.unit)
+
+
+_pytest_configure_before_unit = pytest_configure
+
+
+def pytest_configure(config):  # noqa: F811  (chains the hooks above)
+    _pytest_configure_before_unit(config)
+    config.addinivalue_line(
+        "markers", "unit: runs in-process, starts no process (set at collection); `-m unit` is the fast loop")
+
+
+@pytest.fixture(autouse=True)
+def _unit_tests_start_no_process(request, monkeypatch):
+    """A test marked `unit` that starts a process anyway fails: the classification above missed
+    a name, and the fast loop would not be fast."""
+    if request.node.get_closest_marker("unit") is None:
+        return
+    real = subprocess.Popen.__init__
+
+    def refuse(self, args, *a, **kw):
+        program = os.path.basename(str(args[0] if isinstance(args, (list, tuple)) else args).split()[0])
+        if program.startswith("python") or program in LAUNCHERS:
+            pytest.fail(f"{request.node.nodeid} is marked unit but starts {args!r}: add the name that "
+                        "starts it to PROCESS_NAMES in tests/conftest.py")
+        real(self, args, *a, **kw)  # a library's helper (matplotlib asks fc-list for fonts)
+    monkeypatch.setattr(subprocess.Popen, "__init__", refuse)
