@@ -14,7 +14,8 @@ Use::
     ...
     ddp.shutdown(group)                             # every rank, at the end
 
-mpi4py is not imported here: ``comm`` is anything with ``.rank``, ``.size`` and ``.bcast(obj)``.
+mpi4py is not imported here: ``comm`` is anything with ``.rank``, ``.size``, ``.bcast(obj)`` and
+``.barrier()``.
 """
 
 from __future__ import annotations
@@ -51,6 +52,10 @@ def init_process_group(comm, device: torch.device) -> dist.ProcessGroup:
     """
     address = (socket.gethostname(), _free_port()) if comm.rank == 0 else None
     host, port = comm.bcast(address)
+    # Every rank has the address before rank 0 leaves MPI for the store: a bcast may return on
+    # the root before the message left (MPICH's OFI netmod over TCP, between hosts), and rank 0
+    # then waits in the store for a rank that waits in the bcast.
+    comm.barrier()
     # NCCL: the rank's own GPU, bound at once (the communicator is made here, not guessed from
     # the rank number at the first collective)
     bind = {"device_id": device} if device.type == "cuda" else {}

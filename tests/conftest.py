@@ -176,6 +176,8 @@ def pytest_configure(config):  # noqa: F811  (chains the hook above)
     _pytest_configure_before_slurm(config)
     config.addinivalue_line(
         "markers", "slurm: submits the jobs/ scripts to a real (throw-away) SLURM; select with -m slurm")
+    config.addinivalue_line(
+        "markers", "multinode: on an emulated cluster of hosts in network namespaces (tests/test_cluster.py)")
 
 
 # ----------------------------------------------------------------------------------------------
