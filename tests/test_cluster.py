@@ -20,7 +20,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from test_slurm import (  # the one-host SLURM tests' helpers: same scripts, same checks
     JOB_TIMEOUT,
     ROOT,

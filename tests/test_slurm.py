@@ -90,8 +90,8 @@ def test_bash_syntax(script):
     assert proc.returncode == 0, proc.stderr
 
 
-@pytest.mark.parametrize("script", SCRIPTS + [ROOT / ".ci" / "slurm.sh", ROOT / ".ci" / "netns.sh", ROOT / ".ci" / "run",
-                                              ROOT / "tests" / "run.sh"], ids=lambda p: p.name)
+@pytest.mark.parametrize("script", SCRIPTS + [ROOT / ".ci" / "slurm.sh", ROOT / ".ci" / "netns.sh",
+                                              ROOT / ".ci" / "run", ROOT / "tests" / "run.sh"], ids=lambda p: p.name)
 def test_shellcheck(script):
     if shutil.which("shellcheck") is None:
         _unavailable("shellcheck is not installed (apt-get install shellcheck)")
