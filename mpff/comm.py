@@ -186,6 +186,10 @@ class Comm:
                 pass
         time.sleep(self.ABORT_GRACE)
         self.world.Abort(code)
+        # MPI_Abort came back: the launcher could not be reached to kill the job (the host's
+        # link is down; slurmstepd waits on srun), and a normal exit would wait in MPI's PMI
+        # finalize for as long. The job is lost either way: leave now.
+        os._exit(code)
 
     def free(self) -> None:
         for c in (self.data, self.progress, self.control):

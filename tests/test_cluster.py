@@ -77,11 +77,12 @@ def hosts(cluster):  # noqa: F811
         _run(["bash", SLURM_SH, "start"], env=env, timeout=300)
 
 
-def two_host_job(tmp_path: Path, *settings: str, **env_extra: str) -> tuple[str, Path, Path]:
+def two_host_job(tmp_path: Path, *settings: str, resume: bool = False, **env_extra: str) -> tuple[str, Path, Path]:
     run_dir = tmp_path / "run"
     env = job_env(MPFF_OUT=str(run_dir), SBATCH_GPUS_PER_TASK="0", **env_extra)
     job = sbatch(["--ntasks-per-node=1", "jobs/slurm_multi_node.sbatch",
-                  *small("--set", "train.threads=1", *[x for s in settings for x in ("--set", s)])], env)
+                  *small("--set", "train.threads=1", *[x for s in settings for x in ("--set", s)]),
+                  *(["--resume"] if resume else [])], env)
     return job, slurm_log(job), run_dir
 
 
@@ -187,4 +188,91 @@ def test_preemption_on_two_hosts_requeues_and_resumes(hosts, tmp_path):
     info = assert_finished_run(run_dir, 2, "all_layers")
     assert [r["host"] for r in info["ranks"]] == list(hosts)
     assert json.loads((run_dir / "run.json").read_text())["attempts"][-1]["resumed_after_chapter"] >= 2
+    log.unlink()
+
+
+# ------------------------------------------------------------------ faults between hosts
+
+def _rank_processes(run_dir: Path) -> list[int]:
+    """pids of the mpff ranks writing ``run_dir`` (on any host: one machine, one pid space)."""
+    pids = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            args = cmdline.read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"mpff" in args and str(run_dir).encode() in args and any(a.endswith(b"python") or b"python3" in a
+                                                                      for a in args[:1]):
+            pids.append(int(cmdline.parent.name))
+    return pids
+
+
+def _wait_for_chapter(job: str, log: Path, chapter: int, total: int) -> None:
+    deadline = time.time() + JOB_TIMEOUT
+    while not (log.exists() and re.search(rf"^chapter +{chapter}/{total} ", log.read_text(), re.M)):
+        if time.time() > deadline or any(r["JobState"] in TERMINAL for r in job_records(job)):
+            _run(["scancel", job])
+            pytest.fail(f"job {job} never reached chapter {chapter}: {log.read_text() if log.exists() else ''}")
+        time.sleep(0.2)
+
+
+def _weights(path: Path) -> dict[str, bytes]:
+    import h5py
+    out = {}
+    with h5py.File(path, "r") as f:
+        f.visititems(lambda name, obj: out.__setitem__(name, obj[()].tobytes())
+                     if isinstance(obj, h5py.Dataset) and name.startswith(("layers/", "head/")) else None)
+    return out
+
+
+LONG_RUN = ("run.schedule=all_layers", "train.lr=0.01", "train.epochs=40", "train.chapters=40",
+            "run.checkpoint_every=1", "run.exchange=full")
+
+
+def _reference(tmp_path: Path) -> dict[str, bytes]:
+    """The same training uninterrupted: Sequential on one process (bit-identical to All Layers)."""
+    from conftest import run_mpff
+    out = tmp_path / "reference"
+    settings = [x for s in (*[f"{k}" for k in
+                              ("model.dims=[784,64,64,64]", "data.train_subset=2000", "data.test_subset=500",
+                               "train.threads=1")], *LONG_RUN[1:], "run.schedule=sequential")
+                for x in ("--set", s)]
+    proc = run_mpff(["train", "--config", "configs/tiny.toml", "--out", str(out), "-q", *settings])
+    assert proc.returncode == 0, proc.stderr
+    return _weights(out / "model.h5")
+
+
+def test_a_cut_link_ends_the_job_as_stalled_and_resume_is_bit_identical(hosts, tmp_path):
+    """h2's link goes down mid-run: with run.stall_timeout = 8 both ranks end within 8 s and a
+    few (exit 69), naming the silent rank and its host; the last checkpoint is intact, and once
+    the link is back, --resume finishes bit-identical to an uninterrupted run."""
+    stall = 8
+    job, log, run_dir = two_host_job(tmp_path, *LONG_RUN, f"run.stall_timeout={stall}")
+    _wait_for_chapter(job, log, 3, 40)
+    _run(["bash", NETNS_SH, "cut", "h2"], timeout=10)
+    cut = time.time()
+    try:
+        while _rank_processes(run_dir) and time.time() < cut + 120:
+            time.sleep(0.2)
+        ended = time.time() - cut
+        left = _rank_processes(run_dir)
+    finally:
+        _run(["bash", NETNS_SH, "mend", "h2"], timeout=10)
+    assert not left, f"ranks {left} still running 120 s after the cut"
+    records = wait_for(job, log)
+    text = log.read_text()
+    assert records[0]["JobState"] == "FAILED" and records[0]["ExitCode"] == "69:0", (records[0], text)
+    assert ended < stall + 10, f"the ranks ended {ended:.1f} s after the cut (stall_timeout {stall} s)"
+    lines = [ln for ln in text.splitlines() if ln.startswith("mpff train:")]
+    assert lines and re.search(rf"waited {stall} s .* rank \d on host h[12]", lines[0]), text
+    state = json.loads((run_dir / "run.json").read_text())
+    assert state["status"] == "failed" and state["exit_code"] == 69, state
+    done = state["newest_complete_checkpoint"]
+    assert done is not None and done >= 2, state
+    log.unlink()
+    job, log, _ = two_host_job(tmp_path, *LONG_RUN, f"run.stall_timeout={stall}", resume=True)
+    assert_completed(wait_for(job, log), log)
+    info = assert_finished_run(run_dir, 2, "all_layers")
+    assert info["resumed_after_chapter"] == done, info
+    assert _weights(run_dir / "model.h5") == _reference(tmp_path)
     log.unlink()
