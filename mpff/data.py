@@ -468,7 +468,7 @@ def _normalise(raw: Raw, method: str, name: str, num_classes: int = NUM_CLASSES,
         stats = [_uint8_stats(xtr[:, block]) for block in blocks]
         for x in (xtr, xte):
             y = np.empty(x.shape, dtype=np.float32)
-            for block, (mean, std) in zip(blocks, stats):
+            for block, (mean, std) in zip(blocks, stats, strict=True):
                 y[:, block] = _lut(mean, std)[x[:, block]]
             out.append(y)
         xtr_n, xte_n = out

@@ -13,8 +13,12 @@ Layout (``docs/traces.md`` has the run directory as a whole)::
 
 Every dataset says what it holds in its attributes: ``layout`` (the meaning of each axis,
 e.g. ``(out_features, in_features)``: ``y = x @ weight.T + bias`` as torch.nn.Linear),
-``units`` and ``description``. Adding them left the layout as it was, so files written
-before them (the same format_version 1) read the same.
+``units`` and ``description``. They are attributes only: a reader that ignores them (or a file
+without them, format_version 1 either way) finds the same arrays.
+
+Layers of a kind other than "linear" (``model.layer``, :mod:`mpff.layers`) add the root
+attribute ``layer`` and hold the tensors their kind names (``layers/<k>/<name>``); a file
+without the attribute holds linear layers.
 
 Files are created with the permissions the umask gives a new file (0644 under umask 022),
 like any file a program writes, not mkstemp's private 0600: a group can read its runs.
@@ -24,7 +28,7 @@ like any file a program writes, not mkstemp's private 0600: a group can read its
 row and gets one label) with the goodness or softmax classifier.
 
 A backprop model (``mpff.backprop``) has the same file with ``algorithm = "backprop"`` at the
-root (FF files written before that attribute existed read as FF), ``/layers/<k>`` for every
+root (a file without that attribute is FF), ``/layers/<k>`` for every
 Linear of the MLP, k = 0 .. L (the last is the output layer, one unit per class), and no ``/head``;
 ``predict`` takes the argmax of the output.
 """
@@ -331,7 +335,7 @@ def load_model(path: str, device: str = "cpu") -> FFModel | BPModel:
         dims = [int(d) for d in a["dims"]]
         if a.get("algorithm", "ff") == "backprop":
             return _load_bp(f, a, dims).to(device).eval()
-        # the class count is the head's rows (files written before the attribute held 10)
+        # the class count is the head's rows (not every file has a num_classes attribute)
         kind = str(a.get("layer", layer_kinds.DEFAULT))
         if kind not in layer_kinds.names():
             raise ConfigError(f"{path!r} holds layers of kind {kind!r}, which is not registered here; "
