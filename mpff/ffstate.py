@@ -188,8 +188,9 @@ class FFState:
         return self.net.head, self.head_opt
 
     def pack(self, b: Buf, full: bool) -> np.ndarray:
-        """Layer or head: parameters (weight, bias), then with ``full`` Adam's step, every
-        exp_avg, every exp_avg_sq. Negatives: the int64 labels."""
+        """Layer or head: parameters (in the order of ``parameters()``, which is the order of
+        the layer kind's tensors), then with ``full`` Adam's state (:func:`mpff.ff.adam_state`).
+        Negatives: the int64 labels."""
         if b.kind == "neg":
             return np.ascontiguousarray(self.neg_labels[b.chapter], dtype=np.int64)
         if b.kind == "act":  # made by the ship task; the executor keeps it alive until sent

@@ -224,7 +224,7 @@ def _ff_step_values(dims: Sequence[int], k: int, r: int) -> int:
 
 
 def _ff_chapter_values(dims: Sequence[int], k: int, n: int) -> int:
-    """Values resident while layer k trains on a chapter of n samples (mpff.engine's order):
+    """Values resident while layer k trains on a chapter of n samples (mpff.ffstate's order):
     the shard's x, x_pos, x_neg; then the layer's inputs (positives, negatives) and their
     normalised copies, or while the layer below is applied, its inputs and outputs."""
     if n == 0:

@@ -446,7 +446,8 @@ class Plan:
 
     def buffer_spec(self, b: Buf, full: bool) -> tuple[int, type]:
         """(elements, dtype) of buffer ``b`` as it travels and is checkpointed: a layer or the head
-        is its parameters (weight then bias) and, when ``full``, Adam's step, exp_avg and exp_avg_sq;
+        is its parameters (the tensors its kind names, :mod:`mpff.layers`: weight then bias for a
+        linear layer) and, when ``full``, Adam's step, exp_avg and exp_avg_sq;
         so is backprop's "model" (all its Linear layers, the output layer included, one Adam);
         negatives are one int64 label per sample of the chapter's shard."""
         if b.kind == "neg":

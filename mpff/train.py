@@ -267,7 +267,7 @@ def _find_resume_point(rundir, cfg: Config) -> tuple[int, int] | str:
     new = cfg.to_dict()
     defaults = Config().to_dict()
     for section in ("model", "train", "data"):
-        old[section] = {**defaults[section], **old[section]}  # keys added since take their defaults
+        old[section] = {**defaults[section], **old[section]}  # a key it lacks (an older mpff) takes its default
         if old[section] != new[section]:
             diff = sorted(k for k in new[section] if old[section].get(k) != new[section][k])
             raise ConfigError(f"the checkpoint was made with different [{section}] settings "

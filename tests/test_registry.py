@@ -151,6 +151,20 @@ def test_names_that_are_not_registered_are_refused():
                          train={"algorithm": "backprop"})
 
 
+def test_a_registered_algorithm_is_configured_with_its_own_schedules():
+    algorithms.register(algorithms.Algorithm(name="toy_algorithm", state=FFState, schedules=("sequential",)))
+    try:
+        cfg = Config().replace(train={"algorithm": "toy_algorithm"})
+        assert algorithms.state_class(cfg.train.algorithm) is FFState
+        with pytest.raises(ConfigError, match="run.schedule = 'federated' is not one train.algorithm = "
+                                              "'toy_algorithm' runs; use sequential"):
+            Config().replace(train={"algorithm": "toy_algorithm"}, run={"schedule": "federated"})
+    finally:
+        algorithms.ALGORITHMS.unregister("toy_algorithm")
+    with pytest.raises(ConfigError, match="train.algorithm = 'toy_algorithm' is not one of ff, backprop"):
+        Config().replace(train={"algorithm": "toy_algorithm"})
+
+
 def test_the_toy_layer_kind_is_written_and_read_back(tmp_path):
     cfg = _cfg("sequential", 1, negatives="fixed", epochs=1, chapters=1)
     _, state, _ = _execute(cfg, MPI.COMM_SELF)
