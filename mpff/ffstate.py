@@ -79,20 +79,24 @@ class FFState:
     # ------------------------------------------------------------------ what mpff train asks (mpff.algorithms)
     @classmethod
     def create(cls, setup, tracer, watch) -> FFState:
+        """This rank's state (FF needs no collective set-up: the executor moves its buffers)."""
         return cls(setup.cfg, setup.plan, setup.dataset, tracer, setup.device, rank=setup.comm.rank,
                    check=watch.check)
 
     @staticmethod
     def memory_figure(cfg: Config, n_train: int, world_size: int) -> dict:
+        """The analytic memory of one rank (:func:`mpff.memory.ff_rank`)."""
         from .memory import ff_rank
         return ff_rank(cfg, n_train, world_size)
 
     @classmethod
     def summary(cls, cfg: Config, world_size: int) -> str:
+        """The banner's words for the run."""
         return f"{cfg.train.negatives} negatives, {cfg.train.classifier} classifier"
 
     @staticmethod
     def classified_by(cfg: Config) -> str:
+        """How the final accuracy was measured, for the last line of the run."""
         return f"{cfg.train.classifier} classifier"
 
     def save(self, path: str, setup) -> None:
