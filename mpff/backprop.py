@@ -35,8 +35,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .data import NUM_CLASSES
-from .ff import FORWARD_CHUNK, Linear, cooldown_lr, generator, make_adam, matmul_precision
+from .dataspec import DEFAULT_CLASSES as NUM_CLASSES
+from .ff import (
+    FORWARD_CHUNK,
+    Linear,
+    adam_state,
+    chapter_rates,
+    epochs,
+    generator,
+    load_adam_state,
+    make_adam,
+    matmul_precision,
+)
 from .halt import VOTE_EVERY, Diverged, Halt, from_code
 from .plan import Buf, Task
 from .progress import Record
@@ -226,6 +236,48 @@ class BPState:
                 process_group=process_group, gradient_as_bucket_view=True)
             self.model.register_comm_hook(process_group, self._timed_allreduce)
 
+    # ------------------------------------------------------------------ what mpff train asks (mpff.algorithms)
+    @classmethod
+    def create(cls, setup, tracer, watch) -> BPState:
+        """This rank's state; a data-parallel run first starts torch.distributed from the MPI job
+        (collective: every rank calls it), its group kept in ``setup.ddp_group`` for the shutdown."""
+        comm = setup.comm
+        if setup.plan.replicated and comm.size > 1:
+            from .ddp import init_process_group
+            setup.ddp_group = init_process_group(comm, setup.device)
+        return cls(setup.cfg, setup.plan, comm.rank, comm.size, setup.dataset, tracer, setup.device,
+                   process_group=setup.ddp_group, check=watch.check, pending=watch.pending)
+
+    @staticmethod
+    def memory_figure(cfg, n_train: int, world_size: int) -> dict:
+        from .memory import bp_rank
+        return bp_rank(cfg, n_train, world_size)
+
+    @classmethod
+    def summary(cls, cfg, world_size: int) -> str:
+        t = cfg.train
+        return (f"backprop (Adam lr {t.bp_lr:g}, global batch "
+                f"{t.batch_size * (world_size if cfg.run.scaling == 'weak' else 1)}"
+                + (f", {cfg.run.scaling} scaling" if cfg.run.schedule == "data_parallel" else "") + ")")
+
+    @staticmethod
+    def classified_by(cfg) -> str:
+        return "backprop"
+
+    def save(self, path: str, setup) -> None:
+        """The model file (mpff.modelfile.save_bp_model) of the MLP after the last chapter."""
+        from .modelfile import save_bp_model
+
+        cfg, ds = self.cfg, setup.dataset
+        save_bp_model(path, self.net, cfg, ds.input_mean, ds.input_std, ds.input_scale,
+                      self.test_accuracy.get(cfg.train.chapters - 1),
+                      {"world_size": setup.comm.size, "schedule": cfg.run.schedule, "scaling": cfg.run.scaling})
+
+    def traffic(self) -> dict:
+        """DDP moves the gradients, outside the executor: bytes as a ring all-reduce sends them."""
+        return dict(bytes_allreduced=self.bytes_allreduced, global_batch=self.global_batch,
+                    bytes_sent=self.bytes_sent, bytes_received=self.bytes_received)
+
     def close(self) -> None:
         """Drop the DDP wrapper (its reducer holds the process group) before the group is shut
         down (mpff.ddp.shutdown)."""
@@ -297,13 +349,9 @@ class BPState:
         clock = self.clock
         clock.reset()
         self.model.train()
-        for m in range(self.C):
-            lr = cooldown_lr(t.bp_lr, chapter * self.C + m + 1, t.epochs, t.cooldown_final)
-            for group in self.opt.param_groups:
-                group["lr"] = lr
-            # drawn on the CPU from (seed, chapter, epoch): the same on every rank and device
-            perm = torch.randperm(n, generator=generator(t.seed, SHUFFLE_STREAM, chapter, m))
-            perm = perm.to(self.device)
+        lrs = chapter_rates(t.bp_lr, chapter, self.C, t.epochs, t.cooldown_final)
+        shuffles = [generator(t.seed, SHUFFLE_STREAM, chapter, m) for m in range(self.C)]
+        for perm in epochs(self.opt, n, self.device, lrs, shuffles):
             total.zero_()
             for i in range(0, n, bg):
                 self._halt_point()
@@ -390,15 +438,9 @@ class BPState:
         for p in params:
             flat[i:i + p.numel()] = p.detach().reshape(-1).cpu()  # note: device-to-host on GPU
             i += p.numel()
-        if full:
-            states = [self.opt.state.get(p) or {} for p in params]
-            step = states[0].get("step")
-            flat[i] = float(step) if step is not None else 0.0
-            i += 1
-            for key in ("exp_avg", "exp_avg_sq"):
-                for p, st in zip(params, states):
-                    flat[i:i + p.numel()] = st[key].reshape(-1).cpu() if key in st else 0.0
-                    i += p.numel()
+        if full:  # zeros before the first step, which Adam treats as a fresh start
+            state = adam_state(self.opt, params)
+            flat[i:] = state if state is not None else 0.0
         return out
 
     def load(self, buf: Buf, array: np.ndarray, full: bool) -> None:
@@ -414,18 +456,7 @@ class BPState:
                 p.copy_(flat[i:i + p.numel()].view_as(p))
                 i += p.numel()
         if full:
-            # fused Adam keeps `step` on the parameters' device, the single-tensor Adam on the CPU
-            fused = any(g.get("fused") for g in self.opt.param_groups)
-            step = flat[i].clone().to(params[0].device if fused else "cpu")
-            i += 1
-            avgs = []
-            for p in params:
-                avgs.append(flat[i:i + p.numel()].view_as(p).to(self.device, copy=True))
-                i += p.numel()
-            for p, avg in zip(params, avgs):
-                sq = flat[i:i + p.numel()].view_as(p).to(self.device, copy=True)
-                i += p.numel()
-                self.opt.state[p] = {"step": step.clone(), "exp_avg": avg, "exp_avg_sq": sq}
+            load_adam_state(self.opt, params, flat[i:], self.device)
         self.version = buf.chapter
 
     def checkpoint(self, chapter: int, owned: list[Buf]) -> dict:

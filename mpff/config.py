@@ -27,27 +27,27 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 
+from . import algorithms, dataspec, layers
+from .dataspec import EMNIST_SPLITS, TORCHVISION_SETS  # noqa: F401 - where others read them
+
+
 class ConfigError(ValueError):
     """A problem with the user's configuration or input; printed as one line, exit code 2."""
 
 
-SCHEDULES = ("sequential", "single_layer", "all_layers", "federated", "data_parallel")
-ALGORITHMS = ("ff", "backprop")
+# Names are checked against the registries (mpff.algorithms, mpff.dataspec, mpff.layers) when a
+# configuration is validated, so entries registered after this import are accepted too; the
+# tuples below are the built-ins, for messages and the offline tools.
+def all_schedules() -> tuple[str, ...]:
+    """Every registered algorithm's schedules, each once."""
+    return tuple(dict.fromkeys(s for a in algorithms.names() for s in algorithms.get(a).schedules))
+
+
+SCHEDULES = all_schedules()
+ALGORITHMS = algorithms.names()
 NEGATIVES = ("fixed", "random", "adaptive")
 CLASSIFIERS = ("goodness", "softmax")
-DATASETS = ("mnist", "idx", "cifar10", "npz", "torchvision")
-
-#: torchvision's data set classes that ``data.dataset = "torchvision"`` reads, with the input width
-#: of their flattened images and their class count (None: known from the files only). Kept here,
-#: without importing torchvision, so a configuration is checked on any node.
-TORCHVISION_SETS: dict[str, tuple[int | None, int | None]] = {
-    "MNIST": (784, 10), "FashionMNIST": (784, 10), "KMNIST": (784, 10), "EMNIST": (784, None),
-    "CIFAR10": (3072, 10), "CIFAR100": (3072, 100), "SVHN": (3072, 10), "ImageFolder": (None, None),
-}
-#: EMNIST's splits and the length of torchvision's ``classes`` list for each ('letters' keeps
-#: torchvision's labels 1..26, with class 0 'N/A' never seen)
-EMNIST_SPLITS = {"byclass": 62, "bymerge": 47, "balanced": 47, "letters": 27, "digits": 10,
-                 "mnist": 10}
+DATASETS = dataspec.names()
 
 
 def _choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
@@ -71,6 +71,9 @@ class ModelConfig:
     one per class (10 for MNIST)."""
     neutral_value: float = 0.1
     """Value of all the label entries in a neutral sample (label unknown)."""
+    layer: str = "linear"
+    """The kind of every FF layer: 'linear' (normalise, x @ weight.T + bias, ReLU), or a kind
+    registered with mpff.layers.register."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "dims", tuple(int(d) for d in self.dims))
@@ -84,6 +87,7 @@ class ModelConfig:
         _choice("model.label_position", self.label_position, ("last", "first"))
         if self.norm_eps < 0:
             raise ConfigError("model.norm_eps must be >= 0")
+        _choice("model.layer", self.layer, layers.names())
 
     @property
     def num_layers(self) -> int:
@@ -134,7 +138,7 @@ class TrainConfig:
     algorithm has a default that suits it: FF's 0.01 diverges for backprop with Adam."""
 
     def __post_init__(self) -> None:
-        _choice("train.algorithm", self.algorithm, ALGORITHMS)
+        _choice("train.algorithm", self.algorithm, algorithms.names())
         _choice("train.precision", self.precision, ("fp32", "bf16", "tf32"))
         if self.bp_lr <= 0:
             raise ConfigError("train.bp_lr must be positive")
@@ -187,51 +191,40 @@ class DataConfig:
     counterpart of an N-rank Federated run."""
 
     def __post_init__(self) -> None:
-        _choice("data.dataset", self.dataset, DATASETS)
-        if self.dataset == "torchvision":
-            self._check_torchvision()
-        elif self.name or self.split:
-            raise ConfigError(f"data.{'name' if self.name else 'split'} is for data.dataset = "
-                              f"'torchvision', not {self.dataset!r}; remove it")
-        if self.dataset != "mnist" and not self.path:
+        _choice("data.dataset", self.dataset, dataspec.names())
+        spec = dataspec.get(self.dataset)
+        spec.check(self)
+        if spec.needs_path and not self.path:
             raise ConfigError(f"data.path must name the {self.dataset} data to read"
                               + (" (torchvision's root, where `mpff data download` puts it)"
                                  if self.dataset == "torchvision" else ""))
         if self.train_subset < 0 or self.test_subset < 0 or self.shards < 0:
             raise ConfigError("data.train_subset, data.test_subset and data.shards must be >= 0")
 
-    def _check_torchvision(self) -> None:
-        known = {n.lower(): n for n in TORCHVISION_SETS}
-        if not self.name:
-            raise ConfigError(f"data.dataset = 'torchvision' needs data.name, one of "
-                              f"{', '.join(TORCHVISION_SETS)}")
-        if self.name.lower() not in known:
-            raise ConfigError(f"data.name = {self.name!r} is not a data set mpff reads through "
-                              f"torchvision; use one of {', '.join(TORCHVISION_SETS)}")
-        object.__setattr__(self, "name", known[self.name.lower()])
-        if self.name == "EMNIST":
-            if self.split not in EMNIST_SPLITS:
-                said = f"data.split = {self.split!r} is not" if self.split else "needs data.split,"
-                raise ConfigError(f"EMNIST {said} one of {', '.join(EMNIST_SPLITS)}; "
-                                  "set data.split (e.g. data.split=balanced)")
-        elif self.split:
-            raise ConfigError(f"data.split is for EMNIST, not {self.name}; remove it")
+    @property
+    def facts(self) -> dataspec.Facts:
+        """What the data set is before it is read (mpff.dataspec)."""
+        return dataspec.facts(self)
 
     @property
     def num_classes(self) -> int | None:
         """Classes of the data set, known without reading it (None: an ImageFolder's folders tell)."""
-        if self.dataset != "torchvision":
-            return 10
-        if self.name == "EMNIST":
-            return EMNIST_SPLITS[self.split]
-        return TORCHVISION_SETS[self.name][1]
+        return self.facts.num_classes
 
     @property
     def input_dim(self) -> int | None:
         """Values per flattened sample where the data set fixes it (None: the files tell)."""
-        if self.dataset == "torchvision":
-            return TORCHVISION_SETS[self.name][0]
-        return {"mnist": 784, "cifar10": 3072}.get(self.dataset)
+        return self.facts.input_dim
+
+    @property
+    def train_samples(self) -> int | None:
+        """Training samples a run uses: data.train_subset, else the full set's (None: unknown)."""
+        return self.train_subset or self.facts.train_size
+
+    @property
+    def test_samples(self) -> int | None:
+        """Test samples a run uses: data.test_subset, else the full set's (None: unknown)."""
+        return self.test_subset or self.facts.test_size
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -280,7 +273,7 @@ class RunConfig:
     takes 1/N of it) or 'weak' (each rank takes train.batch_size, the global batch is N times it)."""
 
     def __post_init__(self) -> None:
-        _choice("run.schedule", self.schedule, SCHEDULES)
+        _choice("run.schedule", self.schedule, all_schedules())
         _choice("run.scaling", self.scaling, ("strong", "weak"))
         _choice("run.blocks", self.blocks, ("cost", "count"))
         _choice("run.inputs", self.inputs, ("recompute", "ship"))
@@ -305,13 +298,9 @@ class Config:
     """Preset name (the TOML file's stem), used for default output directories."""
 
     def __post_init__(self) -> None:
-        if self.data.dataset == "cifar10" and self.model.dims[0] != 3072:
-            raise ConfigError("CIFAR-10 has 3072 inputs: set model.dims[0] = 3072")
-        if self.data.dataset == "mnist" and self.model.dims[0] != 784:
-            raise ConfigError("MNIST has 784 inputs: set model.dims[0] = 784")
         width = self.data.input_dim
-        if self.data.dataset == "torchvision" and width is not None and self.model.dims[0] != width:
-            raise ConfigError(f"{self.data.name} has {width} inputs: set model.dims[0] = {width}")
+        if width is not None and self.model.dims[0] != width:
+            raise ConfigError(f"{self.data.facts.title} has {width} inputs: set model.dims[0] = {width}")
         _check_algorithm(self)
 
     def to_dict(self) -> dict[str, Any]:
@@ -362,13 +351,13 @@ def shard_sizes(n: int, shards: int) -> list[int]:
 #: (rather than asking whether the key was written) keeps every way of building a Config alike:
 #: presets, --set, config.toml written back by a run (it lists every key), ``replace``.
 FF_ONLY = {
-    "model": ("threshold_coeff", "goodness", "norm_eps", "label_position", "neutral_value"),
+    "model": ("threshold_coeff", "goodness", "norm_eps", "label_position", "neutral_value", "layer"),
     "train": ("lr", "head_lr", "negatives", "adaptive_lag", "adaptive_mode", "classifier"),
     "data": ("shards",),
     "run": ("exchange",),
 }
 BP_ONLY = {"train": ("bp_lr",), "run": ("scaling",)}
-BP_SCHEDULES = ("sequential", "data_parallel")
+BP_SCHEDULES = algorithms.get("backprop").schedules
 
 
 def _changed(cfg: Config, keys: dict[str, tuple[str, ...]]) -> list[tuple[str, Any]]:
@@ -394,6 +383,11 @@ def _check_algorithm(cfg: Config) -> None:
             raise ConfigError(f"{where} = {value!r} is a Forward-Forward setting that backprop does "
                               f"not use; remove it, or set train.algorithm = 'ff'"
                               + ("; backprop's rate is train.bp_lr" if where == "train.lr" else ""))
+    elif cfg.train.algorithm != "ff":  # a registered algorithm: its own schedules
+        runs = algorithms.get(cfg.train.algorithm).schedules
+        if schedule not in runs:
+            raise ConfigError(f"run.schedule = {schedule!r} is not one train.algorithm = "
+                              f"{cfg.train.algorithm!r} runs; use {', '.join(runs)}")
     else:
         if schedule == "data_parallel":
             raise ConfigError("run.schedule = 'data_parallel' is for backprop (set train.algorithm = "

@@ -37,6 +37,7 @@ sentence that names the offending file and says what to do.
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import math
 import os
@@ -46,9 +47,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from mpff import dataspec
 from mpff.config import ConfigError, DataConfig
 
-NUM_CLASSES = 10
+#: Classes of a data set that does not say otherwise (mpff.dataspec states it).
+NUM_CLASSES = dataspec.DEFAULT_CLASSES
 MNIST_MEAN = 0.1307
 MNIST_STD = 0.3081
 
@@ -201,7 +204,7 @@ def _find_idx(directory: str, base: str) -> str:
     )
 
 
-def _check_labels(y: np.ndarray, where: str, num_classes: int = NUM_CLASSES) -> np.ndarray:
+def check_labels(y: np.ndarray, where: str, num_classes: int = NUM_CLASSES) -> np.ndarray:
     if y.ndim != 1:
         raise ConfigError(
             f"{where}: labels must be one-dimensional, not of shape {y.shape}; "
@@ -245,17 +248,26 @@ def _flatten(x: np.ndarray) -> np.ndarray:
 
 
 @dataclass(frozen=True, eq=False)
-class _Raw:
-    """Flattened, un-normalised arrays (uint8 or anything numeric) with int64 labels."""
+class Raw:
+    """What a data set's reader returns (:class:`mpff.dataspec.DataSpec`): flattened,
+    un-normalised inputs (uint8 or anything numeric) with int64 labels, and how to normalise them."""
 
     source: str
+    """Where the arrays came from (messages name it)."""
     x_train: np.ndarray
     y_train: np.ndarray
     x_test: np.ndarray
     y_test: np.ndarray
+    method: str = "scalar"
+    """'mnist' (fixed constants), 'scalar' (training mean and std) or 'channels' (per colour
+    channel of uint8 images flattened channel by channel)."""
+    name: str = ""
+    num_classes: int | None = None
+    """Classes (None: the data set's facts, mpff.dataspec)."""
+    channels: int = 3
 
 
-def _raw_idx(directory: str) -> _Raw:
+def _raw_idx(directory: str) -> Raw:
     if not os.path.isdir(directory):
         raise ConfigError(
             f"{directory}: not a directory; point data.path at the folder holding the IDX files"
@@ -266,7 +278,7 @@ def _raw_idx(directory: str) -> _Raw:
     for split in ("train", "test"):
         x, y = arrays[f"{split}_images"], arrays[f"{split}_labels"]
         xp, yp = paths[f"{split}_images"], paths[f"{split}_labels"]
-        y = _check_labels(y, yp)
+        y = check_labels(y, yp)
         _check_pair(x, y, xp, yp)
         out[f"x_{split}"], out[f"y_{split}"] = _flatten(x), y
     if out["x_train"].shape[1] != out["x_test"].shape[1]:
@@ -275,7 +287,7 @@ def _raw_idx(directory: str) -> _Raw:
             f"differ from the training images {arrays['train_images'].shape[1:]}; "
             "use the files of one data set"
         )
-    return _Raw(source=directory, **out)
+    return Raw(source=directory, **out)
 
 
 _PICKLE_ALLOWED = frozenset(
@@ -328,7 +340,7 @@ def _cifar10_batch(path: str) -> tuple[np.ndarray, np.ndarray]:
             f"{path}: batch data is {x.dtype} of shape {x.shape}, not uint8 rows of "
             f"{CIFAR10_DIM} values; {redo}"
         )
-    y = _check_labels(np.asarray(labels), path)
+    y = check_labels(np.asarray(labels), path)
     if y.shape[0] != x.shape[0]:
         raise ConfigError(f"{path}: batch has {x.shape[0]} images but {y.shape[0]} labels; {redo}")
     return x, y
@@ -348,11 +360,11 @@ def _cifar10_dir(directory: str) -> str:
     return directory
 
 
-def _raw_cifar10(directory: str) -> _Raw:
+def _raw_cifar10(directory: str) -> Raw:
     directory = _cifar10_dir(directory)
     train = [_cifar10_batch(os.path.join(directory, name)) for name in CIFAR10_TRAIN_BATCHES]
     x_test, y_test = _cifar10_batch(os.path.join(directory, CIFAR10_TEST_BATCH))
-    return _Raw(
+    return Raw(
         source=directory,
         x_train=np.concatenate([x for x, _ in train]),
         y_train=np.concatenate([y for _, y in train]),
@@ -361,7 +373,7 @@ def _raw_cifar10(directory: str) -> _Raw:
     )
 
 
-def _raw_npz(path: str) -> _Raw:
+def _raw_npz(path: str) -> Raw:
     if not os.path.isfile(path):
         raise ConfigError(
             f"{path}: file not found; point data.path at an .npz file with {', '.join(NPZ_KEYS)}"
@@ -388,7 +400,7 @@ def _raw_npz(path: str) -> _Raw:
         where = f"{path} (x_{split})"
         if x.dtype.kind not in "iuf" and x.dtype.kind != "b":
             raise ConfigError(f"{where}: inputs have dtype {x.dtype}; store numbers")
-        y = _check_labels(y, f"{path} (y_{split})")
+        y = check_labels(y, f"{path} (y_{split})")
         _check_pair(x, y, where, f"{path} (y_{split})")
         if x.dtype.kind == "f" and not np.all(np.isfinite(x)):
             raise ConfigError(f"{where}: inputs contain NaN or infinity; clean the data")
@@ -404,7 +416,7 @@ def _raw_npz(path: str) -> _Raw:
             f"{path}: x_train is {xtr.dtype} but x_test is {xte.dtype}; "
             "store both with the same dtype so they are scaled alike"
         )
-    return _Raw(source=path, **out)
+    return Raw(source=path, **out)
 
 
 # ------------------------------------------------------------------------ normalising
@@ -444,7 +456,7 @@ def _apply_scalar(x: np.ndarray, mean: float, std: float, uint8: bool) -> np.nda
     return np.ascontiguousarray(out, dtype=np.float32)
 
 
-def _normalise(raw: _Raw, method: str, name: str, num_classes: int = NUM_CLASSES,
+def _normalise(raw: Raw, method: str, name: str, num_classes: int = NUM_CLASSES,
                channels: int = 3) -> Dataset:
     """method: 'mnist' (fixed), 'scalar' (training mean/std) or 'channels' (per colour channel of
     uint8 images flattened channel by channel, ``channels`` contiguous blocks: CIFAR-10)."""
@@ -456,7 +468,7 @@ def _normalise(raw: _Raw, method: str, name: str, num_classes: int = NUM_CLASSES
         stats = [_uint8_stats(xtr[:, block]) for block in blocks]
         for x in (xtr, xte):
             y = np.empty(x.shape, dtype=np.float32)
-            for block, (mean, std) in zip(blocks, stats):
+            for block, (mean, std) in zip(blocks, stats, strict=True):
                 y[:, block] = _lut(mean, std)[x[:, block]]
             out.append(y)
         xtr_n, xte_n = out
@@ -532,33 +544,39 @@ def _subset(x: np.ndarray, y: np.ndarray, n: int, key: str, what: str, source: s
     return x[:n], y[:n]
 
 
+def read_mnist_raw(cfg: DataConfig) -> Raw:
+    """data.dataset = "mnist": the embedded copy, or the IDX files in data.path."""
+    raw = _raw_idx(cfg.path or embedded_mnist_dir())
+    return dataclasses.replace(raw, method="mnist", name="mnist")
+
+
+def read_idx_raw(cfg: DataConfig) -> Raw:
+    """data.dataset = "idx": the four IDX files in data.path, named after the folder."""
+    base = os.path.basename(os.path.normpath(cfg.path))
+    return dataclasses.replace(_raw_idx(cfg.path), name=base or "idx")
+
+
+def read_cifar10_raw(cfg: DataConfig) -> Raw:
+    return dataclasses.replace(_raw_cifar10(cfg.path), method="channels", name="cifar10")
+
+
+def read_npz_raw(cfg: DataConfig) -> Raw:
+    return dataclasses.replace(_raw_npz(cfg.path), name=_npz_name(cfg.path))
+
+
 def load_dataset(cfg: DataConfig) -> Dataset:
-    """Read the data set cfg names, keep the first train_subset/test_subset samples, normalise.
-    Files are checked here, where they are opened (the configuration checks values only)."""
+    """Read the data set cfg names (its reader in mpff.dataspec), keep the first
+    train_subset/test_subset samples, normalise. Files are checked here, where they are opened
+    (the configuration checks values only)."""
     if cfg.path and not os.path.exists(cfg.path):
         raise ConfigError(f"data.path {cfg.path!r} does not exist; point it at the data set"
                           + (f" (torchvision's root; `mpff data download {cfg.name} --path "
                              f"{cfg.path}` fills it)" if cfg.dataset == "torchvision" else ""))
-    classes, channels = NUM_CLASSES, 3
-    if cfg.dataset == "torchvision":
-        from .tvdata import read_raw  # imports torchvision: only this data set needs it
-
-        raw, method, name, classes, channels = read_raw(cfg)
-    elif cfg.dataset == "mnist":
-        raw, method, name = _raw_idx(cfg.path or embedded_mnist_dir()), "mnist", "mnist"
-    elif cfg.dataset == "idx":
-        base = os.path.basename(os.path.normpath(cfg.path))
-        raw, method, name = _raw_idx(cfg.path), "scalar", base or "idx"
-    elif cfg.dataset == "cifar10":
-        raw, method, name = _raw_cifar10(cfg.path), "channels", "cifar10"
-    elif cfg.dataset == "npz":
-        raw, method, name = _raw_npz(cfg.path), "scalar", _npz_name(cfg.path)
-    else:  # DataConfig validates the choice
-        raise ConfigError(f"data.dataset = {cfg.dataset!r} is not one of mnist, idx, cifar10, npz, "
-                          "torchvision")
+    raw = dataspec.get(cfg.dataset).read(cfg)
     xtr, ytr = _subset(
         raw.x_train, raw.y_train, cfg.train_subset, "train_subset", "training", raw.source
     )
     xte, yte = _subset(raw.x_test, raw.y_test, cfg.test_subset, "test_subset", "test", raw.source)
-    raw = _Raw(source=raw.source, x_train=xtr, y_train=ytr, x_test=xte, y_test=yte)
-    return _normalise(raw, method, name, classes, channels)
+    classes = raw.num_classes or cfg.num_classes or NUM_CLASSES
+    subset = dataclasses.replace(raw, x_train=xtr, y_train=ytr, x_test=xte, y_test=yte)
+    return _normalise(subset, raw.method, raw.name or cfg.dataset, classes, raw.channels)

@@ -51,11 +51,29 @@ def cooldown_lr(lr0: float, global_epoch: int, total_epochs: int, final: str = "
     return lr0
 
 
+def chapter_rates(lr0: float, chapter: int, epochs_per_chapter: int, total_epochs: int,
+                  final: str = "hold") -> list[float]:
+    """The cooled-down rate of each epoch of ``chapter`` (global epoch chapter * C + m + 1)."""
+    return [cooldown_lr(lr0, chapter * epochs_per_chapter + m + 1, total_epochs, final)
+            for m in range(epochs_per_chapter)]
+
+
+def epochs(opt: torch.optim.Optimizer, n: int, device: torch.device, lrs: list[float],
+           generators: list[torch.Generator]):
+    """The epoch loop every trainer shares (FF layers, the softmax head, backprop): per epoch it
+    sets the rate on every parameter group and yields the epoch's shuffle of ``n`` rows, drawn on
+    the CPU from that epoch's generator, so it is the same on every rank and every device."""
+    for lr, g in zip(lrs, generators, strict=True):
+        for group in opt.param_groups:
+            group["lr"] = lr
+        yield torch.randperm(n, generator=g).to(device)
+
+
 class FFLayer(nn.Module):
-    """A fully connected FF layer with its own threshold and goodness."""
+    """A fully connected FF layer with its own threshold and goodness (``bias=False``: none)."""
 
     def __init__(self, in_features: int, out_features: int, *, threshold_coeff: float = 0.01,
-                 goodness: str = "mean", norm_eps: float = 1e-4, seed: int = 0) -> None:
+                 goodness: str = "mean", norm_eps: float = 1e-4, seed: int = 0, bias: bool = True) -> None:
         super().__init__()
         self.in_features = in_features
         self.out_features = out_features
@@ -67,7 +85,10 @@ class FFLayer(nn.Module):
         bound = 1.0 / math.sqrt(in_features)
         g = generator(seed, 0xA11CE)  # callers pass a per-layer seed
         self.weight = nn.Parameter(torch.empty(out_features, in_features).uniform_(-bound, bound, generator=g))
-        self.bias = nn.Parameter(torch.empty(out_features).uniform_(-bound, bound, generator=g))
+        if bias:
+            self.bias = nn.Parameter(torch.empty(out_features).uniform_(-bound, bound, generator=g))
+        else:
+            self.register_parameter("bias", None)
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
         return x / (x.norm(p=2, dim=1, keepdim=True) + self.norm_eps)
@@ -242,6 +263,34 @@ def make_adam(params, lr: float) -> torch.optim.Adam:
         return torch.optim.Adam(params, lr=lr, foreach=False)
 
 
+def adam_state(opt: torch.optim.Optimizer, params: list[torch.Tensor]) -> torch.Tensor | None:
+    """Adam's state of ``params`` as one flat CPU tensor: the step, every exp_avg, every
+    exp_avg_sq (parameters in order); None before the first step. The one serialiser of
+    optimizer state (FF buffers and backprop's model buffer alike)."""
+    states = [opt.state.get(p) for p in params]
+    if not all(states):
+        return None
+    parts = ([states[0]["step"].reshape(1).cpu()] + [st["exp_avg"].reshape(-1).cpu() for st in states]
+             + [st["exp_avg_sq"].reshape(-1).cpu() for st in states])
+    return torch.cat(parts)
+
+
+def load_adam_state(opt: torch.optim.Optimizer, params: list[torch.Tensor], flat: torch.Tensor,
+                    device: torch.device) -> None:
+    """Inverse of :func:`adam_state`: ``flat`` (step, exp_avgs, exp_avg_sqs) into ``opt``."""
+    # fused Adam keeps `step` on the parameters' device, the single-tensor Adam on the CPU
+    fused = any(g.get("fused") for g in opt.param_groups)
+    step = flat[0].clone().to(params[0].device if fused else "cpu")
+    i, avgs = 1, []
+    for p in params:
+        avgs.append(flat[i:i + p.numel()].view_as(p).to(device, copy=True))
+        i += p.numel()
+    for p, avg in zip(params, avgs, strict=True):
+        sq = flat[i:i + p.numel()].view_as(p).to(device, copy=True)
+        i += p.numel()
+        opt.state[p] = {"step": step.clone(), "exp_avg": avg, "exp_avg_sq": sq}
+
+
 def train_epochs(layer: FFLayer, opt: torch.optim.Optimizer, x_pos: torch.Tensor,
                  x_neg: torch.Tensor, *, batch_size: int, lrs: list[float],
                  seeds: list[int], check: Callable[[], None] | None = None) -> float:
@@ -272,12 +321,7 @@ def train_epochs(layer: FFLayer, opt: torch.optim.Optimizer, x_pos: torch.Tensor
     signs = torch.cat([torch.full((batch_size,), -1.0, device=device), torch.ones(batch_size, device=device)])
     total = torch.zeros((), dtype=torch.float64, device=device)
     steps = 0
-    for lr, seed in zip(lrs, seeds):
-        for group in opt.param_groups:
-            group["lr"] = lr
-        # The shuffle is drawn on the CPU from a seed of (seed, chapter, layer, epoch), so it is
-        # the same on every rank and every device.
-        perm = torch.randperm(n, generator=generator(seed)).to(device)
+    for perm in epochs(opt, n, device, lrs, [generator(seed) for seed in seeds]):
         total.zero_()
         steps = 0
         for i in range(0, n, batch_size):
@@ -298,7 +342,8 @@ def train_epochs(layer: FFLayer, opt: torch.optim.Optimizer, x_pos: torch.Tensor
                 grad = h.mul_(coef.unsqueeze(1))             # d loss / d pre-activation
                 opt.zero_grad(set_to_none=True)              # the last gradient goes before the next is made
                 weight.grad = linear(grad.t(), xb.t())       # grad.T @ xb, at the matmul precision
-                bias.grad = grad.sum(dim=0)
+                if bias is not None:
+                    bias.grad = grad.sum(dim=0)
             opt.step()
             steps += 1
     return float(total.item()) / max(steps, 1)  # note: one host sync per task, not per batch

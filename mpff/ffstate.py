@@ -16,8 +16,8 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from .config import Config
-from .ff import cooldown_lr, make_adam, matmul_precision, seed_for, train_epochs
+from .config import Config, shard_sizes
+from .ff import adam_state, chapter_rates, load_adam_state, make_adam, matmul_precision, seed_for, train_epochs
 from .halt import Diverged
 from .model import FFNet, hardest_wrong_label, overlay, random_negatives, train_head
 from .plan import Buf, Plan, Task
@@ -50,7 +50,8 @@ class FFState:
         # ----- data: only the shards this rank's tasks touch are moved to the device -----
         n = dataset.x_train.shape[0]
         self.n_train = n
-        self.shard_index = np.array_split(np.arange(n), plan.shards)
+        bounds = np.cumsum([0, *shard_sizes(n, plan.shards)])
+        self.shard_index = [np.arange(lo, hi) for lo, hi in zip(bounds[:-1], bounds[1:], strict=True)]
         self.y_train = dataset.y_train
         self._shards: dict[int, dict] = {}
         self.x_test = torch.from_numpy(dataset.x_test).to(device)
@@ -74,6 +75,45 @@ class FFState:
         #: shipped inputs (run.inputs = "ship"): chapter -> (layer whose outputs, h_pos, h_neg)
         self._act: dict[int, tuple[int, torch.Tensor, torch.Tensor]] = {}
         self._act_out: dict[tuple[int, int], np.ndarray] = {}  # (layer, chapter) -> array to send
+
+    # ------------------------------------------------------------------ what mpff train asks (mpff.algorithms)
+    @classmethod
+    def create(cls, setup, tracer, watch) -> FFState:
+        """This rank's state (FF needs no collective set-up: the executor moves its buffers)."""
+        return cls(setup.cfg, setup.plan, setup.dataset, tracer, setup.device, rank=setup.comm.rank,
+                   check=watch.check)
+
+    @staticmethod
+    def memory_figure(cfg: Config, n_train: int, world_size: int) -> dict:
+        """The analytic memory of one rank (:func:`mpff.memory.ff_rank`)."""
+        from .memory import ff_rank
+        return ff_rank(cfg, n_train, world_size)
+
+    @classmethod
+    def summary(cls, cfg: Config, world_size: int) -> str:
+        """The banner's words for the run."""
+        return f"{cfg.train.negatives} negatives, {cfg.train.classifier} classifier"
+
+    @staticmethod
+    def classified_by(cfg: Config) -> str:
+        """How the final accuracy was measured, for the last line of the run."""
+        return f"{cfg.train.classifier} classifier"
+
+    def save(self, path: str, setup) -> None:
+        """The model file (mpff.modelfile.save_model) of the network after the last chapter."""
+        from .modelfile import save_model
+
+        cfg, ds = self.cfg, setup.dataset
+        save_model(path, self.net, cfg, input_mean=ds.input_mean, input_std=ds.input_std,
+                   input_scale=ds.input_scale, test_accuracy=self.test_accuracy.get(cfg.train.chapters - 1),
+                   extra={"world_size": setup.comm.size, "schedule": cfg.run.schedule})
+
+    def traffic(self) -> dict:
+        """Bytes moved outside the executor's messages: none (the executor counts its own)."""
+        return {}
+
+    def close(self) -> None:
+        """Nothing to let go of."""
 
     # ------------------------------------------------------------------ data
     def shard(self, s: int) -> dict:
@@ -152,8 +192,9 @@ class FFState:
         return self.net.head, self.head_opt
 
     def pack(self, b: Buf, full: bool) -> np.ndarray:
-        """Layer or head: parameters (weight, bias), then with ``full`` Adam's step, every
-        exp_avg, every exp_avg_sq. Negatives: the int64 labels."""
+        """Layer or head: parameters (in the order of ``parameters()``, which is the order of
+        the layer kind's tensors), then with ``full`` Adam's state (:func:`mpff.ff.adam_state`).
+        Negatives: the int64 labels."""
         if b.kind == "neg":
             return np.ascontiguousarray(self.neg_labels[b.chapter], dtype=np.int64)
         if b.kind == "act":  # made by the ship task; the executor keeps it alive until sent
@@ -189,29 +230,12 @@ class FFState:
     def optimizer_state(self, b: Buf) -> np.ndarray | None:
         """This rank's own Adam state of a layer (or the head) as one flat array, if it has any."""
         module, opt = self._module(b)
-        params = list(module.parameters())
-        if not all(p in opt.state and opt.state[p] for p in params):
-            return None
-        st = [opt.state[p] for p in params]
-        parts = [st[0]["step"].reshape(1).cpu()] + [x["exp_avg"].reshape(-1).cpu() for x in st] \
-            + [x["exp_avg_sq"].reshape(-1).cpu() for x in st]
-        return torch.cat(parts).numpy()
+        flat = adam_state(opt, list(module.parameters()))
+        return None if flat is None else flat.numpy()
 
     def load_optimizer_state(self, b: Buf, flat_np: np.ndarray) -> None:
         module, opt = self._module(b)
-        params = list(module.parameters())
-        flat = torch.from_numpy(flat_np)
-        # fused Adam keeps `step` on the parameters' device, the single-tensor Adam on the CPU
-        fused = any(g.get("fused") for g in opt.param_groups)
-        step = flat[0].clone().to(params[0].device if fused else "cpu")
-        i, avgs = 1, []
-        for p in params:
-            avgs.append(flat[i:i + p.numel()].view_as(p).to(self.device, copy=True))
-            i += p.numel()
-        for p, avg in zip(params, avgs):
-            sq = flat[i:i + p.numel()].view_as(p).to(self.device, copy=True)
-            i += p.numel()
-            opt.state[p] = {"step": step.clone(), "exp_avg": avg, "exp_avg_sq": sq}
+        load_adam_state(opt, list(module.parameters()), torch.from_numpy(flat_np), self.device)
 
     # ------------------------------------------------------------------ checkpoints
     def checkpoint(self, chapter: int, owned: list[Buf]) -> dict:
@@ -297,11 +321,8 @@ class FFState:
 
     def _lrs_and_seeds(self, base_lr: float, chapter: int, stream: int, layer: int):
         t = self.cfg.train
-        lrs, seeds = [], []
-        for m in range(self.C):
-            lrs.append(cooldown_lr(base_lr, chapter * self.C + m + 1, t.epochs, t.cooldown_final))
-            seeds.append(seed_for(t.seed, stream, chapter, layer, m))
-        return lrs, seeds
+        lrs = chapter_rates(base_lr, chapter, self.C, t.epochs, t.cooldown_final)
+        return lrs, [seed_for(t.seed, stream, chapter, layer, m) for m in range(self.C)]
 
     def _inputs(self, chapter: int, layer: int):
         """Inputs of ``layer`` in ``chapter``: this chapter's positives and negatives pushed through

@@ -48,9 +48,11 @@ from dataclasses import dataclass
 import psutil
 import torch
 
+from . import layers
+from .dataspec import DEFAULT_CLASSES as NUM_CLASSES
+
 #: float32
 VALUE_BYTES = 4
-NUM_CLASSES = 10
 
 _HWM = re.compile(r"^VmHWM:\s+(\d+)\s+kB", re.MULTILINE)
 
@@ -123,44 +125,44 @@ def finish(base: Baseline, device: torch.device | str = "cpu") -> dict[str, int 
 
 
 # ---------------------------------------------------------------------------------- analytic
-def mlp_parameters(dims: Sequence[int]) -> int:
-    """Parameters of backprop's MLP dims -> 10 (weights and biases of every Linear)."""
-    ext = (*dims, NUM_CLASSES)
-    return sum(ext[k] * ext[k + 1] + ext[k + 1] for k in range(len(ext) - 1))
+def mlp_parameters(dims: Sequence[int], num_classes: int = NUM_CLASSES) -> int:
+    """Parameters of backprop's MLP dims -> classes (weights and biases of every Linear)."""
+    return layers.mlp_parameters(dims, num_classes)
 
 
-def ff_layer_parameters(dims: Sequence[int], k: int) -> int:
-    return dims[k] * dims[k + 1] + dims[k + 1]
+def ff_layer_parameters(dims: Sequence[int], k: int, kind: str = layers.DEFAULT) -> int:
+    return layers.layer_params(dims, k, kind)
 
 
-def ff_head_parameters(dims: Sequence[int]) -> int:
-    """The softmax head mpff's FFNet always holds (bias-free Linear from layers 2..L to 10)."""
-    return NUM_CLASSES * (sum(dims[2:]) if len(dims) > 2 else dims[-1])
+def ff_head_parameters(dims: Sequence[int], num_classes: int = NUM_CLASSES) -> int:
+    """The softmax head mpff's FFNet always holds (bias-free Linear from layers 2..L to the classes)."""
+    return layers.head_params(dims, num_classes)
 
 
-def bp_analytic(dims: Sequence[int], rows: int, *, ddp: bool = False) -> dict[str, int]:
+def bp_analytic(dims: Sequence[int], rows: int, *, ddp: bool = False, num_classes: int = NUM_CLASSES) -> dict[str, int]:
     """Backprop, one rank taking ``rows`` rows of every batch (bytes)."""
-    p = mlp_parameters(dims)
+    p = mlp_parameters(dims, num_classes)
     out = {
         "parameters": VALUE_BYTES * p,
         "optimizer_state": VALUE_BYTES * 2 * p,
         "gradients": VALUE_BYTES * p,
-        "activations": VALUE_BYTES * rows * (sum(dims) + NUM_CLASSES),
+        "activations": VALUE_BYTES * rows * (sum(dims) + num_classes),
     }
     state = out["parameters"] + out["optimizer_state"] + (out["gradients"] if ddp else 0)
-    out["peak"] = state + VALUE_BYTES * _bp_step_values(dims, rows, grads_resident=ddp)
+    out["peak"] = state + VALUE_BYTES * _bp_step_values(dims, rows, grads_resident=ddp, num_classes=num_classes)
     return out
 
 
-def _bp_step_values(dims: Sequence[int], r: int, *, grads_resident: bool) -> int:
+def _bp_step_values(dims: Sequence[int], r: int, *, grads_resident: bool, num_classes: int = NUM_CLASSES) -> int:
     """Most values alive at once during one backprop step besides parameters and Adam state,
     walking through what autograd allocates and frees. Forward: each Linear makes z, ReLU makes
     h and z is freed; h is kept. Backward, layer by layer from the top: the Linear makes its
     weight gradient and the gradient of its input, then the ReLU below makes the gradient of its
     pre-activation and frees the gradient of its output and its kept h. Gradients are freed
     before the forward pass (``zero_grad``), unless DDP keeps them in its buckets."""
-    ext = (*dims, NUM_CLASSES)
+    ext = (*dims, num_classes)
     n = len(ext) - 1  # Linear layers; layer j maps ext[j] -> ext[j + 1]
+    linear = layers.get(layers.DEFAULT)
     kept = r * ext[0]  # the batch input buffer, always there
     peak = kept
     for j in range(n):
@@ -171,7 +173,7 @@ def _bp_step_values(dims: Sequence[int], r: int, *, grads_resident: bool) -> int
     grad_out = r * ext[n]     # gradient of the output layer's output
     for j in reversed(range(n)):
         if not grads_resident:
-            grads += ext[j] * ext[j + 1] + ext[j + 1]
+            grads += linear.num_params(ext[j], ext[j + 1])
         if j == 0:  # the input needs no gradient
             peak = max(peak, kept + grads + grad_out)
             break
@@ -185,20 +187,20 @@ def _bp_step_values(dims: Sequence[int], r: int, *, grads_resident: bool) -> int
 
 
 def ff_analytic(dims: Sequence[int], batch_size: int, n_rows: int = 0, *,
-                trained_layers: Sequence[int] | None = None, softmax: bool = False) -> dict[str, int]:
+                trained_layers: Sequence[int] | None = None, softmax: bool = False,
+                num_classes: int = NUM_CLASSES, layer: str = layers.DEFAULT) -> dict[str, int]:
     """FF as mpff runs it, one rank training ``trained_layers`` (default: all) with chapters of
     ``n_rows`` training samples (0: leave the chapter data out, a training step alone)."""
     num_layers = len(dims) - 1
     trained = list(range(num_layers)) if trained_layers is None else list(trained_layers)
     rows = 2 * batch_size  # positives and negatives go through one matrix product
-    head = ff_head_parameters(dims)
-    all_params = sum(ff_layer_parameters(dims, k) for k in range(num_layers)) + head
-    trained_params = sum(ff_layer_parameters(dims, k) for k in trained) + (head if softmax else 0)
-    resident_grads = sum(ff_layer_parameters(dims, k) for k in trained)
+    params = [ff_layer_parameters(dims, k, layer) for k in range(num_layers)]
+    head = ff_head_parameters(dims, num_classes)
+    resident_grads = sum(params[k] for k in trained)
     out = {
-        "parameters": VALUE_BYTES * all_params,
-        "optimizer_state": VALUE_BYTES * 2 * trained_params,
-        "gradients": VALUE_BYTES * max(ff_layer_parameters(dims, k) for k in trained),
+        "parameters": VALUE_BYTES * (sum(params) + head),
+        "optimizer_state": VALUE_BYTES * 2 * (resident_grads + (head if softmax else 0)),
+        "gradients": VALUE_BYTES * max(params[k] for k in trained),
         "gradients_resident": VALUE_BYTES * resident_grads,
         "activations": VALUE_BYTES * max(rows * (dims[k] + dims[k + 1]) for k in trained),
         "transient": 0,
@@ -222,7 +224,7 @@ def _ff_step_values(dims: Sequence[int], k: int, r: int) -> int:
 
 
 def _ff_chapter_values(dims: Sequence[int], k: int, n: int) -> int:
-    """Values resident while layer k trains on a chapter of n samples (mpff.engine's order):
+    """Values resident while layer k trains on a chapter of n samples (mpff.ffstate's order):
     the shard's x, x_pos, x_neg; then the layer's inputs (positives, negatives) and their
     normalised copies, or while the layer below is applied, its inputs and outputs."""
     if n == 0:
@@ -236,25 +238,38 @@ def _ff_chapter_values(dims: Sequence[int], k: int, n: int) -> int:
 
 def analytic(cfg, n_train: int, world_size: int) -> dict[str, int | str]:
     """The analytic figures of one rank of the run ``cfg`` describes (bytes): the algorithm's
-    breakdown and its peak. For FF the rank trains every layer (Sequential, All Layers,
-    Federated) or its block of layers (Single Layer); chapter data is for its shard."""
-    dims = cfg.model.dims
-    if cfg.train.algorithm == "backprop":
-        dp = cfg.run.schedule == "data_parallel" and world_size > 1
-        if dp and cfg.run.scaling == "strong":
-            rows = -(-cfg.train.batch_size // world_size)  # the largest slice
-        else:
-            rows = cfg.train.batch_size
-        return {"algorithm": "backprop", "rows_per_update": rows, **bp_analytic(dims, rows, ddp=dp)}
+    breakdown and its peak, as its rank state answers them (:mod:`mpff.algorithms`)."""
+    from .algorithms import state_class
+    return state_class(cfg.train.algorithm).memory_figure(cfg, n_train, world_size)
+
+
+def _classes(cfg) -> int:
+    return cfg.data.num_classes or NUM_CLASSES  # an ImageFolder's count is known once it is read
+
+
+def bp_rank(cfg, n_train: int, world_size: int) -> dict[str, int | str]:
+    """Backprop: one rank's slice of every batch (the largest slice under strong scaling)."""
+    dp = cfg.run.schedule == "data_parallel" and world_size > 1
+    if dp and cfg.run.scaling == "strong":
+        rows = -(-cfg.train.batch_size // world_size)
+    else:
+        rows = cfg.train.batch_size
+    return {"algorithm": "backprop", "rows_per_update": rows,
+            **bp_analytic(cfg.model.dims, rows, ddp=dp, num_classes=_classes(cfg))}
+
+
+def ff_rank(cfg, n_train: int, world_size: int) -> dict[str, int | str]:
+    """FF: the rank trains every layer (Sequential, All Layers, Federated) or its block of
+    layers (Single Layer, the block with the most parameters); chapter data is for its shard."""
+    dims, kind = cfg.model.dims, cfg.model.layer
     trained = None
     if cfg.run.schedule == "single_layer" and world_size > 1:
         from .plan import build_plan
         owner = build_plan(cfg, world_size).owner
         trained = max(([k for k, r in enumerate(owner) if r == rank] for rank in range(world_size)),
-                      key=lambda ks: sum(ff_layer_parameters(dims, k) for k in ks))
+                      key=lambda ks: sum(ff_layer_parameters(dims, k, kind) for k in ks))
     shards = cfg.resolved_shards(world_size)
     rows = -(-n_train // shards)
     return {"algorithm": "ff", "chapter_rows": rows,
             **ff_analytic(dims, cfg.train.batch_size, rows, trained_layers=trained,
-                          softmax=cfg.train.classifier == "softmax")}
-
+                          softmax=cfg.train.classifier == "softmax", num_classes=_classes(cfg), layer=kind)}

@@ -1,9 +1,10 @@
 """The FF network: label overlay, the layer stack, goodness and softmax classifiers, negatives. No MPI.
 
 Both classifiers skip the first hidden layer (its goodness mostly tells whether a label is
-overlaid at all, not which). Labels are written over one input entry per class (10 for MNIST,
-the data set's count otherwise): the last ones (the paper's author code) or the first ones
-(Hinton, loeweX); a neutral sample has 0.1 in all of them.
+overlaid at all, not which). Layers are of the kind ``model.layer`` names (:mod:`mpff.layers`).
+Labels are written over one input entry per class (10 for MNIST, the data set's count
+otherwise): the last ones (the paper's author code) or the first ones (Hinton, loeweX); a
+neutral sample has 0.1 in all of them.
 """
 
 from __future__ import annotations
@@ -15,8 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .data import NUM_CLASSES
-from .ff import FORWARD_CHUNK, FFLayer, Linear, generator, linear, seed_for
+from . import layers as layer_kinds
+from .dataspec import DEFAULT_CLASSES as NUM_CLASSES
+from .ff import FORWARD_CHUNK, FFLayer, Linear, epochs, generator, linear, seed_for
 
 
 def label_slice(dim: int, position: str, num_classes: int = NUM_CLASSES) -> slice:
@@ -63,11 +65,11 @@ def hardest_wrong_label(scores: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 
 class FFNet(nn.Module):
-    """The stack of FF layers plus the optional softmax head (a bias-free Linear)."""
+    """The stack of FF layers (of kind ``layer``) plus the optional softmax head (a bias-free Linear)."""
 
     def __init__(self, dims: Sequence[int], *, threshold_coeff: float = 0.01, goodness: str = "mean",
                  norm_eps: float = 1e-4, label_position: str = "last", neutral_value: float = 0.1,
-                 seed: int = 0, num_classes: int = NUM_CLASSES) -> None:
+                 seed: int = 0, num_classes: int = NUM_CLASSES, layer: str = layer_kinds.DEFAULT) -> None:
         super().__init__()
         self.dims = tuple(int(d) for d in dims)
         if not 2 <= num_classes <= self.dims[0]:  # internal invariant: config and train check it
@@ -75,12 +77,14 @@ class FFNet(nn.Module):
         self.num_classes = int(num_classes)
         self.label_position = label_position
         self.neutral_value = neutral_value
+        self.layer_kind = layer
+        spec = layer_kinds.get(layer)
         self.layers = nn.ModuleList(
-            FFLayer(self.dims[k], self.dims[k + 1], threshold_coeff=threshold_coeff, goodness=goodness,
-                    norm_eps=norm_eps, seed=seed_for(seed, k))
+            spec.build(self.dims[k], self.dims[k + 1], threshold_coeff=threshold_coeff, goodness=goodness,
+                       norm_eps=norm_eps, seed=seed_for(seed, k))
             for k in range(len(self.dims) - 1)
         )
-        head_in = sum(self.dims[2:]) if len(self.dims) > 2 else self.dims[-1]
+        head_in = layer_kinds.head_inputs(self.dims)
         self.head = Linear(head_in, self.num_classes, bias=False)
         g = generator(seed, 0x4EAD)
         bound = 1.0 / head_in ** 0.5
@@ -92,7 +96,7 @@ class FFNet(nn.Module):
         m = cfg.model
         return cls(m.dims, threshold_coeff=m.threshold_coeff, goodness=m.goodness, norm_eps=m.norm_eps,
                    label_position=m.label_position, neutral_value=m.neutral_value, seed=cfg.train.seed,
-                   num_classes=num_classes)
+                   num_classes=num_classes, layer=m.layer)
 
     @property
     def num_layers(self) -> int:
@@ -127,6 +131,8 @@ class FFNet(nn.Module):
         n = x.shape[0]
         scores = torch.empty(n, self.num_classes, dtype=torch.float32, device=x.device)
         first, rest = self.layers[0], self.layers[1:]
+        if not isinstance(first, FFLayer):  # a layer kind of another form: overlay every label
+            return self._overlaid_scores(x, scores, check)
         sl = label_slice(x.shape[1], self.label_position, self.num_classes)
         for i in range(0, n, FORWARD_CHUNK):
             base = x[i:i + FORWARD_CHUNK].clone()
@@ -142,6 +148,21 @@ class FFNet(nn.Module):
                 for layer in rest:
                     h = layer(h)
                     acts.append(h)
+                scores[i:i + FORWARD_CHUNK, label] = sum(
+                    self.layers[k].goodness(acts[k]) for k in self.classifier_layers)
+        return scores
+
+    def _overlaid_scores(self, x: torch.Tensor, scores: torch.Tensor,
+                         check: Callable[[], None] | None) -> torch.Tensor:
+        """:meth:`goodness_scores` computed the plain way: each label overlaid, every layer applied."""
+        for i in range(0, x.shape[0], FORWARD_CHUNK):
+            chunk = x[i:i + FORWARD_CHUNK]
+            for label in range(self.num_classes):
+                if check is not None:
+                    check()
+                labels = torch.full((chunk.shape[0],), label, dtype=torch.long, device=x.device)
+                acts = self.activations(overlay(chunk, labels, self.label_position,
+                                                num_classes=self.num_classes))
                 scores[i:i + FORWARD_CHUNK, label] = sum(
                     self.layers[k].goodness(acts[k]) for k in self.classifier_layers)
         return scores
@@ -194,10 +215,7 @@ def train_head(net: FFNet, opt: torch.optim.Optimizer, feats: torch.Tensor, y: t
     y = y.to(feats.device)
     total = torch.zeros((), dtype=torch.float64, device=feats.device)
     steps = 0
-    for lr, seed in zip(lrs, seeds):
-        for group in opt.param_groups:
-            group["lr"] = lr
-        perm = torch.randperm(n, generator=generator(seed)).to(feats.device)
+    for perm in epochs(opt, n, feats.device, lrs, [generator(seed) for seed in seeds]):
         total.zero_()
         steps = 0
         for i in range(0, n, batch_size):

@@ -13,8 +13,12 @@ Layout (``docs/traces.md`` has the run directory as a whole)::
 
 Every dataset says what it holds in its attributes: ``layout`` (the meaning of each axis,
 e.g. ``(out_features, in_features)``: ``y = x @ weight.T + bias`` as torch.nn.Linear),
-``units`` and ``description``. Adding them left the layout as it was, so files written
-before them (the same format_version 1) read the same.
+``units`` and ``description``. They are attributes only: a reader that ignores them (or a file
+without them, format_version 1 either way) finds the same arrays.
+
+Layers of a kind other than "linear" (``model.layer``, :mod:`mpff.layers`) add the root
+attribute ``layer`` and hold the tensors their kind names (``layers/<k>/<name>``); a file
+without the attribute holds linear layers.
 
 Files are created with the permissions the umask gives a new file (0644 under umask 022),
 like any file a program writes, not mkstemp's private 0600: a group can read its runs.
@@ -24,7 +28,7 @@ like any file a program writes, not mkstemp's private 0600: a group can read its
 row and gets one label) with the goodness or softmax classifier.
 
 A backprop model (``mpff.backprop``) has the same file with ``algorithm = "backprop"`` at the
-root (FF files written before that attribute existed read as FF), ``/layers/<k>`` for every
+root (a file without that attribute is FF), ``/layers/<k>`` for every
 Linear of the MLP, k = 0 .. L (the last is the output layer, one unit per class), and no ``/head``;
 ``predict`` takes the argmax of the output.
 """
@@ -44,24 +48,14 @@ import numpy as np
 import torch
 from torch import nn
 
+from . import layers as layer_kinds
 from .config import ConfigError
 from .fsutil import write_atomic
 from .model import FFNet
+from .provenance import versions  # noqa: F401 - the version record, stated in mpff.provenance
 
 FORMAT = "mpff-model"
 FORMAT_VERSION = 1
-
-
-def versions() -> dict[str, str]:
-    from . import __version__
-    out = {"mpff": __version__, "torch": torch.__version__, "numpy": np.__version__,
-           "h5py": h5py.__version__, "python": platform.python_version()}
-    try:
-        import mpi4py
-        out["mpi4py"] = mpi4py.__version__
-    except ImportError:  # pragma: no cover
-        pass
-    return out
 
 
 def host_facts() -> dict[str, Any]:
@@ -121,11 +115,12 @@ def save_model(path: str, net: FFNet, cfg, *, input_mean: np.ndarray, input_std:
         a["threshold_coeff"] = cfg.model.threshold_coeff
         a["goodness"] = cfg.model.goodness
         a["norm_eps"] = cfg.model.norm_eps
+        spec = layer_kinds.get(net.layer_kind)
+        if net.layer_kind != layer_kinds.DEFAULT:  # files of linear layers stay as they always were
+            a["layer"] = net.layer_kind
         for k in range(len(net.layers)):
-            f.create_group(f"layers/{k}").attrs["description"] = (
-                f"FF layer {k}: y = relu(x_n @ weight.T + bias), x_n = x / (||x||_2 + norm_eps), x the "
-                f"{'input' if k == 0 else 'layer below'}")
-        _write_layers(f, net.layers)
+            f.create_group(f"layers/{k}").attrs["description"] = spec.describe(k)
+        _write_layers(f, net.layers, net.dims, spec)
         _dataset(f, "head/weight", net.head.weight, "(classes, sum(dims[2:]))", "1",
                  "bias-free softmax head: logits = concat(activations of layers 1..L-1 on a neutral "
                  "sample) @ weight.T (layer 0 is skipped, as the paper does)")
@@ -144,7 +139,7 @@ def save_bp_model(path: str, net, cfg, input_mean: np.ndarray, input_std: np.nda
             last = k == len(net.layers) - 1
             f.create_group(f"layers/{k}").attrs["description"] = (
                 f"MLP layer {k}: y = {'x @ weight.T + bias (the logits)' if last else 'relu(x @ weight.T + bias)'}")
-        _write_layers(f, net.layers)
+        _write_layers(f, net.layers, (*net.dims, net.num_classes), layer_kinds.get(layer_kinds.DEFAULT))
 
 
 def _write_common(f: h5py.File, dims, num_classes: int, cfg, input_mean, input_std, input_scale: float,
@@ -178,12 +173,28 @@ def _write_common(f: h5py.File, dims, num_classes: int, cfg, input_mean, input_s
                 g.attrs[key] = value if not isinstance(value, list) else np.array(value)
 
 
-def _write_layers(f: h5py.File, layers) -> None:
+#: (layout, description) of the parameters of the linear layers, as files have always said
+_TENSOR_TEXT = {
+    "weight": ("(out_features, in_features)", "weights of layer {k} ({shape[1]} inputs -> {shape[0]} units)"),
+    "bias": ("(out_features,)", "biases of layer {k}"),
+}
+
+
+def _write_layers(f: h5py.File, layers, dims, spec) -> None:
+    """``layers/<k>/<tensor>`` for every tensor the layer kind ``spec`` names (mpff.layers)."""
     for k, layer in enumerate(layers):
         g = f.require_group(f"layers/{k}")
-        _dataset(g, "weight", layer.weight, "(out_features, in_features)", "1",
-                 f"weights of layer {k} ({layer.weight.shape[1]} inputs -> {layer.weight.shape[0]} units)")
-        _dataset(g, "bias", layer.bias, "(out_features,)", "1", f"biases of layer {k}")
+        for t in spec.tensors(int(dims[k]), int(dims[k + 1])):
+            layout, text = _TENSOR_TEXT.get(t.name, (str(t.shape), "{name} of layer {k}"))
+            _dataset(g, t.name, getattr(layer, t.name), layout, "1", text.format(k=k, shape=t.shape, name=t.name))
+
+
+def _read_layers(f: h5py.File, layers, dims, spec) -> None:
+    """Inverse of :func:`_write_layers`: every tensor of every layer from the file."""
+    with torch.no_grad():
+        for k, layer in enumerate(layers):
+            for t in spec.tensors(int(dims[k]), int(dims[k + 1])):
+                getattr(layer, t.name).copy_(torch.from_numpy(f[f"layers/{k}/{t.name}"][()]))
 
 
 def _writable(a: np.ndarray) -> np.ndarray:
@@ -324,14 +335,17 @@ def load_model(path: str, device: str = "cpu") -> FFModel | BPModel:
         dims = [int(d) for d in a["dims"]]
         if a.get("algorithm", "ff") == "backprop":
             return _load_bp(f, a, dims).to(device).eval()
-        # the class count is the head's rows (files written before the attribute held 10)
+        # the class count is the head's rows (not every file has a num_classes attribute)
+        kind = str(a.get("layer", layer_kinds.DEFAULT))
+        if kind not in layer_kinds.names():
+            raise ConfigError(f"{path!r} holds layers of kind {kind!r}, which is not registered here; "
+                              "register it (mpff.layers.register) before loading the model")
         net = FFNet(dims, threshold_coeff=float(a["threshold_coeff"]), goodness=str(a["goodness"]),
                     norm_eps=float(a["norm_eps"]), label_position=str(a["label_position"]),
-                    neutral_value=float(a["neutral_value"]), num_classes=int(f["head/weight"].shape[0]))
+                    neutral_value=float(a["neutral_value"]), num_classes=int(f["head/weight"].shape[0]),
+                    layer=kind)
+        _read_layers(f, net.layers, dims, layer_kinds.get(kind))
         with torch.no_grad():
-            for k, layer in enumerate(net.layers):
-                layer.weight.copy_(torch.from_numpy(f[f"layers/{k}/weight"][()]))
-                layer.bias.copy_(torch.from_numpy(f[f"layers/{k}/bias"][()]))
             net.head.weight.copy_(torch.from_numpy(f["head/weight"][()]))
         mean = torch.from_numpy(f["input/mean"][()])
         std = torch.from_numpy(f["input/std"][()])
@@ -343,10 +357,7 @@ def load_model(path: str, device: str = "cpu") -> FFModel | BPModel:
 def _load_bp(f: h5py.File, attrs: dict[str, Any], dims: list[int]) -> BPModel:
     from .backprop import MLP
     net = MLP(dims, num_classes=int(f[f"layers/{len(dims) - 1}/weight"].shape[0]))
-    with torch.no_grad():
-        for k, layer in enumerate(net.layers):
-            layer.weight.copy_(torch.from_numpy(f[f"layers/{k}/weight"][()]))
-            layer.bias.copy_(torch.from_numpy(f[f"layers/{k}/bias"][()]))
+    _read_layers(f, net.layers, (*dims, net.num_classes), layer_kinds.get(layer_kinds.DEFAULT))
     return BPModel(net, torch.from_numpy(f["input/mean"][()]), torch.from_numpy(f["input/std"][()]), attrs,
                    input_scale=float(f["input"].attrs.get("scale", 255.0)))
 

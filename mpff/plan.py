@@ -25,7 +25,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .config import Config, ConfigError, shard_sizes
+from . import layers
+from .config import Config, ConfigError, DataConfig, shard_sizes
+from .dataspec import DEFAULT_CLASSES
 
 
 @dataclass(frozen=True, order=True)
@@ -122,11 +124,13 @@ def _balanced_blocks(costs: list[float], feeds: list[float], parts: int) -> list
     return blocks[::-1]
 
 
-def layer_work(dims, epochs_per_chapter: int) -> tuple[list[float], list[float]]:
+def layer_work(dims, epochs_per_chapter: int, kind: str = layers.DEFAULT) -> tuple[list[float], list[float]]:
     """(training, forward) work per layer and chapter in multiply-adds per sample: a forward
-    pass through layer k costs in*out; training costs about three passes (forward, and the
-    backward pass's two products) for each of the chapter's epochs."""
-    fwd = [float(dims[k] * dims[k + 1]) for k in range(len(dims) - 1)]
+    pass through layer k costs what its kind says (in*out for a linear layer); training costs
+    about three passes (forward, and the backward pass's two products) for each of the
+    chapter's epochs."""
+    spec = layers.get(kind)
+    fwd = [float(spec.forward_macs(dims[k], dims[k + 1])) for k in range(len(dims) - 1)]
     return [3.0 * epochs_per_chapter * f for f in fwd], fwd
 
 
@@ -152,6 +156,11 @@ def assign(schedule: str, task: Task, num_layers: int, num_chapters: int, world_
     raise ConfigError(f"unknown schedule {schedule!r}")  # pragma: no cover (validated in config)
 
 
+#: (training, test) samples that stand in for a data set whose sizes only its files tell, when
+#: the plan is built before they are read: the default data set's (MNIST)
+_STAND_IN = (DataConfig().facts.train_size, DataConfig().facts.test_size)
+
+
 class Plan:
     """The task graph of one run and its assignment to ``world_size`` ranks."""
 
@@ -160,9 +169,9 @@ class Plan:
         self.cfg = cfg
         self.n_train = n_train  # training samples: sizes the negatives buffers (None: unknown)
         #: classes of the data set: the width of the head and of backprop's output, the labels the
-        #: goodness classifier tries; None takes the configuration's count (that of an ImageFolder
-        #: is known once its folders are read: 10 stands for it until then)
-        self.num_classes = int(num_classes or cfg.data.num_classes or 10)
+        #: goodness classifier tries; None takes the data set's count (that of an ImageFolder is
+        #: known once its folders are read: the default count stands for it until then)
+        self.num_classes = int(num_classes or cfg.data.num_classes or DEFAULT_CLASSES)
         self.world_size = world_size
         self.schedule = cfg.run.schedule
         self.num_layers = cfg.model.num_layers
@@ -207,7 +216,8 @@ class Plan:
         """Single Layer blocks: balanced by work (run.blocks = "cost") or by count."""
         if self.cfg.run.blocks == "count":
             return layer_blocks(self.num_layers, self.world_size)
-        costs, feeds = layer_work(self.cfg.model.dims, self.cfg.train.epochs_per_chapter)
+        m = self.cfg.model
+        costs, feeds = layer_work(m.dims, self.cfg.train.epochs_per_chapter, m.layer)
         return layer_blocks(self.num_layers, self.world_size, costs, feeds)
 
     # ----- the graph -----
@@ -251,9 +261,10 @@ class Plan:
                 or self.backprop):
             return {}
         n = self.world_size
-        costs, fwd = layer_work(self.cfg.model.dims, self.cfg.train.epochs_per_chapter)
-        rows = 2 * (self.n_train or self.cfg.data.train_subset or 60000)  # positives and negatives
-        n_test = self.cfg.data.test_subset or 10000
+        m, data = self.cfg.model, self.cfg.data
+        costs, fwd = layer_work(m.dims, self.cfg.train.epochs_per_chapter, m.layer)
+        rows = 2 * (self.n_train or data.train_samples or _STAND_IN[0])  # positives and negatives
+        n_test = data.test_samples or _STAND_IN[1]
         chapter = [0.0] * n
         for k in range(self.num_layers):
             r = self.owner[k]
@@ -435,7 +446,8 @@ class Plan:
 
     def buffer_spec(self, b: Buf, full: bool) -> tuple[int, type]:
         """(elements, dtype) of buffer ``b`` as it travels and is checkpointed: a layer or the head
-        is its parameters (weight then bias) and, when ``full``, Adam's step, exp_avg and exp_avg_sq;
+        is its parameters (the tensors its kind names, :mod:`mpff.layers`: weight then bias for a
+        linear layer) and, when ``full``, Adam's step, exp_avg and exp_avg_sq;
         so is backprop's "model" (all its Linear layers, the output layer included, one Adam);
         negatives are one int64 label per sample of the chapter's shard."""
         if b.kind == "neg":
@@ -443,13 +455,12 @@ class Plan:
         dims = self.cfg.model.dims
         if b.kind == "act":  # layer b.index's outputs on the chapter's positives, then negatives
             return 2 * self.shard_len(self.data_shard(b.chapter)) * dims[b.index + 1], np.float32
-        if b.kind == "layer":
-            n = dims[b.index] * dims[b.index + 1] + dims[b.index + 1]
+        if b.kind == "layer":  # its tensors in the order of the module's parameters (mpff.layers)
+            n = layers.layer_params(dims, b.index, self.cfg.model.layer)
         elif b.kind == "head":
-            n = self.num_classes * (sum(dims[2:]) if len(dims) > 2 else dims[-1])
+            n = layers.head_params(dims, self.num_classes)
         elif b.kind == "model":  # backprop: the whole MLP dims -> classes, every Linear's weight, bias
-            ext = (*dims, self.num_classes)
-            n = sum(ext[k] * ext[k + 1] + ext[k + 1] for k in range(len(ext) - 1))
+            n = layers.mlp_parameters(dims, self.num_classes)
         else:  # pragma: no cover - internal invariant
             raise AssertionError(f"unknown buffer kind {b.kind!r}")
         return n + (1 + 2 * n if full else 0), np.float32

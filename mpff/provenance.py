@@ -93,6 +93,17 @@ def library_versions() -> dict[str, str | None]:
     return out
 
 
+#: The libraries whose versions the model file, the traces and run.json's "versions" record, in
+#: this order (the full record, :func:`library_versions`, goes into run.json's provenance).
+RECORDED = ("mpff", "torch", "numpy", "h5py", "python", "mpi4py")
+
+
+def versions() -> dict[str, str]:
+    """The short version record: :func:`library_versions` of :data:`RECORDED`, those installed."""
+    full = library_versions()
+    return {name: full[name] for name in RECORDED if full.get(name) is not None}
+
+
 def slurm() -> dict[str, str] | None:
     """The SLURM job this process runs in (job id, array job and task, restart count, nodes,
     ...), or None outside SLURM."""

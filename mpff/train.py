@@ -267,7 +267,7 @@ def _find_resume_point(rundir, cfg: Config) -> tuple[int, int] | str:
     new = cfg.to_dict()
     defaults = Config().to_dict()
     for section in ("model", "train", "data"):
-        old[section] = {**defaults[section], **old[section]}  # keys added since take their defaults
+        old[section] = {**defaults[section], **old[section]}  # a key it lacks (an older mpff) takes its default
         if old[section] != new[section]:
             diff = sorted(k for k in new[section] if old[section].get(k) != new[section][k])
             raise ConfigError(f"the checkpoint was made with different [{section}] settings "
@@ -376,7 +376,7 @@ def _start_attempt(setup: Setup) -> Halt | None:
 def _open_trace(setup: Setup):
     """This rank's tracer, on the time base of rank 0 (ping-pong offset)."""
     from .comm import mpi_info
-    from .modelfile import versions
+    from .provenance import versions
     from .trace import Tracer, trace_path
 
     comm, cfg = setup.comm, setup.cfg
@@ -406,47 +406,32 @@ def _close_trace(tracer, result, memory: dict) -> None:
         raise IOFailure(io_reason(f"the trace {tracer.path}", exc)) from None
 
 
+def _state_class(cfg: Config) -> type:
+    from .algorithms import state_class
+    return state_class(cfg.train.algorithm)
+
+
 def _make_state(setup: Setup, tracer, watch):
-    """The rank state of the run's algorithm (data-parallel backprop first starts torch.distributed
-    from this MPI job: collective)."""
-    cfg, plan, comm = setup.cfg, setup.plan, setup.comm
-    if not plan.backprop:
-        from .ffstate import FFState
-        return FFState(cfg, plan, setup.dataset, tracer, setup.device, rank=comm.rank, check=watch.check)
-    from .backprop import BPState
-    if plan.replicated and comm.size > 1:
-        from .ddp import init_process_group
-        setup.ddp_group = init_process_group(comm, setup.device)
-    return BPState(cfg, plan, comm.rank, comm.size, setup.dataset, tracer, setup.device,
-                   process_group=setup.ddp_group, check=watch.check, pending=watch.pending)
+    """The rank state of the run's algorithm (mpff.algorithms); its ``create`` does any collective
+    set-up the algorithm needs (data-parallel backprop starts torch.distributed)."""
+    return _state_class(setup.cfg).create(setup, tracer, watch)
 
 
 def _write_model(setup: Setup, state) -> None:
-    from .modelfile import save_bp_model, save_model
-
-    cfg, ds = setup.cfg, setup.dataset
-    acc = state.test_accuracy.get(cfg.train.chapters - 1)
-    extra = {"world_size": setup.comm.size, "schedule": cfg.run.schedule}
     try:
-        if setup.plan.backprop:
-            save_bp_model(setup.rundir.model_path, state.net, cfg, ds.input_mean, ds.input_std, ds.input_scale,
-                          acc, {**extra, "scaling": cfg.run.scaling})
-        else:
-            save_model(setup.rundir.model_path, state.net, cfg, input_mean=ds.input_mean, input_std=ds.input_std,
-                       input_scale=ds.input_scale, test_accuracy=acc, extra=extra)
+        state.save(setup.rundir.model_path, setup)
     except OSError as exc:
         raise IOFailure(io_reason(f"the model {setup.rundir.model_path}", exc)) from None
 
 
 def _memory(setup: Setup, state) -> dict:
-    """This rank's memory: measured since the data was loaded, and the analytic breakdown."""
+    """This rank's memory: measured since the data was loaded, and the analytic breakdown; and
+    the bytes the state moved outside the executor's messages (DDP's all-reduces)."""
     from . import memory
     measured = memory.finish(setup.memory_base, setup.device)
     out = {"memory": measured,
            "memory_analytic": memory.analytic(setup.cfg, setup.dataset.x_train.shape[0], setup.comm.size)}
-    if setup.plan.backprop:  # DDP moves the gradients: bytes as a ring all-reduce sends them
-        out.update(bytes_allreduced=state.bytes_allreduced, global_batch=state.global_batch,
-                   bytes_sent=state.bytes_sent, bytes_received=state.bytes_received)
+    out.update(state.traffic())
     return out
 
 
@@ -547,12 +532,7 @@ class _Checkpointer:
 def _banner(setup: Setup) -> None:
     cfg, size, ds = setup.cfg, setup.comm.size, setup.dataset
     mode = {"sequential": "sequential plan on rank 0"}.get(cfg.run.schedule, cfg.run.schedule)
-    if setup.plan.backprop:
-        what = (f"backprop (Adam lr {cfg.train.bp_lr:g}, global batch "
-                f"{cfg.train.batch_size * (size if cfg.run.scaling == 'weak' else 1)}"
-                + (f", {cfg.run.scaling} scaling" if cfg.run.schedule == "data_parallel" else "") + ")")
-    else:
-        what = f"{cfg.train.negatives} negatives, {cfg.train.classifier} classifier"
+    what = _state_class(cfg).summary(cfg, size)
     print(f"mpff: {cfg.name}: {mode}, {size} rank(s), dims {list(cfg.model.dims)}, "
           f"E={cfg.train.epochs} S={cfg.train.chapters}, {what}, {ds.x_train.shape[0]} train / "
           f"{ds.x_test.shape[0]} test samples, device {setup.device}", flush=True)
@@ -587,7 +567,8 @@ def finish(setup: Setup, outcome: Outcome) -> int:
         # into the directory, which deletes the model and the traces the report reads, is
         # refused as "in use"
         try:
-            from .modelfile import host_facts, versions
+            from .modelfile import host_facts
+            from .provenance import versions
             board = setup.board
             wall = time.perf_counter() - setup.start
             last = cfg.train.chapters - 1
@@ -607,7 +588,7 @@ def finish(setup: Setup, outcome: Outcome) -> int:
                 return IOFailure.code
             rundir.clear_failure_notes()
             acc_text = f"{100 * final_acc:.2f}%" if final_acc is not None else "n/a"
-            how = "backprop" if setup.plan.backprop else f"{cfg.train.classifier} classifier"
+            how = _state_class(cfg).classified_by(cfg)
             print(f"mpff: done in {wall:.1f}s: test accuracy {acc_text} ({how}), model {rundir.model_path}",
                   flush=True)
             if cfg.run.report and cfg.run.trace:

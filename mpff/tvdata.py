@@ -27,7 +27,8 @@ import warnings
 
 import numpy as np
 
-from .config import EMNIST_SPLITS, TORCHVISION_SETS, ConfigError, DataConfig
+from .config import ConfigError, DataConfig
+from .dataspec import EMNIST_SPLITS, TORCHVISION_SETS
 
 INSTALL = ("pip install torch==2.14.1 torchvision==0.29.1 (or the matching torch and torchvision "
            "pair your site provides)")
@@ -178,9 +179,9 @@ def _image_folder(tvd, cfg: DataConfig, train: bool, classes: list[str] | None):
 
 
 def read_raw(cfg: DataConfig):
-    """(raw arrays, normalisation method, name, classes, channels) of the set ``cfg`` names, for
-    :func:`mpff.data.load_dataset`."""
-    from .data import _check_labels, _Raw
+    """The raw arrays of the set ``cfg`` names, with their normalisation, name, classes and
+    channels: the reader of ``data.dataset = "torchvision"`` (mpff.dataspec)."""
+    from .data import Raw, check_labels
 
     tvd = datasets()
     out = {}
@@ -216,13 +217,13 @@ def read_raw(cfg: DataConfig):
             if len(x) == 0 or len(x) != len(y):
                 raise ConfigError(f"{where}: {len(x)} images and {len(y)} labels; fetch the files again "
                                   f"with {_download_hint(cfg)}")
-            out[f"x_{split}"], out[f"y_{split}"] = x, _check_labels(y, where, num_classes)
+            out[f"x_{split}"], out[f"y_{split}"] = x, check_labels(y, where, num_classes)
     channels = 1 if cfg.name in MNIST_LIKE else 3
     name = cfg.name + (f"-{cfg.split}" if cfg.split else "")
     if cfg.name == "ImageFolder":
         name = os.path.basename(os.path.normpath(cfg.path)) or name
-    raw = _Raw(source=cfg.path, **out)
-    return raw, ("scalar" if channels == 1 else "channels"), name, num_classes, channels
+    return Raw(source=cfg.path, **out, method="scalar" if channels == 1 else "channels", name=name,
+               num_classes=num_classes, channels=channels)
 
 
 # ----------------------------------------------------------------------------- mpff data
