@@ -180,8 +180,8 @@ def _warm_up() -> None:
     import torch
     import torch.nn.functional as F
 
-    from mpff.backprop import MLP
     from mpff.ff import FFLayer, make_adam, train_epochs
+    from mpff.model import MLP
     layer = FFLayer(16, 8)
     train_epochs(layer, make_adam(layer.parameters(), 0.01), torch.randn(8, 16), torch.randn(8, 16),
                  batch_size=4, lrs=[0.01], seeds=[0])

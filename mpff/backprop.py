@@ -28,17 +28,14 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .dataspec import DEFAULT_CLASSES as NUM_CLASSES
 from .ff import (
-    FORWARD_CHUNK,
-    Linear,
     adam_state,
     chapter_rates,
     epochs,
@@ -48,12 +45,13 @@ from .ff import (
     matmul_precision,
 )
 from .halt import VOTE_EVERY, Diverged, Halt, from_code
+from .model import MLP
 from .plan import Buf, Task
 from .progress import Record
 from .trace import STEP_PHASES
 
 #: Random streams of backprop (apart from FF's, so that the two never share a draw by accident).
-INIT_STREAM, SHUFFLE_STREAM = 0xB1, 0xB5
+SHUFFLE_STREAM = 0xB5  # the epoch shuffles (the MLP's initial weights: model.MLP_INIT_STREAM)
 
 
 class StepClock:
@@ -112,52 +110,6 @@ class StepClock:
             timed += len(self._events)
         scale = self.steps / timed if timed else 0.0
         return {phase: sums[i] * scale for i, phase in enumerate(STEP_PHASES)}
-
-
-class MLP(nn.Module):
-    """``dims[0] -> ... -> dims[-1] -> classes``: Linear and ReLU per hidden layer, a linear output."""
-
-    def __init__(self, dims: Sequence[int], *, seed: int = 0, num_classes: int = NUM_CLASSES) -> None:
-        super().__init__()
-        self.dims = tuple(int(d) for d in dims)
-        self.num_classes = int(num_classes)
-        ext = (*self.dims, self.num_classes)
-        self.layers = nn.ModuleList(
-            nn.utils.skip_init(Linear, ext[k], ext[k + 1]) for k in range(len(ext) - 1))
-        # PyTorch's default Linear init (uniform in +-1/sqrt(fan_in)), drawn from a generator of
-        # our own per layer, so every rank builds the same MLP without communicating.
-        with torch.no_grad():
-            for k, layer in enumerate(self.layers):
-                g = generator(seed, INIT_STREAM, k)
-                bound = 1.0 / math.sqrt(layer.in_features)
-                layer.weight.uniform_(-bound, bound, generator=g)
-                layer.bias.uniform_(-bound, bound, generator=g)
-
-    @classmethod
-    def from_config(cls, cfg, num_classes: int = NUM_CLASSES) -> MLP:
-        return cls(cfg.model.dims, seed=cfg.train.seed, num_classes=num_classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for layer in self.layers[:-1]:
-            x = F.relu(layer(x))
-        return self.layers[-1](x)
-
-    @torch.no_grad()
-    def logits(self, x: torch.Tensor) -> torch.Tensor:
-        """Outputs for a whole data set, in fixed-size chunks."""
-        out = torch.empty(x.shape[0], self.num_classes, dtype=torch.float32, device=x.device)
-        for i in range(0, x.shape[0], FORWARD_CHUNK):
-            out[i:i + FORWARD_CHUNK] = self(x[i:i + FORWARD_CHUNK])
-        return out
-
-    @torch.no_grad()
-    def predict(self, x: torch.Tensor) -> torch.Tensor:
-        """Class predictions (argmax of the output) for *normalised* inputs (n, dims[0])."""
-        return self.logits(x).argmax(dim=1)
-
-    @torch.no_grad()
-    def accuracy(self, x: torch.Tensor, y: torch.Tensor) -> float:
-        return float((self.predict(x) == y.to(x.device)).float().mean().item())
 
 
 def batch_slice(batch: int, rank: int, world_size: int) -> tuple[int, int]:

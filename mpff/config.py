@@ -29,10 +29,7 @@ else:  # pragma: no cover
 
 from . import algorithms, dataspec, layers
 from .dataspec import EMNIST_SPLITS, TORCHVISION_SETS  # noqa: F401 - where others read them
-
-
-class ConfigError(ValueError):
-    """A problem with the user's configuration or input; printed as one line, exit code 2."""
+from .errors import ConfigError
 
 
 # Names are checked against the registries (mpff.algorithms, mpff.dataspec, mpff.layers) when a
@@ -319,7 +316,7 @@ class Config:
         for name in SECTIONS:
             lines.append(f"[{name}]")
             for key, value in self.to_dict()[name].items():
-                lines.append(f"{key} = {_toml_value(value)}")
+                lines.append(f"{key} = {toml_value(value)}")
             lines.append("")
         return "\n".join(lines)
 
@@ -398,11 +395,11 @@ def _check_algorithm(cfg: Config) -> None:
                               "train.algorithm = 'backprop'")
 
 
-def _toml_value(value: Any) -> str:
+def toml_value(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
     if isinstance(value, float):
         return repr(value)
     if isinstance(value, int):

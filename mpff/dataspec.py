@@ -57,7 +57,7 @@ class DataSpec:
     def check(self, cfg) -> None:
         """Settings of ``cfg`` (a DataConfig) this data set refuses; raises ConfigError."""
         if cfg.name or cfg.split:
-            from .config import ConfigError
+            from .errors import ConfigError
             raise ConfigError(f"data.{'name' if cfg.name else 'split'} is for data.dataset = "
                               f"'torchvision', not {self.name!r}; remove it")
 
@@ -91,7 +91,7 @@ class TorchvisionSpec(DataSpec):
     """``data.dataset = "torchvision"``: the set data.name (and EMNIST's data.split) names."""
 
     def check(self, cfg) -> None:
-        from .config import ConfigError
+        from .errors import ConfigError
 
         known = {n.lower(): n for n in TORCHVISION_SETS}
         if not cfg.name:

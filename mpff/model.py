@@ -9,6 +9,7 @@ neutral sample has 0.1 in all of them.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -229,3 +230,53 @@ def train_head(net: FFNet, opt: torch.optim.Optimizer, feats: torch.Tensor, y: t
             total += loss.detach()
             steps += 1
     return float(total.item()) / max(steps, 1)
+
+
+#: the MLP's initial weights: a stream of its own (mpff.ff.generator)
+MLP_INIT_STREAM = 0xB1
+
+
+class MLP(nn.Module):
+    """``dims[0] -> ... -> dims[-1] -> classes``: Linear and ReLU per hidden layer, a linear output."""
+
+    def __init__(self, dims: Sequence[int], *, seed: int = 0, num_classes: int = NUM_CLASSES) -> None:
+        super().__init__()
+        self.dims = tuple(int(d) for d in dims)
+        self.num_classes = int(num_classes)
+        ext = (*self.dims, self.num_classes)
+        self.layers = nn.ModuleList(
+            nn.utils.skip_init(Linear, ext[k], ext[k + 1]) for k in range(len(ext) - 1))
+        # PyTorch's default Linear init (uniform in +-1/sqrt(fan_in)), drawn from a generator of
+        # our own per layer, so every rank builds the same MLP without communicating.
+        with torch.no_grad():
+            for k, layer in enumerate(self.layers):
+                g = generator(seed, MLP_INIT_STREAM, k)
+                bound = 1.0 / math.sqrt(layer.in_features)
+                layer.weight.uniform_(-bound, bound, generator=g)
+                layer.bias.uniform_(-bound, bound, generator=g)
+
+    @classmethod
+    def from_config(cls, cfg, num_classes: int = NUM_CLASSES) -> MLP:
+        return cls(cfg.model.dims, seed=cfg.train.seed, num_classes=num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers[:-1]:
+            x = F.relu(layer(x))
+        return self.layers[-1](x)
+
+    @torch.no_grad()
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Outputs for a whole data set, in fixed-size chunks."""
+        out = torch.empty(x.shape[0], self.num_classes, dtype=torch.float32, device=x.device)
+        for i in range(0, x.shape[0], FORWARD_CHUNK):
+            out[i:i + FORWARD_CHUNK] = self(x[i:i + FORWARD_CHUNK])
+        return out
+
+    @torch.no_grad()
+    def predict(self, x: torch.Tensor) -> torch.Tensor:
+        """Class predictions (argmax of the output) for *normalised* inputs (n, dims[0])."""
+        return self.logits(x).argmax(dim=1)
+
+    @torch.no_grad()
+    def accuracy(self, x: torch.Tensor, y: torch.Tensor) -> float:
+        return float((self.predict(x) == y.to(x.device)).float().mean().item())

@@ -129,7 +129,7 @@ def save_model(path: str, net: FFNet, cfg, *, input_mean: np.ndarray, input_std:
 def save_bp_model(path: str, net, cfg, input_mean: np.ndarray, input_std: np.ndarray,
                   input_scale: float = 255.0, test_accuracy: float | None = None,
                   extra: dict[str, Any] | None = None) -> None:
-    """Write backprop's MLP (mpff.backprop.MLP): every Linear, the output layer included."""
+    """Write backprop's MLP (mpff.model.MLP): every Linear, the output layer included."""
     with atomic_h5(path) as f:
         _write_common(f, net.dims, net.num_classes, cfg, input_mean, input_std, input_scale, test_accuracy,
                       extra)
@@ -355,7 +355,7 @@ def load_model(path: str, device: str = "cpu") -> FFModel | BPModel:
 
 
 def _load_bp(f: h5py.File, attrs: dict[str, Any], dims: list[int]) -> BPModel:
-    from .backprop import MLP
+    from .model import MLP
     net = MLP(dims, num_classes=int(f[f"layers/{len(dims) - 1}/weight"].shape[0]))
     _read_layers(f, net.layers, (*dims, net.num_classes), layer_kinds.get(layer_kinds.DEFAULT))
     return BPModel(net, torch.from_numpy(f["input/mean"][()]), torch.from_numpy(f["input/std"][()]), attrs,

@@ -77,7 +77,7 @@ def settings(cfg: Config | None = None) -> list[Setting]:
 
 
 def _toml(value: Any) -> str:
-    return config_mod._toml_value(value)
+    return config_mod.toml_value(value)
 
 
 def as_text(items: list[Setting], width: int = 100) -> str:

@@ -15,10 +15,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mpff.backprop import MLP, BPState, batch_slice
+from mpff.backprop import BPState, batch_slice
 from mpff.config import ConfigError, from_dict, load
 from mpff.data import load_dataset
 from mpff.ff import cooldown_lr
+from mpff.model import MLP
 from mpff.modelfile import BPModel, FFModel, load_model, save_bp_model
 from mpff.plan import Buf, Plan, Task
 from mpff.trace import Tracer

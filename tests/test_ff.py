@@ -631,7 +631,7 @@ def test_bf16_on_a_gpu_routes_every_product_through_bf16_products(monkeypatch):
     all use it) to BF16Products for CUDA tensors, keeps other fp32 products at full precision
     (not TF32), and restores both on exit; CPU tensors and CPU bf16 are untouched."""
     import mpff.ff as ff
-    from mpff.backprop import MLP
+    from mpff.model import MLP
     calls = []
     monkeypatch.setattr(ff.BF16Products, "apply", lambda *a: calls.append(len(a)) or F.linear(*a))
     net, mlp = FFNet.from_config(Config().replace(model={"dims": (784, 8, 8)})), MLP((784, 8))

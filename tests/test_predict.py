@@ -433,7 +433,7 @@ def test_ddp_buckets_are_the_ones_ddp_makes(tmp_path):
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
-    from mpff.backprop import MLP
+    from mpff.model import MLP
     from mpff.predict_bp import ddp_buckets
     dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
     try:
