@@ -31,19 +31,19 @@ def cmd_train(comm, args: argparse.Namespace) -> int:
 
 
 def cmd_report(comm, argv: list[str]) -> int:  # noqa: ARG001 (no MPI: runs on a login node)
-    from . import report
+    from .analysis import report
 
     return int(report.main(argv) or 0)
 
 
 def cmd_predict(comm, argv: list[str]) -> int:  # noqa: ARG001 (no MPI: runs on a login node)
-    from . import predict
+    from .predict import cli as predict_cli
 
-    return int(predict.main(argv) or 0)
+    return int(predict_cli.main(argv) or 0)
 
 
 def cmd_export(comm, argv: list[str]) -> int:  # noqa: ARG001 (no MPI)
-    from . import export
+    from .analysis import export
 
     return int(export.main(argv) or 0)
 

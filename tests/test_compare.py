@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from fake_runs import make_config, make_run, sequential_spans
 
-from mpff import report
+from mpff.analysis import compare, figures, report, summary
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -100,7 +100,7 @@ def test_auto_pairing_prefers_a_finished_baseline(tmp_path, four_runs):
     # a finished one of another seed: its wall is not a whole run's
     pre = make_run(tmp_path / "seq-pre", [sequential_spans(2)], make_config("sequential"),
                    info={"status": "preempted"})
-    pairs = report.pair_baselines([report.analyze_run(d) for d in (pre, four_runs["seq-seed1"],
+    pairs = compare.pair_baselines([report.analyze_run(d) for d in (pre, four_runs["seq-seed1"],
                                                                    four_runs["al-seed0"])], None)
     assert pairs[2].baseline.name == "seq-seed1"
 
@@ -135,7 +135,7 @@ def test_training_phase_from_spans_and_from_the_runs_own_record(tmp_path):
              [("setup", -1, -1, 0.0, 4.0), ("wait", 0, 1, 4.0, 6.0), ("train", 0, 1, 6.0, 8.5)]]
     cfg = make_config("single_layer", chapters=1)
     run = report.load_run(make_run(tmp_path / "a", spans, cfg, walls=[(0.0, 10.0)] * 2))
-    tp = report.training_phase(run)
+    tp = summary.training_phase(run)
     # from the first end of setup (4) to the last training span (9), trailing wait and the model
     # write left out: rank 0 busy all 5 s (the end of its setup, train, eval), rank 1 2.5 s
     assert (tp.start, tp.end, tp.seconds, tp.setup_seconds) == pytest.approx((4.0, 9.0, 5.0, 4.0))
@@ -145,7 +145,7 @@ def test_training_phase_from_spans_and_from_the_runs_own_record(tmp_path):
     attrs = [{"train_start": 5.0, "train_end": 9.0}, {"train_start": 4.5, "train_end": 8.5}]
     run = report.load_run(make_run(tmp_path / "b", spans, cfg, walls=[(0.0, 10.0)] * 2, attrs=attrs,
                                    info={"training_seconds": 4.4}))
-    tp = report.training_phase(run)
+    tp = summary.training_phase(run)
     assert (tp.start, tp.end, tp.seconds, tp.setup_seconds) == pytest.approx((4.5, 9.0, 4.4, 4.5))
 
 
@@ -189,7 +189,7 @@ def test_runs_with_another_setting_are_not_a_seed_group(tmp_path, four_runs):
     lr = make_run(tmp_path / "al-lr", _al_spans(11.0), make_config("all_layers", seed=2, lr=0.001),
                   walls=[(0.0, 12.0)] * 2)
     runs = [report.analyze_run(d) for d in (four_runs["al-seed0"], four_runs["al-seed1"], lr)]
-    assert report.seed_groups(runs) == [[0, 1], [2]]
+    assert compare.seed_groups(runs) == [[0, 1], [2]]
 
 
 def test_predicted_time_beside_the_measured_one(four_runs, tmp_path):
@@ -209,7 +209,7 @@ def test_predictions_come_from_a_finished_run_first(four_runs, tmp_path):
     pre = make_run(tmp_path / "seq-pre", [sequential_spans(2)], make_config("sequential"),
                    info={"status": "preempted"})
     summaries = [report.analyze_run(d) for d in (pre, four_runs["seq-seed1"], four_runs["al-seed0"])]
-    _, _, notes = report.predict_runs(summaries)
+    _, _, notes = compare.predict_runs(summaries)
     assert [n.split(":")[0] for n in notes] == ["predicted from seq-seed1"], notes
 
 
@@ -233,7 +233,7 @@ def test_writing_again_replaces_the_report_and_nothing_else(four_runs, tmp_path,
     def broken(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(report, "plot_scaling", broken)
+    monkeypatch.setattr(figures, "plot_scaling", broken)
     assert report.main(list(four_runs.values()) + ["--out", str(out)]) == 2
     assert (out / "report.md").read_text() == before
     assert (out / "al-seed0" / "report.md").exists() and not (out / "al-seed1").exists()
@@ -252,12 +252,12 @@ def test_a_folder_of_the_users_is_never_replaced(four_runs, tmp_path, capsys):
 def test_problem_differences_resolve_shards_and_paths():
     fed = make_config("federated").to_dict()
     seq = make_config("sequential", data={"shards": 4}).to_dict()
-    assert report.problem_differences(fed, seq, 4, 1) == []
-    assert report.problem_differences(fed, seq, 2, 1) == ["data.shards"]
+    assert summary.problem_differences(fed, seq, 4, 1) == []
+    assert summary.problem_differences(fed, seq, 2, 1) == ["data.shards"]
     a = make_config().to_dict()
     b = json.loads(json.dumps(a))
     a["data"]["path"], b["data"]["path"] = "/home/me/data/fashion", "/scratch/fashion/"
-    assert report.problem_differences(a, b) == []
+    assert summary.problem_differences(a, b) == []
 
 
 # ------------------------------------------------------------------------------ the sweep's axes
@@ -333,10 +333,10 @@ def test_the_cost_table_by_hand(tmp_path):
         ds.resize((3,))
         ds[...] = extra
     s = report.analyze_run(run)
-    assert report.accuracy_timeline(s) == [(2.0, 0.5), (4.0, 0.92), (6.0, 0.97)]
-    rec = report.cost_record(s, (0.9, 0.95, 0.98))
+    assert summary.accuracy_timeline(s) == [(2.0, 0.5), (4.0, 0.92), (6.0, 0.97)]
+    rec = compare.cost_record(s, (0.9, 0.95, 0.98))
     assert rec["training_seconds_per_epoch"] == pytest.approx((9.0 - 3.0) / 3)
     assert rec["seconds_to_accuracy"] == {"90%": 4.0, "95%": 6.0, "98%": None}
     assert rec["peak_rss_bytes"] == 3 * 2 ** 20 and rec["algorithm"] == "ff"
-    table = report.cost_table([rec])
+    table = compare.cost_table([rec])
     assert "| ff | ff | sequential | 1 | 2.00 | 4.00 | 6.00 | not reached | 3.0 MiB | 0 B | 97.00 % |" in table

@@ -11,9 +11,10 @@ import sys
 import h5py
 import pytest
 
-from mpff import report
+from mpff.analysis import report, summary
 from mpff.config import Config, ConfigError
-from mpff.plan import SimResult, build_plan
+from mpff.plan import build_plan
+from mpff.predict.simulate import SimResult, simulate
 from mpff.trace import Tracer, trace_path
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -141,13 +142,13 @@ def test_modelled_bubble_with_a_stand_in_simulator(tmp_path):
     expected = report.pipeline_bubble(num_chapters, num_layers)  # 3/8
     assert s.bubble_measured == pytest.approx(expected)
     assert s.bubble_modelled == pytest.approx(expected)
-    assert report.analytic_bubble(s) == pytest.approx(expected)
+    assert summary.analytic_bubble(s) == pytest.approx(expected)
 
 
 def test_modelled_bubble_with_the_real_plan_is_3_over_103(tmp_path):
     cfg = make_config(chapters=100, epochs=100)
     durations = {("train", c, k): 1.0 for c in range(100) for k in range(4)}
-    res = build_plan(cfg, 4).simulate(durations)
+    res = simulate(build_plan(cfg, 4), durations)
     assert 1 - sum(res.busy) / (4 * res.makespan) == pytest.approx(3 / 103, rel=1e-12)
     # and through the report, from the spans of a trace
     run = make_run(tmp_path / "run", single_layer_pipeline(100, 4), cfg=cfg, wall=(0.0, 103.0))
@@ -160,7 +161,7 @@ def test_task_durations_count_forward_only_on_the_training_rank(tmp_path):
     rank0 = [("forward", 0, 1, 0.0, 0.5), ("train", 0, 0, 0.5, 1.5), ("negatives", 0, -1, 1.5, 1.7)]
     rank1 = [("forward", 0, 1, 0.0, 0.25), ("train", 0, 1, 1.5, 3.5), ("eval", 0, -1, 3.5, 4.0)]
     run = report.load_run(make_run(tmp_path / "run", [rank0, rank1]))
-    assert report.task_durations(run) == pytest.approx({
+    assert summary.task_durations(run) == pytest.approx({
         ("train", 0, 0): 1.0, ("train", 0, 1): 2.0, ("forward", 0, 1): 0.25,
         ("negatives", 0, -1): 0.2, ("eval", 0, -1): 0.5})
 
@@ -194,8 +195,8 @@ def test_speedup_and_efficiency_against_a_baseline(tmp_path, capsys):
     run = make_run(tmp_path / "pipe", [BUSY7, BUSY7], wall=(0.0, 8.0))
     b = report.analyze_run(base, simulate=stand_in_simulate)
     s = report.analyze_run(run, simulate=stand_in_simulate)
-    assert report.speedup(b, s) == pytest.approx(2.5)
-    assert report.efficiency(b, s) == pytest.approx(1.25)
+    assert summary.speedup(b, s) == pytest.approx(2.5)
+    assert summary.efficiency(b, s) == pytest.approx(1.25)
     assert report.main([run, "--baseline", base]) == 0
     text = (tmp_path / "pipe" / "report" / "report.md").read_text()
     assert "| speedup | 2.50 |" in text
@@ -331,7 +332,8 @@ def test_not_a_run_directory(tmp_path, capsys):
 
 def test_a_file_is_not_a_run_directory(tmp_path, capsys):
     # a file was "does not exist"; a run's own file names the run directory to pass instead
-    from mpff import export, predict
+    from mpff import predict
+    from mpff.analysis import export
     (tmp_path / "notes.txt").write_text("hello")
     err = _expect_error(capsys, [str(tmp_path / "notes.txt")], "notes.txt is a file, not a run directory; "
                         "pass the --out directory of an 'mpff train' run")
@@ -398,7 +400,7 @@ def test_a_run_recorded_before_a_setting_existed_is_rebuilt_as_it_ran(tmp_path):
     model, predictions) is rebuilt that way, not with today's defaults."""
     from fake_runs import make_config, make_run, sequential_spans
 
-    from mpff.report import load_run
+    from mpff.analysis.runs import load_run
     from mpff.trace import trace_path
     cfg = make_config("single_layer")
     old = make_run(tmp_path / "old", [sequential_spans(4)], cfg)
