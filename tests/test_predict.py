@@ -422,7 +422,7 @@ def test_shipping_is_single_layers_setting_the_others_recompute(seq_run):
 def _bp_profile():
     """Per step of 64 rows: forward 1 ms, backward 2 ms, optimizer 0.5 ms, the rest 0.5 ms."""
     from mpff.predict.backprop import BPProfile
-    return BPProfile(run=None, config={}, chapters=1, epochs_per_chapter=1, n_train=6400, n_test=None,
+    return BPProfile(run=None, chapters=1, epochs_per_chapter=1, n_train=6400, n_test=None,
                      rows=64, steps={0: 100.0},
                      phases={"forward": {0: 0.1}, "backward": {0: 0.2}, "optimizer": {0: 0.05}},
                      train={0: 0.4}, eval={}, setup=0.0, tail=0.0, checkpoints=0.0)

@@ -9,6 +9,7 @@ import json
 import math
 import os
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -28,6 +29,7 @@ from .summary import (
 from .tables import fmt_bytes, fmt_percent, fmt_ratio, fmt_seconds, md_table, one_line
 
 
+@dataclass
 class Pairing:
     """A run's baseline for speedup (None: none of the same problem) and a note for the table."""
     baseline: RunSummary | None

@@ -3,12 +3,15 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 from .runs import Run
 from .summary import KIND_CATEGORY
 
 
+@dataclass(frozen=True)
 class Message:
     """One buffer that went from rank ``src`` to rank ``dst``: the indices of its send span
     (in ``run.ranks[src].spans``) and of its recv span (in ``run.ranks[dst].spans``)."""
