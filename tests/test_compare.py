@@ -56,7 +56,7 @@ def test_a_baseline_of_another_problem_is_refused(tmp_path, four_runs, capsys):
     other = make_run(tmp_path / "seq-wide", [sequential_spans(4)],
                      make_config("sequential", dims=(784, 16, 16), data={"train_subset": 2000}))
     assert report.main([four_runs["al-seed0"], four_runs["al-seed1"], "--baseline", other,
-                        "--out", str(tmp_path / "cmp")]) == 2
+                        "--out", str(tmp_path / "cmp"), "--no-figures"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1, err
     assert ("baseline seq-wide is not the same problem as run al-seed0: they differ in model.dims "
@@ -64,7 +64,7 @@ def test_a_baseline_of_another_problem_is_refused(tmp_path, four_runs, capsys):
     assert not (tmp_path / "cmp").exists()
     # the same problem with another seed is a fine baseline
     assert report.main([four_runs["al-seed0"], "--baseline", four_runs["seq-seed1"],
-                        "--out", str(tmp_path / "ok")]) == 0
+                        "--out", str(tmp_path / "ok"), "--no-figures"]) == 0
 
 
 def test_the_report_of_one_run_refuses_a_baseline_of_another_problem(tmp_path, four_runs, capsys):
@@ -72,26 +72,27 @@ def test_the_report_of_one_run_refuses_a_baseline_of_another_problem(tmp_path, f
     other = make_run(tmp_path / "seq-wide", [sequential_spans(4)],
                      make_config("sequential", dims=(784, 16, 16), data={"train_subset": 2000}))
     out = tmp_path / "one"
-    assert report.main([four_runs["al-seed0"], "--baseline", other, "--out", str(out)]) == 2
+    assert report.main([four_runs["al-seed0"], "--baseline", other, "--out", str(out), "--no-figures"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("mpff report: error: baseline seq-wide is not the same "
                                                   "problem as run al-seed0: they differ in model.dims"), err
     assert "--any-baseline" in err
     assert not out.exists()
     # asked for explicitly, it is compared and the baseline row says what differs
-    assert report.main([four_runs["al-seed0"], "--baseline", other, "--any-baseline", "--out", str(out)]) == 0
+    assert report.main([four_runs["al-seed0"], "--baseline", other, "--any-baseline", "--out", str(out),
+                        "--no-figures"]) == 0
     text = (out / "report.md").read_text()
     assert "(another problem: differs in model.dims ([784, 16, 16] vs [784, 8, 8]), data.train_subset" in text
     assert "| speedup |" in text
     # several runs: the same flag, the same note in the baseline column
     cmp = tmp_path / "cmp"
     assert report.main([four_runs["al-seed0"], four_runs["al-seed1"], "--baseline", other, "--any-baseline",
-                        "--out", str(cmp)]) == 0
+                        "--out", str(cmp), "--no-figures"]) == 0
     (row,) = _rows((cmp / "report.md").read_text(), "al-seed0")
     assert row.rstrip(" |").endswith("seq-wide (another problem: differs in model.dims ([784, 16, 16] vs "
                                      "[784, 8, 8]), data.train_subset (2000 vs 1000))"), row
     capsys.readouterr()
-    assert report.main([four_runs["al-seed0"], "--any-baseline", "--out", str(tmp_path / "x")]) == 2
+    assert report.main([four_runs["al-seed0"], "--any-baseline", "--out", str(tmp_path / "x"), "--no-figures"]) == 2
     assert "--any-baseline applies to a --baseline" in capsys.readouterr().err
 
 
@@ -108,7 +109,7 @@ def test_auto_pairing_prefers_a_finished_baseline(tmp_path, four_runs):
 def test_auto_pairing_names_what_differs_instead_of_a_speedup(tmp_path, four_runs):
     other = make_run(tmp_path / "seq-neg", [sequential_spans(4)], make_config("sequential", negatives="random"))
     out = tmp_path / "cmp"
-    assert report.main([other, four_runs["al-seed0"], "--out", str(out)]) == 0
+    assert report.main([other, four_runs["al-seed0"], "--out", str(out), "--no-figures"]) == 0
     (row,) = _rows((out / "report.md").read_text(), "al-seed0")
     cells = [c.strip() for c in row.strip("|").split("|")]
     assert cells[7] == "–" and cells[8] == "–"      # no speedup, no efficiency
@@ -117,7 +118,7 @@ def test_auto_pairing_names_what_differs_instead_of_a_speedup(tmp_path, four_run
 
 def test_pairs_prefer_the_same_seed_and_report_the_training_phase(four_runs, tmp_path):
     out = tmp_path / "cmp"
-    assert report.main(list(four_runs.values()) + ["--out", str(out)]) == 0
+    assert report.main(list(four_runs.values()) + ["--out", str(out), "--no-figures"]) == 0
     text = (out / "report.md").read_text()
     (al1,) = _rows(text, "al-seed1")
     # wall 13 against seq-seed1's 1 + 4 x 5.7 + 1 + 0.2 = 25 -> speedup 1.92; setup 1 s;
@@ -194,7 +195,8 @@ def test_runs_with_another_setting_are_not_a_seed_group(tmp_path, four_runs):
 
 def test_predicted_time_beside_the_measured_one(four_runs, tmp_path):
     out = tmp_path / "cmp"
-    assert report.main([four_runs["seq-seed0"], four_runs["al-seed0"], "--out", str(out), "--predict"]) == 0
+    assert report.main([four_runs["seq-seed0"], four_runs["al-seed0"], "--out", str(out), "--predict",
+                        "--no-figures"]) == 0
     text = (out / "report.md").read_text()
     assert "predicted time (s)" in text
     (seq,) = _rows(text, "seq-seed0")
@@ -217,10 +219,10 @@ def test_predictions_come_from_a_finished_run_first(four_runs, tmp_path):
 
 def test_writing_again_replaces_the_report_and_nothing_else(four_runs, tmp_path, monkeypatch):
     out = tmp_path / "cmp"
-    assert report.main(list(four_runs.values()) + ["--out", str(out)]) == 0
+    assert report.main(list(four_runs.values()) + ["--out", str(out), "--no-figures"]) == 0
     (out / "notes.txt").write_text("mine")
     (out / "mine").mkdir()
-    assert report.main([four_runs["seq-seed0"], four_runs["al-seed0"], "--out", str(out)]) == 0
+    assert report.main([four_runs["seq-seed0"], four_runs["al-seed0"], "--out", str(out), "--no-figures"]) == 0
     assert not (out / "al-seed1").exists() and not (out / "seq-seed1").exists()
     assert (out / "al-seed0" / "report.md").exists()
     assert (out / "notes.txt").read_text() == "mine" and (out / "mine").is_dir()
@@ -244,7 +246,7 @@ def test_a_folder_of_the_users_is_never_replaced(four_runs, tmp_path, capsys):
     out = tmp_path / "cmp"
     (out / "al-seed0").mkdir(parents=True)
     (out / "al-seed0" / "data.bin").write_text("precious")
-    assert report.main([four_runs["seq-seed0"], four_runs["al-seed0"], "--out", str(out)]) == 2
+    assert report.main([four_runs["seq-seed0"], four_runs["al-seed0"], "--out", str(out), "--no-figures"]) == 2
     assert "is not part of an earlier mpff report" in capsys.readouterr().err
     assert (out / "al-seed0" / "data.bin").read_text() == "precious"
 

@@ -136,7 +136,7 @@ def test_chrome_export_has_flows_threads_and_counters(tmp_path, capsys):
     assert (0, "host memory (MiB)", {"peak": 1024.0}) in counters
     assert any(name == "host memory (MiB)" and "resident" in args for _, name, args in counters)
     # the report writes the same JSON
-    assert report.main([run_dir]) == 0
+    assert report.main([run_dir, "--no-figures"]) == 0
     assert json.loads(open(os.path.join(run_dir, "report", "trace.json")).read()) == data
 
 

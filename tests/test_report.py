@@ -184,7 +184,7 @@ def test_killed_run_is_modelled_over_its_complete_chapters(tmp_path):
     assert any("status 'running'" in n for n in s.notes)
     assert any("no run.json" in n for n in s.notes)
     with open(os.devnull, "w") as devnull:
-        out = report.run_report(run, simulate=stand_in_simulate, stream=devnull)
+        out = report.run_report(run, simulate=stand_in_simulate, stream=devnull, figures=False)
     assert "status 'running'" in (tmp_path / "run" / "report" / "report.md").read_text()
     assert out == os.path.join(run, "report")
 
@@ -197,7 +197,7 @@ def test_speedup_and_efficiency_against_a_baseline(tmp_path, capsys):
     s = report.analyze_run(run, simulate=stand_in_simulate)
     assert summary.speedup(b, s) == pytest.approx(2.5)
     assert summary.efficiency(b, s) == pytest.approx(1.25)
-    assert report.main([run, "--baseline", base]) == 0
+    assert report.main([run, "--baseline", base, "--no-figures"]) == 0
     text = (tmp_path / "pipe" / "report" / "report.md").read_text()
     assert "| speedup | 2.50 |" in text
     assert "| parallel efficiency | 125.0 % |" in text
@@ -263,7 +263,7 @@ def test_comparison_with_baseline_and_same_run_names(tmp_path):
     a = make_run(tmp_path / "run", [BUSY7, BUSY7])
     b = make_run(tmp_path / "x" / "run", [BUSY7] * 4)  # the same problem as the baseline (see test_compare)
     out = tmp_path / "cmp"
-    assert report.main([a, b, "--baseline", base, "--out", str(out)]) == 0
+    assert report.main([a, b, "--baseline", base, "--out", str(out), "--no-figures"]) == 0
     text = (out / "report.md").read_text()
     assert "| run | single_layer | fixed | goodness | 2 | 10.00 | – | 3.00 | 150.0 % |" in text
     assert "| run | single_layer | fixed | goodness | 4 | 10.00 | – | 3.00 | 75.0 % |" in text
@@ -314,7 +314,7 @@ def test_a_missing_or_damaged_rank_file_is_named_and_the_rest_reported(damage, t
     assert [rt.status for rt in loaded.ranks] == ["finished", "damaged"]
     note = next(n for n in loaded.notes if path in n)
     assert ("missing" if damage == "missing" else "corrupt or truncated") in note and "Rank 1 is left out" in note
-    assert report.main([run]) == 0
+    assert report.main([run, "--no-figures"]) == 0
     text = (tmp_path / "run" / "report" / "report.md").read_text()
     assert path in text and "delete" not in text
     s = report.analyze_run(run)
@@ -390,7 +390,7 @@ def test_real_two_rank_run_adds_up(tmp_path):
     assert s.bytes_sent == s.bytes_received > 0
     assert s.bubble_modelled is not None and 0 <= s.bubble_modelled < 1, s.model_note
     assert sorted(s.accuracy_by_chapter) == [1, 2, 3, 4]
-    assert report.main([str(out)]) == 0
+    assert report.main([str(out), "--no-figures"]) == 0
     assert (out / "report" / "trace.json").stat().st_size > 0
 
 
