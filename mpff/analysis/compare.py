@@ -15,6 +15,8 @@ from typing import Any
 import numpy as np
 
 from ..config import ConfigError
+from ..predict import Network, interconnect
+from ..predict import predict as predict_runs_from
 from .runs import unfinished
 from .summary import (
     RunSummary,
@@ -261,8 +263,6 @@ def predict_runs(summaries: list[RunSummary]) -> tuple[list[float | None], list[
     problem's Sequential run (else its run with the fewest ranks), with contention measured from
     the problem's runs, ranks per node as the runs had them, and messages within a node at the
     shared-memory preset. Returns the predicted wall per run, curve records and notes."""
-    from ..predict import Network, interconnect
-    from ..predict import predict as predict_runs_from
     predicted: list[float | None] = [None] * len(summaries)
     curves: list[dict] = []
     notes: list[str] = []
