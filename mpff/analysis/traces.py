@@ -28,7 +28,7 @@ def messages(run: Run) -> tuple[list[Message], int, int]:
     """Pair every send span with its recv span; returns (pairs, unmatched sends, unmatched recvs).
 
     A send span on rank r with peer p is the recv span on rank p with peer r that has the
-    same chapter, layer and bytes (the engine labels both with the buffer's chapter and index).
+    same chapter, layer and bytes (the executor labels both with the buffer's chapter and index).
     Where several match -- the head and the negatives of one chapter are both layer -1, and
     could have the same size -- they pair in time order, as MPI delivers messages between two
     ranks. A send without a recv is a buffer the receiver never unpacked (a killed run, or

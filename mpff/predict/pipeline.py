@@ -13,6 +13,13 @@ from .simulate import simulate
 from .target import Network, Target, pick
 
 
+def layer_weights(dims, j: int) -> int:
+    """The weights of FF layer j (``dims[j] * dims[j + 1]``): what a pass through it costs, for
+    scaling one layer's measured pass to another's. The one place the predictor states a
+    layer's size; the layer spec of the training half is to answer it."""
+    return dims[j] * dims[j + 1]
+
+
 class _TaskTimes:
     """The profile's per-sample times scaled to one plan of the target: per chapter where the
     target has the source's chapters, else the median over them."""
@@ -46,8 +53,7 @@ class _TaskTimes:
         near = min(self.fwd_layer, key=lambda i: abs(i - j))
         self.notes.add(f"the forward pass through layer {j + 1} was never measured: estimated from layer "
                        f"{near + 1} by the ratio of their weights")
-        dims = self.dims
-        return pick(self.fwd_layer[near], c, self.same) * (dims[j] * dims[j + 1]) / (dims[near] * dims[near + 1])
+        return pick(self.fwd_layer[near], c, self.same) * layer_weights(self.dims, j) / layer_weights(self.dims, near)
 
     def own_work(self, t: Task) -> float | None:
         """Seconds of a task's own work (for a train task: the training alone); None for a kind

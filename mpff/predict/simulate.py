@@ -134,7 +134,8 @@ def _program(plan: Plan, r: int, durations: Mapping[tuple[str, int, int], float]
 class _EventLoop:
     """Runs the programs. Event-driven: only ranks whose state can change are visited (a rank
     that finished a step, or whose awaited message was posted or has arrived), so a step costs
-    the ranks at work, not the world size (1024 ranks x 1024 chapters: 31 s -> a second)."""
+    the ranks at work, not the world size: 1024 ranks x 1024 chapters simulate in about a
+    second, where visiting every rank at every step took 31 s."""
 
     def __init__(self, programs: list[list[tuple]], node: list[int], contention: float) -> None:
         n = len(programs)
