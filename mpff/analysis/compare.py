@@ -85,7 +85,7 @@ def training_speedup(baseline: RunSummary, run: RunSummary) -> float | None:
 
 
 def _same_problem(a: RunSummary, b: RunSummary) -> bool:
-    return not problem_differences(a.run.config, b.run.config, a.run.world_size, b.run.world_size)
+    return not problem_differences(a.run.cfg, b.run.cfg, a.run.world_size, b.run.world_size)
 
 
 def pair_baselines(summaries: list[RunSummary], baseline: RunSummary | None,
@@ -98,7 +98,7 @@ def pair_baselines(summaries: list[RunSummary], baseline: RunSummary | None,
     if baseline is not None:
         pairs = []
         for s in summaries:
-            diff = describe_differences(baseline.run.config, s.run.config, baseline.run.world_size,
+            diff = describe_differences(baseline.run.cfg, s.run.cfg, baseline.run.world_size,
                                         s.run.world_size)
             if diff and not any_problem:
                 raise ConfigError(
@@ -120,12 +120,11 @@ def pair_baselines(summaries: list[RunSummary], baseline: RunSummary | None,
         note = "no Sequential run of the same problem"
         if sequential:
             closest = min(sequential, key=lambda b: len(problem_differences(
-                b.run.config, s.run.config, b.run.world_size, s.run.world_size)))
+                b.run.cfg, s.run.cfg, b.run.world_size, s.run.world_size)))
             note += (f"; {closest.name} differs in " + ", ".join(problem_differences(
-                closest.run.config, s.run.config, closest.run.world_size, s.run.world_size)))
+                closest.run.cfg, s.run.cfg, closest.run.world_size, s.run.world_size)))
         pairs.append(Pairing(None, note))
     return pairs
-
 
 
 # ----- runs that differ only in their seed

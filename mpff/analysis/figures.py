@@ -189,7 +189,6 @@ def accuracy_figure(summaries: list[RunSummary]):
     return fig
 
 
-
 def plot_scaling(summaries: list[RunSummary], pairs: list[Pairing], path: str,
                  curves: list[dict] | None = None) -> None:
     """Speedup against ranks per schedule (and negatives / classifier): mean over seeds with the

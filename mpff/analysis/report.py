@@ -139,7 +139,6 @@ def accuracy_table(s: RunSummary) -> str:
     return md_table(["chapter", "test accuracy"], rows)
 
 
-
 # ---------------------------------------------------------------- writing
 
 def run_markdown(s: RunSummary, baseline: RunSummary | None, note: str = "") -> str:

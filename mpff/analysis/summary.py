@@ -47,8 +47,6 @@ MODEL_KINDS = ("head", "negatives", "eval")
 Simulator = Callable[[Config, int, dict], Any]
 
 
-
-
 # ---------------------------------------------------------------- analysis
 
 @dataclass
