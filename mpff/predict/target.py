@@ -61,12 +61,12 @@ def make_target(profile, overrides: Iterable[str] = ()) -> Target:
     """The source run of ``profile`` (FF or backprop) changed by ``overrides`` (``--set``)."""
     source = profile.run.cfg
     raw = json.loads(json.dumps(profile.run.config))  # a copy to edit
+    changed: dict[tuple[str, str], Any] = {}
     for text in overrides:
         section, key, value = parse_override(text)
         if not isinstance(raw.setdefault(section, {}), dict):
             raise ConfigError(f"[{section}] must be a table of settings")
-        raw[section][key] = value
-    changed = {parse_override(text)[:2]: parse_override(text)[2] for text in overrides}
+        raw[section][key] = changed[(section, key)] = value
     for section, key in FIXED_SETTINGS:
         before = _as_stored(getattr(getattr(source, section), key))
         after = changed.get((section, key), before)
