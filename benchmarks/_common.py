@@ -39,16 +39,12 @@ def mpff_train(out: str, *, config: str, sets: list[str], ranks: int = 1, env: d
 
 
 def span_seconds(run_dir: str, kinds: tuple[str, ...]) -> list[float]:
-    """Per rank: seconds spent in spans of the given kinds."""
-    import h5py
-    out = []
-    tdir = os.path.join(run_dir, "trace")
-    for name in sorted(os.listdir(tdir)):
-        with h5py.File(os.path.join(tdir, name), "r") as f:
-            s = f["spans"][()]
-        mask = [k.decode() in kinds for k in s["kind"]]
-        out.append(float((s["end"] - s["start"])[mask].sum()))
-    return out
+    """Per rank: seconds spent in spans of the given kinds (the run read by mpff.analysis.runs)."""
+    import numpy as np
+
+    from mpff.analysis.runs import load_run
+    return [float((rt.spans["end"] - rt.spans["start"])[np.isin(rt.kinds, kinds)].sum())
+            for rt in load_run(run_dir).ranks]
 
 
 def read_json(path: str) -> dict | None:

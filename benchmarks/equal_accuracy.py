@@ -51,7 +51,8 @@ def exact_from_report(run_dir: str) -> dict | None:
     cost record: measured training seconds to each evaluated chapter at or above each accuracy)."""
     if not run_dir or not os.path.isfile(os.path.join(run_dir, "run.json")):
         return None
-    from mpff.report import analyze_run, cost_record
+    from mpff.analysis.compare import cost_record
+    from mpff.analysis.report import analyze_run
     return cost_record(analyze_run(run_dir), ACCURACIES)
 
 

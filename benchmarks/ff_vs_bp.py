@@ -78,21 +78,17 @@ def run_cases(width: int, epochs: int, train_subset: int, keep: str) -> dict:
 
 
 def read_traces(run_dir: str) -> list[dict]:
-    """Per rank: spans and scalars with 0-based chapters (format version 2 stores them 1-based)."""
-    import h5py
+    """Per rank: spans and scalars with 0-based chapters (the run read by mpff.analysis.runs,
+    which gives them 1-based whatever the trace format)."""
     import numpy as np
+
+    from mpff.analysis.runs import load_run
     out = []
-    tdir = os.path.join(run_dir, "trace")
-    for name in sorted(os.listdir(tdir)):
-        with h5py.File(os.path.join(tdir, name), "r") as f:
-            version = int(f.attrs.get("format_version", 1))
-            spans, scalars = f["spans"][()], f["scalars"][()]
+    for rt in load_run(run_dir).ranks:
+        spans, scalars = rt.spans.copy(), rt.scalars.copy()
         for arr in (spans, scalars):
-            if version >= 2:
-                arr["chapter"] = np.where(arr["chapter"] >= 1, arr["chapter"] - 1, arr["chapter"])
-        out.append({"spans": spans, "scalars": scalars,
-                    "kinds": np.array([k.decode() for k in spans["kind"]]),
-                    "names": np.array([k.decode() for k in scalars["name"]])})
+            arr["chapter"] = np.where(arr["chapter"] >= 1, arr["chapter"] - 1, arr["chapter"])
+        out.append({"spans": spans, "scalars": scalars, "kinds": rt.kinds, "names": rt.scalar_names})
     return out
 
 

@@ -38,8 +38,10 @@ import sys
 from _common import ROOT, VENV_BIN, mpff_train, write_result
 
 sys.path.insert(0, ROOT)
-from mpff import interconnect, predict  # noqa: E402
-from mpff.report import load_run, training_phase  # noqa: E402
+from mpff import predict  # noqa: E402
+from mpff.analysis.runs import load_run  # noqa: E402
+from mpff.analysis.summary import training_phase  # noqa: E402
+from mpff.predict import interconnect  # noqa: E402
 
 PAPER_SPEEDUP = {"all_layers": 11191 / 2981, "single_layer": 11191 / 5255}  # Table 1, adaptive, goodness
 

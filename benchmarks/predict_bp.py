@@ -35,9 +35,11 @@ import threading
 from _common import ROOT, VENV_BIN, mpff_train, write_result
 
 sys.path.insert(0, ROOT)
-from mpff import interconnect, predict  # noqa: E402
-from mpff.predict_bp import step_phases  # noqa: E402
-from mpff.report import load_run, training_phase  # noqa: E402
+from mpff import predict  # noqa: E402
+from mpff.analysis.runs import load_run  # noqa: E402
+from mpff.analysis.summary import training_phase  # noqa: E402
+from mpff.predict import interconnect  # noqa: E402
+from mpff.predict.backprop import step_phases  # noqa: E402
 from mpff.trace import STEP_PHASES  # noqa: E402
 
 ALLREDUCE = r"""

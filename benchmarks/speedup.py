@@ -61,7 +61,8 @@ def main() -> None:
         r["speedup_vs_sequential"] = seq / r["wall_time_s"]
     # ranks sharing the machine slow each other: each train(c, k) in a 2-rank run against the
     # same task in the 1-rank run (median ratio over the tasks)
-    from mpff.report import load_run, task_durations
+    from mpff.analysis.runs import load_run
+    from mpff.analysis.summary import task_durations
     alone = task_durations(load_run(rows["sequential"]["run_dir"]))
     for r in rows.values():
         if r["ranks"] > 1:

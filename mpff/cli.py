@@ -31,19 +31,19 @@ def cmd_train(comm, args: argparse.Namespace) -> int:
 
 
 def cmd_report(comm, argv: list[str]) -> int:  # noqa: ARG001 (no MPI: runs on a login node)
-    from . import report
+    from .analysis import report
 
     return int(report.main(argv) or 0)
 
 
 def cmd_predict(comm, argv: list[str]) -> int:  # noqa: ARG001 (no MPI: runs on a login node)
-    from . import predict
+    from .predict import cli as predict_cli
 
-    return int(predict.main(argv) or 0)
+    return int(predict_cli.main(argv) or 0)
 
 
 def cmd_export(comm, argv: list[str]) -> int:  # noqa: ARG001 (no MPI)
-    from . import export
+    from .analysis import export
 
     return int(export.main(argv) or 0)
 
@@ -61,12 +61,10 @@ def cmd_data(comm, argv: list[str]) -> int:  # noqa: ARG001 (no MPI: runs on a l
 
 
 def cmd_info(comm, args: argparse.Namespace) -> int:  # noqa: ARG001
-    import h5py
-    import numpy
     import torch
 
-    from . import __version__
     from .comm import Comm, mpi_info
+    from .provenance import library_versions
 
     comm = Comm(comm)
     local_rank, local_size = comm.node_local_rank()
@@ -78,9 +76,10 @@ def cmd_info(comm, args: argparse.Namespace) -> int:  # noqa: ARG001
     info = mpi_info()
     rows = comm.gather((comm.rank, info["host"], local_rank, device))
     if comm.rank == 0:
-        print(f"mpff {__version__}")
-        print(f"python {sys.version.split()[0]}, torch {torch.__version__}, numpy {numpy.__version__}, "
-              f"h5py {h5py.__version__} (HDF5 {h5py.version.hdf5_version}), mpi4py {info['mpi4py']}")
+        v = library_versions()
+        print(f"mpff {v['mpff']}")
+        print(f"python {v['python']}, torch {v['torch']}, numpy {v['numpy']}, "
+              f"h5py {v['h5py']} (HDF5 {v['hdf5']}), mpi4py {v['mpi4py']}")
         print(f"MPI: {info['mpi_library']} (standard {info['mpi_standard']})")
         print(f"CUDA available: {torch.cuda.is_available()}, GPUs visible: {torch.cuda.device_count()}, "
               f"torch threads: {torch.get_num_threads()}")

@@ -30,7 +30,7 @@ import time
 from collections.abc import Callable
 
 #: Data-parallel backprop ranks agree on a halt every this many steps (mpff.backprop: a 4-byte
-#: all-reduce of the halt code; mpff.predict_bp counts it).
+#: all-reduce of the halt code; mpff.predict.backprop counts it).
 VOTE_EVERY = 16
 
 EXIT_OK = 0

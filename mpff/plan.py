@@ -13,15 +13,13 @@ A schedule is only an *assignment* of these tasks to ranks (:func:`assign`): one
 function per variant. Everything else is derived here: each rank runs its tasks in the
 global topological order (so no schedule can deadlock), and every buffer produced on one
 rank and needed on another becomes one send and one matching receive. The engine executes
-a rank's list; the report simulates the same graph with measured task times to model the
-pipeline bubble.
+a rank's list; :mod:`mpff.predict.simulate` times the same graph (measured or predicted task
+times) to model the pipeline bubble.
 """
 
 from __future__ import annotations
 
-import heapq
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -52,23 +50,6 @@ class Transfer:
     peer: int
     full: bool      # also the optimizer state (exchange = "full" and the peer trains it next)
     tag: int
-
-
-@dataclass
-class SimResult:
-    """What :meth:`Plan.simulate` predicts: ``makespan`` (seconds from the start of the first task
-    to the end of the last step of any rank), ``busy`` per rank (seconds working, stretched by
-    contention; waiting is not busy), when each task's own work ended, and the message totals."""
-    makespan: float
-    busy: list[float]
-    finish: dict[Task, float] = field(default_factory=dict)
-    messages: int = 0
-    bytes_moved: int | None = None  # None: a negatives buffer was sent and the plan has no n_train
-
-    @property
-    def bubble(self) -> float:
-        total = len(self.busy) * self.makespan
-        return 1.0 - sum(self.busy) / total if total > 0 else 0.0
 
 
 def layer_blocks(num_layers: int, world_size: int, costs: list[float] | None = None,
@@ -480,157 +461,6 @@ class Plan:
             lines.append(f"rank {r}: " + ", ".join(f"{v} {k}" for k, v in sorted(counts.items()))
                          + f"; {sends} sends, {len(self.recvs[r])} receives")
         return "\n".join(lines)
-
-    # ----- the bubble model -----
-    def simulate(self, durations: Mapping[tuple[str, int, int], float], latency: float = 0.0, *,
-                 message_cost: Callable[[int, int, int], float] | None = None,
-                 pack_cost: Callable[[int], float] | None = None,
-                 unpack_cost: Callable[[int], float] | None = None,
-                 node_of: Sequence[int] | None = None, contention: float = 0.0) -> SimResult:
-        """Run the graph as the engine runs it, with task times ``durations`` ({(kind, chapter,
-        layer): seconds}; absent: 0). Each rank works through its tasks in order; it waits only
-        for a buffer from another rank that has not arrived.
-
-        A task runs as the engine runs it: it waits for (and unpacks) what it reads, then, for a
-        train task, does its forward passes (``("forward", c, k)``: the layers below applied to
-        the chapter's data), and only then waits for the state it trains (from chapter c-1);
-        after its own work it packs and posts each of its sends in turn.
-
-        Messages: a transfer of ``nbytes`` from rank ``src`` to ``dst`` arrives
-        ``message_cost(src, dst, nbytes)`` seconds after it is posted (default: ``latency``);
-        packing costs the sender ``pack_cost(nbytes)`` and unpacking the receiver
-        ``unpack_cost(nbytes)`` seconds of work (default 0).
-
-        Contention: ranks on one node (``node_of[rank]``; default a node per rank) slow each
-        other: while m other ranks of its node are working, a rank's work runs ``1 + contention
-        * m`` times slower (waiting ranks do not slow anyone)."""
-        n = self.world_size
-        node = list(node_of) if node_of is not None else list(range(n))
-        if len(node) != n:
-            raise ValueError(f"node_of has {len(node)} entries for {n} ranks")
-        inbound = {(tr.buf, r): tr for r in range(n) for _, tr in self.recvs[r]}
-        sizes: dict[tuple[Buf, bool], int | None] = {}
-
-        def nbytes(tr: Transfer) -> int | None:
-            key = (tr.buf, tr.full)
-            if key not in sizes:
-                sizes[key] = (None if tr.buf.kind == "neg" and self.n_train is None
-                              else self.buffer_bytes(tr.buf, tr.full))
-            return sizes[key]
-
-        def need_bytes(tr: Transfer) -> int:
-            size = nbytes(tr)
-            if size is None:
-                raise ValueError("the plan was built without n_train: negatives messages have no size")
-            return size
-
-        # Each rank's program: ("wait", key) | ("work", seconds, task finished or None)
-        # | ("post", key, seconds in flight); key = (buffer, receiving rank).
-        programs: list[list[tuple]] = [[] for _ in range(n)]
-        messages, total_bytes = 0, 0
-        for r in range(n):
-            prog, unpacked = programs[r], set()
-            for t in self.rank_tasks(r):
-                ins = self.inputs(t)
-                for step in ("reads", "trains"):
-                    for b, trainable in ins:
-                        if trainable != (step == "trains"):
-                            continue
-                        if self.is_initial(b) or self.rank_of[self.producer[b]] == r or b in unpacked:
-                            continue
-                        unpacked.add(b)
-                        prog.append(("wait", (b, r)))
-                        if unpack_cost is not None:
-                            prog.append(("work", float(unpack_cost(need_bytes(inbound[(b, r)]))), None))
-                    if step == "reads" and t.kind == "train":
-                        prog.append(("work", float(durations.get(("forward", t.chapter, t.layer), 0.0)), None))
-                prog.append(("work", float(durations.get((t.kind, t.chapter, t.layer), 0.0)), t))
-                for tr in self.sends[t]:
-                    size = nbytes(tr)
-                    messages += 1
-                    total_bytes = None if size is None or total_bytes is None else total_bytes + size
-                    if pack_cost is not None:
-                        prog.append(("work", float(pack_cost(need_bytes(tr))), None))
-                    flight = (float(message_cost(r, tr.peer, need_bytes(tr))) if message_cost is not None
-                              else float(latency))
-                    prog.append(("post", (tr.buf, tr.peer), flight))
-
-        # Event-driven: only ranks whose state can change are visited (a rank that finished a
-        # step, or whose awaited message was posted or has arrived), so a step costs the
-        # ranks at work, not the world size (1024 ranks x 1024 chapters: 31 s -> a second).
-        now = 0.0
-        pos = [0] * n
-        left: list[float | None] = [None] * n   # seconds of work (alone) left in the current step
-        arrival: dict[tuple[Buf, int], float] = {}
-        waiter: dict[tuple[Buf, int], int] = {}  # a message not yet posted -> the rank waiting for it
-        due: list[tuple[float, int]] = []         # (arrival, rank) of waits on posted messages
-        working: set[int] = set()
-        busy = [0.0] * n
-        done_at = [0.0] * n
-        finish: dict[Task, float] = {}
-        ready = list(range(n))
-        while True:
-            while ready:  # take every step that needs no time; a post may release a waiting rank
-                r = ready.pop()
-                prog = programs[r]
-                while pos[r] < len(prog):
-                    step = prog[pos[r]]
-                    if step[0] == "wait":
-                        at = arrival.get(step[1])
-                        if at is None:
-                            waiter[step[1]] = r
-                            break
-                        if at > now:
-                            heapq.heappush(due, (at, r))
-                            break
-                    elif step[0] == "post":
-                        at = arrival[step[1]] = now + step[2]
-                        other = waiter.pop(step[1], None)
-                        if other is not None:
-                            if at > now:
-                                heapq.heappush(due, (at, other))
-                            else:
-                                ready.append(other)
-                    else:
-                        if left[r] is None:
-                            left[r] = max(step[1], 0.0)
-                        if left[r] > 0.0:
-                            working.add(r)
-                            break
-                        left[r] = None
-                        if step[2] is not None:
-                            finish[step[2]] = now
-                    pos[r] += 1
-                    done_at[r] = now
-            if not working and not due:
-                if waiter:  # pragma: no cover - the global order rules this out
-                    raise AssertionError(f"simulated deadlock at t = {now}: ranks wait for {list(waiter)}")
-                break
-            if not working:
-                now = due[0][0]
-            else:
-                per_node: dict[int, int] = {}
-                for r in working:
-                    per_node[node[r]] = per_node.get(node[r], 0) + 1
-                slow = {r: 1.0 + contention * (per_node[node[r]] - 1) for r in working}
-                step_end = min(left[r] * slow[r] for r in working)
-                if due and due[0][0] - now < step_end:
-                    dt, new_now = due[0][0] - now, due[0][0]
-                else:
-                    dt, new_now = step_end, now + step_end
-                for r in list(working):
-                    busy[r] += dt
-                    if left[r] * slow[r] <= dt:
-                        left[r] = 0.0  # ends now (exactly: no rounding left over)
-                        working.discard(r)
-                        ready.append(r)
-                    else:
-                        left[r] -= dt / slow[r]
-                now = new_now
-            while due and due[0][0] <= now:
-                ready.append(heapq.heappop(due)[1])
-        return SimResult(makespan=max(done_at) if done_at else 0.0, busy=busy, finish=finish,
-                         messages=messages, bytes_moved=total_bytes)
 
 
 def build_plan(cfg: Config, world_size: int, start_chapter: int = 0, n_train: int | None = None,

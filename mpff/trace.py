@@ -12,7 +12,7 @@ All times are seconds on one time base shared by all ranks: rank 0's clock at st
 
 Chapters: callers pass the 0-based chapter the code uses everywhere (-1: none); the file
 stores it 1-based, as every number a user sees (format version 2; version 1 files stored
-it 0-based, and :func:`mpff.report.read_trace` converts them). Layers stay 0-based, as the
+it 0-based, and :func:`mpff.analysis.runs.read_trace` converts them). Layers stay 0-based, as the
 model file's ``layers/<k>`` groups.
 """
 
@@ -97,7 +97,7 @@ SCALAR_UNITS = {
 
 
 #: The phases of a backprop training step whose seconds a trace records per chapter
-#: (``bp_<phase>_seconds``, by :class:`mpff.backprop.StepClock`; read by :mod:`mpff.predict_bp`).
+#: (``bp_<phase>_seconds``, by :class:`mpff.backprop.StepClock`; read by :mod:`mpff.predict.backprop`).
 STEP_PHASES = ("forward", "backward", "optimizer")
 
 

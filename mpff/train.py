@@ -692,7 +692,7 @@ def run(comm, args: argparse.Namespace) -> int:
 
 def _write_report(run_dir: str) -> int:
     try:
-        from . import report
+        from .analysis import report
     except ImportError:  # pragma: no cover
         return 0
     try:

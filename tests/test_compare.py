@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from fake_runs import make_config, make_run, sequential_spans
 
-from mpff import report
+from mpff.analysis import compare, figures, report, summary
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -56,7 +56,7 @@ def test_a_baseline_of_another_problem_is_refused(tmp_path, four_runs, capsys):
     other = make_run(tmp_path / "seq-wide", [sequential_spans(4)],
                      make_config("sequential", dims=(784, 16, 16), data={"train_subset": 2000}))
     assert report.main([four_runs["al-seed0"], four_runs["al-seed1"], "--baseline", other,
-                        "--out", str(tmp_path / "cmp")]) == 2
+                        "--out", str(tmp_path / "cmp"), "--no-figures"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1, err
     assert ("baseline seq-wide is not the same problem as run al-seed0: they differ in model.dims "
@@ -64,7 +64,7 @@ def test_a_baseline_of_another_problem_is_refused(tmp_path, four_runs, capsys):
     assert not (tmp_path / "cmp").exists()
     # the same problem with another seed is a fine baseline
     assert report.main([four_runs["al-seed0"], "--baseline", four_runs["seq-seed1"],
-                        "--out", str(tmp_path / "ok")]) == 0
+                        "--out", str(tmp_path / "ok"), "--no-figures"]) == 0
 
 
 def test_the_report_of_one_run_refuses_a_baseline_of_another_problem(tmp_path, four_runs, capsys):
@@ -72,26 +72,27 @@ def test_the_report_of_one_run_refuses_a_baseline_of_another_problem(tmp_path, f
     other = make_run(tmp_path / "seq-wide", [sequential_spans(4)],
                      make_config("sequential", dims=(784, 16, 16), data={"train_subset": 2000}))
     out = tmp_path / "one"
-    assert report.main([four_runs["al-seed0"], "--baseline", other, "--out", str(out)]) == 2
+    assert report.main([four_runs["al-seed0"], "--baseline", other, "--out", str(out), "--no-figures"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("mpff report: error: baseline seq-wide is not the same "
                                                   "problem as run al-seed0: they differ in model.dims"), err
     assert "--any-baseline" in err
     assert not out.exists()
     # asked for explicitly, it is compared and the baseline row says what differs
-    assert report.main([four_runs["al-seed0"], "--baseline", other, "--any-baseline", "--out", str(out)]) == 0
+    assert report.main([four_runs["al-seed0"], "--baseline", other, "--any-baseline", "--out", str(out),
+                        "--no-figures"]) == 0
     text = (out / "report.md").read_text()
     assert "(another problem: differs in model.dims ([784, 16, 16] vs [784, 8, 8]), data.train_subset" in text
     assert "| speedup |" in text
     # several runs: the same flag, the same note in the baseline column
     cmp = tmp_path / "cmp"
     assert report.main([four_runs["al-seed0"], four_runs["al-seed1"], "--baseline", other, "--any-baseline",
-                        "--out", str(cmp)]) == 0
+                        "--out", str(cmp), "--no-figures"]) == 0
     (row,) = _rows((cmp / "report.md").read_text(), "al-seed0")
     assert row.rstrip(" |").endswith("seq-wide (another problem: differs in model.dims ([784, 16, 16] vs "
                                      "[784, 8, 8]), data.train_subset (2000 vs 1000))"), row
     capsys.readouterr()
-    assert report.main([four_runs["al-seed0"], "--any-baseline", "--out", str(tmp_path / "x")]) == 2
+    assert report.main([four_runs["al-seed0"], "--any-baseline", "--out", str(tmp_path / "x"), "--no-figures"]) == 2
     assert "--any-baseline applies to a --baseline" in capsys.readouterr().err
 
 
@@ -100,7 +101,7 @@ def test_auto_pairing_prefers_a_finished_baseline(tmp_path, four_runs):
     # a finished one of another seed: its wall is not a whole run's
     pre = make_run(tmp_path / "seq-pre", [sequential_spans(2)], make_config("sequential"),
                    info={"status": "preempted"})
-    pairs = report.pair_baselines([report.analyze_run(d) for d in (pre, four_runs["seq-seed1"],
+    pairs = compare.pair_baselines([report.analyze_run(d) for d in (pre, four_runs["seq-seed1"],
                                                                    four_runs["al-seed0"])], None)
     assert pairs[2].baseline.name == "seq-seed1"
 
@@ -108,7 +109,7 @@ def test_auto_pairing_prefers_a_finished_baseline(tmp_path, four_runs):
 def test_auto_pairing_names_what_differs_instead_of_a_speedup(tmp_path, four_runs):
     other = make_run(tmp_path / "seq-neg", [sequential_spans(4)], make_config("sequential", negatives="random"))
     out = tmp_path / "cmp"
-    assert report.main([other, four_runs["al-seed0"], "--out", str(out)]) == 0
+    assert report.main([other, four_runs["al-seed0"], "--out", str(out), "--no-figures"]) == 0
     (row,) = _rows((out / "report.md").read_text(), "al-seed0")
     cells = [c.strip() for c in row.strip("|").split("|")]
     assert cells[7] == "–" and cells[8] == "–"      # no speedup, no efficiency
@@ -117,7 +118,7 @@ def test_auto_pairing_names_what_differs_instead_of_a_speedup(tmp_path, four_run
 
 def test_pairs_prefer_the_same_seed_and_report_the_training_phase(four_runs, tmp_path):
     out = tmp_path / "cmp"
-    assert report.main(list(four_runs.values()) + ["--out", str(out)]) == 0
+    assert report.main(list(four_runs.values()) + ["--out", str(out), "--no-figures"]) == 0
     text = (out / "report.md").read_text()
     (al1,) = _rows(text, "al-seed1")
     # wall 13 against seq-seed1's 1 + 4 x 5.7 + 1 + 0.2 = 25 -> speedup 1.92; setup 1 s;
@@ -135,7 +136,7 @@ def test_training_phase_from_spans_and_from_the_runs_own_record(tmp_path):
              [("setup", -1, -1, 0.0, 4.0), ("wait", 0, 1, 4.0, 6.0), ("train", 0, 1, 6.0, 8.5)]]
     cfg = make_config("single_layer", chapters=1)
     run = report.load_run(make_run(tmp_path / "a", spans, cfg, walls=[(0.0, 10.0)] * 2))
-    tp = report.training_phase(run)
+    tp = summary.training_phase(run)
     # from the first end of setup (4) to the last training span (9), trailing wait and the model
     # write left out: rank 0 busy all 5 s (the end of its setup, train, eval), rank 1 2.5 s
     assert (tp.start, tp.end, tp.seconds, tp.setup_seconds) == pytest.approx((4.0, 9.0, 5.0, 4.0))
@@ -145,7 +146,7 @@ def test_training_phase_from_spans_and_from_the_runs_own_record(tmp_path):
     attrs = [{"train_start": 5.0, "train_end": 9.0}, {"train_start": 4.5, "train_end": 8.5}]
     run = report.load_run(make_run(tmp_path / "b", spans, cfg, walls=[(0.0, 10.0)] * 2, attrs=attrs,
                                    info={"training_seconds": 4.4}))
-    tp = report.training_phase(run)
+    tp = summary.training_phase(run)
     assert (tp.start, tp.end, tp.seconds, tp.setup_seconds) == pytest.approx((4.5, 9.0, 4.4, 4.5))
 
 
@@ -189,12 +190,13 @@ def test_runs_with_another_setting_are_not_a_seed_group(tmp_path, four_runs):
     lr = make_run(tmp_path / "al-lr", _al_spans(11.0), make_config("all_layers", seed=2, lr=0.001),
                   walls=[(0.0, 12.0)] * 2)
     runs = [report.analyze_run(d) for d in (four_runs["al-seed0"], four_runs["al-seed1"], lr)]
-    assert report.seed_groups(runs) == [[0, 1], [2]]
+    assert compare.seed_groups(runs) == [[0, 1], [2]]
 
 
 def test_predicted_time_beside_the_measured_one(four_runs, tmp_path):
     out = tmp_path / "cmp"
-    assert report.main([four_runs["seq-seed0"], four_runs["al-seed0"], "--out", str(out), "--predict"]) == 0
+    assert report.main([four_runs["seq-seed0"], four_runs["al-seed0"], "--out", str(out), "--predict",
+                        "--no-figures"]) == 0
     text = (out / "report.md").read_text()
     assert "predicted time (s)" in text
     (seq,) = _rows(text, "seq-seed0")
@@ -209,7 +211,7 @@ def test_predictions_come_from_a_finished_run_first(four_runs, tmp_path):
     pre = make_run(tmp_path / "seq-pre", [sequential_spans(2)], make_config("sequential"),
                    info={"status": "preempted"})
     summaries = [report.analyze_run(d) for d in (pre, four_runs["seq-seed1"], four_runs["al-seed0"])]
-    _, _, notes = report.predict_runs(summaries)
+    _, _, notes = compare.predict_runs(summaries)
     assert [n.split(":")[0] for n in notes] == ["predicted from seq-seed1"], notes
 
 
@@ -217,10 +219,10 @@ def test_predictions_come_from_a_finished_run_first(four_runs, tmp_path):
 
 def test_writing_again_replaces_the_report_and_nothing_else(four_runs, tmp_path, monkeypatch):
     out = tmp_path / "cmp"
-    assert report.main(list(four_runs.values()) + ["--out", str(out)]) == 0
+    assert report.main(list(four_runs.values()) + ["--out", str(out), "--no-figures"]) == 0
     (out / "notes.txt").write_text("mine")
     (out / "mine").mkdir()
-    assert report.main([four_runs["seq-seed0"], four_runs["al-seed0"], "--out", str(out)]) == 0
+    assert report.main([four_runs["seq-seed0"], four_runs["al-seed0"], "--out", str(out), "--no-figures"]) == 0
     assert not (out / "al-seed1").exists() and not (out / "seq-seed1").exists()
     assert (out / "al-seed0" / "report.md").exists()
     assert (out / "notes.txt").read_text() == "mine" and (out / "mine").is_dir()
@@ -233,7 +235,7 @@ def test_writing_again_replaces_the_report_and_nothing_else(four_runs, tmp_path,
     def broken(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(report, "plot_scaling", broken)
+    monkeypatch.setattr(figures, "plot_scaling", broken)
     assert report.main(list(four_runs.values()) + ["--out", str(out)]) == 2
     assert (out / "report.md").read_text() == before
     assert (out / "al-seed0" / "report.md").exists() and not (out / "al-seed1").exists()
@@ -244,7 +246,7 @@ def test_a_folder_of_the_users_is_never_replaced(four_runs, tmp_path, capsys):
     out = tmp_path / "cmp"
     (out / "al-seed0").mkdir(parents=True)
     (out / "al-seed0" / "data.bin").write_text("precious")
-    assert report.main([four_runs["seq-seed0"], four_runs["al-seed0"], "--out", str(out)]) == 2
+    assert report.main([four_runs["seq-seed0"], four_runs["al-seed0"], "--out", str(out), "--no-figures"]) == 2
     assert "is not part of an earlier mpff report" in capsys.readouterr().err
     assert (out / "al-seed0" / "data.bin").read_text() == "precious"
 
@@ -252,12 +254,12 @@ def test_a_folder_of_the_users_is_never_replaced(four_runs, tmp_path, capsys):
 def test_problem_differences_resolve_shards_and_paths():
     fed = make_config("federated").to_dict()
     seq = make_config("sequential", data={"shards": 4}).to_dict()
-    assert report.problem_differences(fed, seq, 4, 1) == []
-    assert report.problem_differences(fed, seq, 2, 1) == ["data.shards"]
+    assert summary.problem_differences(fed, seq, 4, 1) == []
+    assert summary.problem_differences(fed, seq, 2, 1) == ["data.shards"]
     a = make_config().to_dict()
     b = json.loads(json.dumps(a))
     a["data"]["path"], b["data"]["path"] = "/home/me/data/fashion", "/scratch/fashion/"
-    assert report.problem_differences(a, b) == []
+    assert summary.problem_differences(a, b) == []
 
 
 # ------------------------------------------------------------------------------ the sweep's axes
@@ -333,10 +335,10 @@ def test_the_cost_table_by_hand(tmp_path):
         ds.resize((3,))
         ds[...] = extra
     s = report.analyze_run(run)
-    assert report.accuracy_timeline(s) == [(2.0, 0.5), (4.0, 0.92), (6.0, 0.97)]
-    rec = report.cost_record(s, (0.9, 0.95, 0.98))
+    assert summary.accuracy_timeline(s) == [(2.0, 0.5), (4.0, 0.92), (6.0, 0.97)]
+    rec = compare.cost_record(s, (0.9, 0.95, 0.98))
     assert rec["training_seconds_per_epoch"] == pytest.approx((9.0 - 3.0) / 3)
     assert rec["seconds_to_accuracy"] == {"90%": 4.0, "95%": 6.0, "98%": None}
     assert rec["peak_rss_bytes"] == 3 * 2 ** 20 and rec["algorithm"] == "ff"
-    table = report.cost_table([rec])
+    table = compare.cost_table([rec])
     assert "| ff | ff | sequential | 1 | 2.00 | 4.00 | 6.00 | not reached | 3.0 MiB | 0 B | 97.00 % |" in table

@@ -12,7 +12,7 @@ from collections import Counter
 import h5py
 import pytest
 
-from mpff import export, report
+from mpff.analysis import export, report, runs, traces
 from mpff.config import Config
 from mpff.trace import Tracer, trace_path
 
@@ -66,7 +66,7 @@ RING = [
 
 def test_messages_pair_each_send_with_its_receive(tmp_path):
     run = report.load_run(make_run(tmp_path / "run", RING))
-    pairs, lost_sends, lost_recvs = report.messages(run)
+    pairs, lost_sends, lost_recvs = traces.messages(run)
     assert (len(pairs), lost_sends, lost_recvs) == (5, 1, 0)  # rank 0's ("send", 2, 0) was never unpacked
     by_src = sorted((m.src, m.dst, m.chapter, m.layer, m.nbytes) for m in pairs)
     assert by_src == [(0, 1, 1, 0, 4000), (0, 1, 1, 1, 4000), (0, 2, 2, -1, 800), (0, 2, 2, -1, 800),
@@ -82,7 +82,7 @@ def test_messages_pair_each_send_with_its_receive(tmp_path):
     assert twins == [(3.1, 3.5), (3.2, 3.6)]
 
 
-def _flows_bind_sends_to_receives(trace_json: dict, run: report.Run) -> None:
+def _flows_bind_sends_to_receives(trace_json: dict, run: runs.Run) -> None:
     events = trace_json["traceEvents"]
     slices = [e for e in events if e["ph"] == "X"]
     starts = {e["id"]: e for e in events if e["ph"] == "s"}
@@ -108,7 +108,7 @@ def _flows_bind_sends_to_receives(trace_json: dict, run: report.Run) -> None:
         linked.add((send["pid"], send["ts"]))
         linked.add((recv["pid"], recv["ts"]))
     # every send that has a receive in the trace, and every receive, has its arrow
-    pairs, _, _ = report.messages(run)
+    pairs, _, _ = traces.messages(run)
     sent = {(m.src, round((float(run.ranks[m.src].spans[m.send]["start"]) - run.wall_start) * 1e6, 3))
             for m in pairs}
     assert sent <= linked
@@ -136,7 +136,7 @@ def test_chrome_export_has_flows_threads_and_counters(tmp_path, capsys):
     assert (0, "host memory (MiB)", {"peak": 1024.0}) in counters
     assert any(name == "host memory (MiB)" and "resident" in args for _, name, args in counters)
     # the report writes the same JSON
-    assert report.main([run_dir]) == 0
+    assert report.main([run_dir, "--no-figures"]) == 0
     assert json.loads(open(os.path.join(run_dir, "report", "trace.json")).read()) == data
 
 
@@ -230,7 +230,7 @@ def test_a_real_two_rank_run_exports(tmp_path, mpff_run, mpff_tiny_args):
     out = tmp_path / "run"
     mpff_run(mpff_tiny_args(out, "run.schedule=all_layers", "run.report=true"), ranks=2, check=True)
     run = report.load_run(str(out))
-    pairs, lost_sends, lost_recvs = report.messages(run)
+    pairs, lost_sends, lost_recvs = traces.messages(run)
     assert pairs and (lost_sends, lost_recvs) == (0, 0)
     _flows_bind_sends_to_receives(json.loads((out / "report" / "trace.json").read_text()), run)
     _needs_otf2()

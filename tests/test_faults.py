@@ -637,8 +637,8 @@ HELD_REPORT_WRAPPER = textwrap.dedent("""
     # Holds the run at the start of its report (after "done" is printed) until $MPFF_GO exists,
     # so that a second job can be started into the directory at that moment.
     import os, sys, time
-    import mpff.report
-    original = mpff.report.main
+    import mpff.analysis.report
+    original = mpff.analysis.report.main
 
     def main(argv):
         open(os.environ["MPFF_IN_REPORT"], "w").close()
@@ -646,7 +646,7 @@ HELD_REPORT_WRAPPER = textwrap.dedent("""
         while not os.path.exists(os.environ["MPFF_GO"]) and time.monotonic() < deadline:
             time.sleep(0.05)
         return original(argv)
-    mpff.report.main = main
+    mpff.analysis.report.main = main
 
     from mpff.__main__ import _exit
     from mpff.cli import main as cli_main

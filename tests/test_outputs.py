@@ -17,7 +17,8 @@ import h5py
 import numpy as np
 import pytest
 
-from mpff import report, settings, trace
+from mpff import settings, trace
+from mpff.analysis import figures, report, runs, summary
 from mpff.config import SECTIONS, Config, ConfigError, load, preset_names
 from mpff.model import FFNet
 from mpff.modelfile import atomic_h5, current_umask, load_model, save_model
@@ -107,9 +108,9 @@ def test_version_1_traces_read_as_1_based_and_model_0_based(tmp_path):
         rt = run.ranks[0]
         assert rt.kinds.tolist() == ["setup", "train", "train", "train", "eval", "train"]
         assert rt.spans["chapter"].tolist() == [-1, 1, 1, 1, 1, 2]
-        assert report.accuracy_by_chapter(run) == {1: 0.25}
+        assert summary.accuracy_by_chapter(run) == {1: 0.25}
         # the plan's 0-based chapters for the task-graph model, from either version
-        assert report.task_durations(run) == pytest.approx(
+        assert summary.task_durations(run) == pytest.approx(
             {("train", 0, 0): 1.0, ("train", 0, 1): 1.5, ("train", 0, 2): 0.5, ("eval", 0, -1): 0.5,
              ("train", 1, 0): 1.0})
     assert report.analyze_run(str(tmp_path / "old")).accuracy_by_chapter == {1: 0.25}
@@ -120,7 +121,7 @@ def test_a_newer_trace_version_is_a_clear_error(tmp_path):
     with h5py.File(path, "a") as f:
         f.attrs["format_version"] = trace.FORMAT_VERSION + 1
     with pytest.raises(ConfigError, match="newer than this mpff reads"):
-        report.read_trace(path)
+        runs.read_trace(path)
 
 
 # ------------------------------------------------------------------ figures
@@ -156,7 +157,7 @@ def _inside(fig, artist) -> bool:
 def test_figures_fit_a_paper(tmp_path):
     run_dir = _run_with_long_name(tmp_path)
     s = report.analyze_run(run_dir)
-    for fig in (report.timeline_figure(s.run), report.breakdown_figure(s), report.accuracy_figure([s])):
+    for fig in (figures.timeline_figure(s.run), figures.breakdown_figure(s), figures.accuracy_figure([s])):
         _draw(fig)
         title = fig.get_suptitle()
         assert _inside(fig, fig._suptitle), f"title cut off: {title!r}"
@@ -165,16 +166,16 @@ def test_figures_fit_a_paper(tmp_path):
             if artist is not None and (not hasattr(artist, "get_text") or artist.get_text()):
                 assert _inside(fig, artist), artist
     # the breakdown's title names the whole run, wrapped rather than cut
-    fig = _draw(report.breakdown_figure(s))
+    fig = _draw(figures.breakdown_figure(s))
     assert "\n" in fig.get_suptitle()
     assert fig.get_suptitle().replace("\n", "").replace(": ", ":") == f"{s.name}:time per rank"
     # accuracy: whole, 1-based chapters on the x axis
-    fig = _draw(report.accuracy_figure([s]))
+    fig = _draw(figures.accuracy_figure([s]))
     ticks = [t for t in fig.axes[0].get_xticks() if fig.axes[0].get_xlim()[0] <= t <= fig.axes[0].get_xlim()[1]]
     assert ticks and all(float(t).is_integer() for t in ticks), ticks
     assert min(s.accuracy_by_chapter) == 1
     # timeline: chapter labels counted from 1 and never overlapping in a row; untraced in the legend
-    fig = _draw(report.timeline_figure(s.run))
+    fig = _draw(figures.timeline_figure(s.run))
     ax = fig.axes[0]
     labels = [t for t in ax.texts if t.get_text().startswith("c")]
     assert labels and min(int(t.get_text()[1:]) for t in labels) == 1
@@ -187,16 +188,16 @@ def test_figures_fit_a_paper(tmp_path):
         assert all(a.x1 <= b.x0 for a, b in zip(boxes, boxes[1:])), "chapter labels overlap"
     legend = [t.get_text() for t in ax.get_legend().get_texts()]
     assert "untraced (idle)" in legend
-    breakdown_legend = [t.get_text() for t in report.breakdown_figure(s).axes[0].get_legend().get_texts()]
+    breakdown_legend = [t.get_text() for t in figures.breakdown_figure(s).axes[0].get_legend().get_texts()]
     assert "untraced (idle)" in breakdown_legend
 
 
 @pytest.mark.parametrize("name", ["outputs_of_a_sweep_with_underscores_only_in_its_rather_long_name_x",
                                   "x" * 150, "short"])
 def test_titles_wrap_to_the_figure(name):
-    fig = report._figure(5, 3)
+    fig = figures.new_figure(5, 3)
     fig.add_subplot()
-    report._title(fig, f"{name}: time per rank")
+    figures.title(fig, f"{name}: time per rank")
     _draw(fig)
     assert _inside(fig, fig._suptitle), fig.get_suptitle()
     assert fig.get_suptitle().replace("\n", "").replace(": ", ":") == f"{name}:time per rank"

@@ -10,6 +10,7 @@ import pytest
 
 from mpff.config import Config, ConfigError
 from mpff.plan import Buf, Plan, Task, Transfer, build_plan, count_tasks, layer_blocks, pipeline_bubble
+from mpff.predict.simulate import simulate
 
 
 def make_cfg(schedule="sequential", layers=4, chapters=6, negatives="fixed", classifier="goodness",
@@ -270,7 +271,7 @@ def test_a_large_plan_is_simulated_in_time_linear_in_its_tasks():
     import time
     plan = build_plan(make_cfg("all_layers", layers=2, chapters=1024, eval_every=0), 1024)
     start = time.perf_counter()
-    sim = plan.simulate({("train", c, k): 1.0 for c in range(1024) for k in range(2)})
+    sim = simulate(plan, {("train", c, k): 1.0 for c in range(1024) for k in range(2)})
     assert time.perf_counter() - start < 1.5
     assert sim.makespan == pytest.approx(1025.0)  # chapter c's layer 0 waits for chapter c-1's
 
@@ -324,7 +325,7 @@ def test_pipeline_bubble_formula():
 def test_simulate_single_layer_matches_the_bubble_model():
     cfg = make_cfg("single_layer", layers=4, chapters=100)
     plan = build_plan(cfg, 4)
-    sim = plan.simulate(_train_durations(4, 100))
+    sim = simulate(plan, _train_durations(4, 100))
     assert sim.makespan == pytest.approx(103.0)
     assert sim.busy == [100.0] * 4
     assert sim.bubble == pytest.approx(3 / 103)
@@ -332,9 +333,9 @@ def test_simulate_single_layer_matches_the_bubble_model():
 
 
 def test_simulate_sequential_and_all_layers():
-    seq = build_plan(make_cfg("sequential", layers=4, chapters=100), 1).simulate(_train_durations(4, 100))
+    seq = simulate(build_plan(make_cfg("sequential", layers=4, chapters=100), 1), _train_durations(4, 100))
     assert seq.makespan == pytest.approx(400.0) and seq.bubble == pytest.approx(0.0)
-    al = build_plan(make_cfg("all_layers", layers=4, chapters=100), 4).simulate(_train_durations(4, 100))
+    al = simulate(build_plan(make_cfg("all_layers", layers=4, chapters=100), 4), _train_durations(4, 100))
     # a wavefront: train(c, k) ends at c + k + 1
     assert al.makespan == pytest.approx(103.0)
     assert al.bubble == pytest.approx(3 / 103)
@@ -343,7 +344,7 @@ def test_simulate_sequential_and_all_layers():
 
 def test_simulate_latency_delays_cross_rank_inputs():
     plan = build_plan(make_cfg("single_layer", layers=2, chapters=3), 2)
-    sim = plan.simulate(_train_durations(2, 3), latency=0.5)
+    sim = simulate(plan, _train_durations(2, 3), latency=0.5)
     # layer 1 of chapter 0 waits for layer 0 (1.0) plus the latency
     assert sim.finish[Task("train", 0, 1)] == pytest.approx(2.5)
     assert sim.makespan == pytest.approx(3 + 1 + 0.5)
@@ -357,7 +358,7 @@ def test_simulate_forward_passes_fill_the_wait_for_the_layers_own_state():
     durations = {}
     for c in range(4):
         durations.update({("train", c, 0): 4.0, ("forward", c, 1): 2.0, ("train", c, 1): 6.0})
-    sim = plan.simulate(durations)
+    sim = simulate(plan, durations)
     assert [sim.finish[Task("train", c, 1)] for c in range(4)] == pytest.approx([12.0, 18.0, 24.0, 30.0])
     assert sim.busy == pytest.approx([24.0, 24.0])
     assert sim.makespan == pytest.approx(30.0) and sim.bubble == pytest.approx(0.2)

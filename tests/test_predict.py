@@ -1,4 +1,4 @@
-"""The predictor (mpff.predict, Plan.simulate's message costs and contention): task graphs worked by hand."""
+"""The predictor (mpff.predict, the simulator's message costs and contention): task graphs worked by hand."""
 
 from __future__ import annotations
 
@@ -8,10 +8,12 @@ import math
 import pytest
 from fake_runs import make_config, make_run, sequential_spans
 
-from mpff import interconnect, predict
+from mpff import predict
+from mpff.analysis.runs import load_run
 from mpff.config import ConfigError
 from mpff.plan import Task, build_plan
-from mpff.report import load_run
+from mpff.predict import interconnect, outcome
+from mpff.predict.simulate import simulate
 
 LAYER0_BYTES = (784 * 8 + 8) * 4     # dims (784, 8, 8): layer 0's weights and biases, float32
 LAYER1_BYTES = (8 * 8 + 8) * 4
@@ -22,7 +24,7 @@ def _train(layers, chapters, times=(1.0,)):
     return {("train", c, k): times[k % len(times)] for c in range(chapters) for k in range(layers)}
 
 
-# ------------------------------------------------------------------------------ Plan.simulate
+# ------------------------------------------------------------------------------ the simulator
 
 def test_message_cost_is_latency_plus_bytes_over_bandwidth():
     # Single Layer, 2 layers on 2 ranks, 3 chapters, 1 s a task; a message costs 0.5 s + bytes / 25120 B/s
@@ -30,7 +32,7 @@ def test_message_cost_is_latency_plus_bytes_over_bandwidth():
     # c0: 1 + 1.5 -> [2.5, 3.5]; c1: layer 0 done at 2, arrives 3.5 -> [3.5, 4.5]; c2: [4.5, 5.5].
     plan = build_plan(make_config("single_layer", chapters=3), 2)
     link = interconnect.Link("test", 0.5, LAYER0_BYTES)
-    sim = plan.simulate(_train(2, 3), message_cost=lambda src, dst, n: link.seconds(n))
+    sim = simulate(plan, _train(2, 3), message_cost=lambda src, dst, n: link.seconds(n))
     assert [sim.finish[Task("train", c, 1)] for c in range(3)] == pytest.approx([3.5, 4.5, 5.5])
     assert sim.makespan == pytest.approx(5.5)
     assert sim.messages == 3 and sim.bytes_moved == 3 * LAYER0_BYTES
@@ -42,7 +44,7 @@ def test_packing_and_unpacking_are_the_ranks_own_work():
     # T1 [1.25,2.25] pack, T2 [2.5,3.5] pack [3.5,3.75]. Rank 1: unpack [1.25,1.5] T [1.5,2.5],
     # unpack [2.5,2.75] T [2.75,3.75], unpack [3.75,4] T [4,5].
     plan = build_plan(make_config("single_layer", chapters=3), 2)
-    sim = plan.simulate(_train(2, 3), pack_cost=lambda n: 0.25, unpack_cost=lambda n: 0.25)
+    sim = simulate(plan, _train(2, 3), pack_cost=lambda n: 0.25, unpack_cost=lambda n: 0.25)
     assert [sim.finish[Task("train", c, 1)] for c in range(3)] == pytest.approx([2.5, 3.75, 5.0])
     assert sim.makespan == pytest.approx(5.0)
     assert sim.busy == pytest.approx([3.75, 3.75])
@@ -55,34 +57,34 @@ def test_contention_slows_ranks_of_one_node_only_while_both_work():
     # done 1 s of its 2 and does the rest alone, ending at 4; T(1,1) [4,6] alone.
     plan = build_plan(make_config("single_layer", chapters=2), 2)
     durations = _train(2, 2, times=(1.0, 2.0))
-    sim = plan.simulate(durations, node_of=[0, 0], contention=1.0)
+    sim = simulate(plan, durations, node_of=[0, 0], contention=1.0)
     assert sim.finish[Task("train", 1, 0)] == pytest.approx(3.0)
     assert sim.finish[Task("train", 0, 1)] == pytest.approx(4.0)
     assert sim.makespan == pytest.approx(6.0)
     assert sim.busy == pytest.approx([3.0, 5.0])
     # on nodes of their own the ranks do not slow each other: 1 + 2 + 2
-    apart = plan.simulate(durations, node_of=[0, 1], contention=1.0)
+    apart = simulate(plan, durations, node_of=[0, 1], contention=1.0)
     assert apart.makespan == pytest.approx(5.0)
-    assert plan.simulate(durations).makespan == pytest.approx(5.0)
+    assert simulate(plan, durations).makespan == pytest.approx(5.0)
 
 
 def test_simulate_keeps_its_old_signature():
     plan = build_plan(make_config("single_layer", chapters=3), 2)
-    assert plan.simulate(_train(2, 3), latency=0.5).makespan == pytest.approx(4.5)
-    assert plan.simulate(_train(2, 3), 0.5).finish[Task("train", 0, 1)] == pytest.approx(2.5)
+    assert simulate(plan, _train(2, 3), latency=0.5).makespan == pytest.approx(4.5)
+    assert simulate(plan, _train(2, 3), 0.5).finish[Task("train", 0, 1)] == pytest.approx(2.5)
 
 
 def test_bytes_of_negatives_need_n_train():
     # All Layers on 2 ranks, adaptive negatives with lag 0: those made after chapter c (on rank
     # c % 2) are used in chapter c + 1 on the other rank: 3 messages of 1000 int64 labels
     cfg = make_config("all_layers", negatives="adaptive", chapters=4)
-    assert build_plan(cfg, 2).simulate(_train(2, 4)).bytes_moved is None
-    sim = build_plan(cfg, 2, n_train=1000).simulate(_train(2, 4))
+    assert simulate(build_plan(cfg, 2), _train(2, 4)).bytes_moved is None
+    sim = simulate(build_plan(cfg, 2, n_train=1000), _train(2, 4))
     assert sim.bytes_moved == 3 * (LAYER0_BYTES + LAYER1_BYTES) + 3 * 1000 * 8
     assert sim.messages == 9
     # with lag 1 a rank uses the negatives it made itself: none travel, so no size is missing
     lagged = make_config("all_layers", negatives="adaptive", adaptive_lag=1, chapters=4)
-    assert build_plan(lagged, 2).simulate(_train(2, 4)).bytes_moved == 3 * (LAYER0_BYTES + LAYER1_BYTES)
+    assert simulate(build_plan(lagged, 2), _train(2, 4)).bytes_moved == 3 * (LAYER0_BYTES + LAYER1_BYTES)
 
 
 # ------------------------------------------------------------------------------ from a run
@@ -336,7 +338,7 @@ def test_absurd_work_is_refused_at_once(seq_run, tmp_path, capsys, argv, largest
 
 
 def test_large_work_says_what_it_simulates(seq_run, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(predict, "PROGRESS_TASKS", 10)
+    monkeypatch.setattr(outcome, "PROGRESS_TASKS", 10)
     assert predict.main([seq_run, "--ranks", "1,2,4", "--schedules", "all", "--out", str(tmp_path / "p")]) == 0
     lines = capsys.readouterr().err.splitlines()
     # 'all' from an FF run: the FF schedules (data_parallel is backprop's)
@@ -349,7 +351,7 @@ def test_large_work_says_what_it_simulates(seq_run, tmp_path, capsys, monkeypatc
         "mpff predict: simulating federated on 4 rank(s)",
         "mpff predict: simulating the sequential baseline with 4 shard(s)"], lines
     assert lines[-1].endswith("(plan 9 of 9, 108 tasks in all)"), lines[-1]
-    monkeypatch.setattr(predict, "MAX_SIMULATED_TASKS", 100)
+    monkeypatch.setattr(outcome, "MAX_SIMULATED_TASKS", 100)
     assert predict.main([seq_run, "--ranks", "1,2,4", "--schedules", "all", "--out", str(tmp_path / "p")]) == 2
     assert "would simulate 108 tasks in 9 plan(s)" in capsys.readouterr().err
 
@@ -415,12 +417,12 @@ def test_shipping_is_single_layers_setting_the_others_recompute(seq_run):
     assert _by(out, "all_layers", 2).wall == pytest.approx(_by(plain, "all_layers", 2).wall)
 
 
-# ------------------------------------------------------------------------------ backprop (mpff.predict_bp)
+# ------------------------------------------------------------------------------ backprop (mpff.predict.backprop)
 
 def _bp_profile():
     """Per step of 64 rows: forward 1 ms, backward 2 ms, optimizer 0.5 ms, the rest 0.5 ms."""
-    from mpff.predict_bp import BPProfile
-    return BPProfile(run=None, config={}, chapters=1, epochs_per_chapter=1, n_train=6400, n_test=None,
+    from mpff.predict.backprop import BPProfile
+    return BPProfile(run=None, chapters=1, epochs_per_chapter=1, n_train=6400, n_test=None,
                      rows=64, steps={0: 100.0},
                      phases={"forward": {0: 0.1}, "backward": {0: 0.2}, "optimizer": {0: 0.05}},
                      train={0: 0.4}, eval={}, setup=0.0, tail=0.0, checkpoints=0.0)
@@ -434,7 +436,7 @@ def test_ddp_buckets_are_the_ones_ddp_makes(tmp_path):
     from torch.nn.parallel import DistributedDataParallel
 
     from mpff.model import MLP
-    from mpff.predict_bp import ddp_buckets
+    from mpff.predict.backprop import ddp_buckets
     dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
     try:
         for dims in ([784, 64, 64], [784, 1000, 1000, 1000], [784, 2000, 2000, 2000, 2000]):
@@ -458,7 +460,7 @@ def test_ddp_buckets_are_the_ones_ddp_makes(tmp_path):
 
 
 def test_data_parallel_step_worked_by_hand():
-    from mpff.predict_bp import VOTE_EVERY, ddp_buckets, model_step
+    from mpff.predict.backprop import VOTE_EVERY, ddp_buckets, model_step
     profile = _bp_profile()
     free = interconnect.preset("ideal")
     # no communication cost: the passes halve with the rows, the optimizer and the rest do not
@@ -507,5 +509,5 @@ def test_predicting_needs_no_torch():
     which takes seconds to import with CUDA."""
     import subprocess
     import sys
-    code = "import sys, mpff.predict, mpff.predict_bp; sys.exit('torch' in sys.modules)"
+    code = "import sys, mpff.predict, mpff.predict.backprop, mpff.analysis.report; sys.exit('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0

@@ -11,9 +11,10 @@ import sys
 import h5py
 import pytest
 
-from mpff import report
+from mpff.analysis import report, summary
 from mpff.config import Config, ConfigError
-from mpff.plan import SimResult, build_plan
+from mpff.plan import build_plan
+from mpff.predict.simulate import SimResult, simulate
 from mpff.trace import Tracer, trace_path
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -141,13 +142,13 @@ def test_modelled_bubble_with_a_stand_in_simulator(tmp_path):
     expected = report.pipeline_bubble(num_chapters, num_layers)  # 3/8
     assert s.bubble_measured == pytest.approx(expected)
     assert s.bubble_modelled == pytest.approx(expected)
-    assert report.analytic_bubble(s) == pytest.approx(expected)
+    assert summary.analytic_bubble(s) == pytest.approx(expected)
 
 
 def test_modelled_bubble_with_the_real_plan_is_3_over_103(tmp_path):
     cfg = make_config(chapters=100, epochs=100)
     durations = {("train", c, k): 1.0 for c in range(100) for k in range(4)}
-    res = build_plan(cfg, 4).simulate(durations)
+    res = simulate(build_plan(cfg, 4), durations)
     assert 1 - sum(res.busy) / (4 * res.makespan) == pytest.approx(3 / 103, rel=1e-12)
     # and through the report, from the spans of a trace
     run = make_run(tmp_path / "run", single_layer_pipeline(100, 4), cfg=cfg, wall=(0.0, 103.0))
@@ -160,7 +161,7 @@ def test_task_durations_count_forward_only_on_the_training_rank(tmp_path):
     rank0 = [("forward", 0, 1, 0.0, 0.5), ("train", 0, 0, 0.5, 1.5), ("negatives", 0, -1, 1.5, 1.7)]
     rank1 = [("forward", 0, 1, 0.0, 0.25), ("train", 0, 1, 1.5, 3.5), ("eval", 0, -1, 3.5, 4.0)]
     run = report.load_run(make_run(tmp_path / "run", [rank0, rank1]))
-    assert report.task_durations(run) == pytest.approx({
+    assert summary.task_durations(run) == pytest.approx({
         ("train", 0, 0): 1.0, ("train", 0, 1): 2.0, ("forward", 0, 1): 0.25,
         ("negatives", 0, -1): 0.2, ("eval", 0, -1): 0.5})
 
@@ -183,7 +184,7 @@ def test_killed_run_is_modelled_over_its_complete_chapters(tmp_path):
     assert any("status 'running'" in n for n in s.notes)
     assert any("no run.json" in n for n in s.notes)
     with open(os.devnull, "w") as devnull:
-        out = report.run_report(run, simulate=stand_in_simulate, stream=devnull)
+        out = report.run_report(run, simulate=stand_in_simulate, stream=devnull, figures=False)
     assert "status 'running'" in (tmp_path / "run" / "report" / "report.md").read_text()
     assert out == os.path.join(run, "report")
 
@@ -194,9 +195,9 @@ def test_speedup_and_efficiency_against_a_baseline(tmp_path, capsys):
     run = make_run(tmp_path / "pipe", [BUSY7, BUSY7], wall=(0.0, 8.0))
     b = report.analyze_run(base, simulate=stand_in_simulate)
     s = report.analyze_run(run, simulate=stand_in_simulate)
-    assert report.speedup(b, s) == pytest.approx(2.5)
-    assert report.efficiency(b, s) == pytest.approx(1.25)
-    assert report.main([run, "--baseline", base]) == 0
+    assert summary.speedup(b, s) == pytest.approx(2.5)
+    assert summary.efficiency(b, s) == pytest.approx(1.25)
+    assert report.main([run, "--baseline", base, "--no-figures"]) == 0
     text = (tmp_path / "pipe" / "report" / "report.md").read_text()
     assert "| speedup | 2.50 |" in text
     assert "| parallel efficiency | 125.0 % |" in text
@@ -262,7 +263,7 @@ def test_comparison_with_baseline_and_same_run_names(tmp_path):
     a = make_run(tmp_path / "run", [BUSY7, BUSY7])
     b = make_run(tmp_path / "x" / "run", [BUSY7] * 4)  # the same problem as the baseline (see test_compare)
     out = tmp_path / "cmp"
-    assert report.main([a, b, "--baseline", base, "--out", str(out)]) == 0
+    assert report.main([a, b, "--baseline", base, "--out", str(out), "--no-figures"]) == 0
     text = (out / "report.md").read_text()
     assert "| run | single_layer | fixed | goodness | 2 | 10.00 | – | 3.00 | 150.0 % |" in text
     assert "| run | single_layer | fixed | goodness | 4 | 10.00 | – | 3.00 | 75.0 % |" in text
@@ -313,7 +314,7 @@ def test_a_missing_or_damaged_rank_file_is_named_and_the_rest_reported(damage, t
     assert [rt.status for rt in loaded.ranks] == ["finished", "damaged"]
     note = next(n for n in loaded.notes if path in n)
     assert ("missing" if damage == "missing" else "corrupt or truncated") in note and "Rank 1 is left out" in note
-    assert report.main([run]) == 0
+    assert report.main([run, "--no-figures"]) == 0
     text = (tmp_path / "run" / "report" / "report.md").read_text()
     assert path in text and "delete" not in text
     s = report.analyze_run(run)
@@ -331,7 +332,8 @@ def test_not_a_run_directory(tmp_path, capsys):
 
 def test_a_file_is_not_a_run_directory(tmp_path, capsys):
     # a file was "does not exist"; a run's own file names the run directory to pass instead
-    from mpff import export, predict
+    from mpff import predict
+    from mpff.analysis import export
     (tmp_path / "notes.txt").write_text("hello")
     err = _expect_error(capsys, [str(tmp_path / "notes.txt")], "notes.txt is a file, not a run directory; "
                         "pass the --out directory of an 'mpff train' run")
@@ -388,7 +390,7 @@ def test_real_two_rank_run_adds_up(tmp_path):
     assert s.bytes_sent == s.bytes_received > 0
     assert s.bubble_modelled is not None and 0 <= s.bubble_modelled < 1, s.model_note
     assert sorted(s.accuracy_by_chapter) == [1, 2, 3, 4]
-    assert report.main([str(out)]) == 0
+    assert report.main([str(out), "--no-figures"]) == 0
     assert (out / "report" / "trace.json").stat().st_size > 0
 
 
@@ -398,7 +400,7 @@ def test_a_run_recorded_before_a_setting_existed_is_rebuilt_as_it_ran(tmp_path):
     model, predictions) is rebuilt that way, not with today's defaults."""
     from fake_runs import make_config, make_run, sequential_spans
 
-    from mpff.report import load_run
+    from mpff.analysis.runs import load_run
     from mpff.trace import trace_path
     cfg = make_config("single_layer")
     old = make_run(tmp_path / "old", [sequential_spans(4)], cfg)

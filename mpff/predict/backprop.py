@@ -19,8 +19,8 @@ records per chapter how long its steps' forward passes, backward passes and opti
   backward pass is waited for;
 - per chapter, the evaluation as measured (rank 0 evaluates while the others wait).
 
-Speedup is against the same model on one rank. Used by :func:`mpff.predict.predict` when the
-first run is a backprop run.
+Speedup is against the same model on one rank. Used by :func:`mpff.predict.predictor.predict`
+when the first run is a backprop run.
 """
 
 from __future__ import annotations
@@ -28,27 +28,27 @@ from __future__ import annotations
 import math
 import statistics
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
-from . import report as report_mod
-from .config import BP_SCHEDULES, ConfigError
-from .data import NUM_CLASSES
-from .halt import VOTE_EVERY
-from .trace import STEP_PHASES
+from .. import layers
+from ..analysis.runs import RankTrace, Run
+from ..config import BP_SCHEDULES, ConfigError
+from ..dataspec import DEFAULT_CLASSES
+from ..halt import VOTE_EVERY
+from ..plan import build_plan, count_tasks
+from ..trace import STEP_PHASES
+from .outcome import Outcome, Prediction, attach_measured, check_work
+from .profile import Contention
+from .target import Network, Target, make_target, pick
 
 #: DDP's bucket caps (torch.distributed's _DEFAULT_FIRST_BUCKET_BYTES and bucket_cap_mb = 25).
 FIRST_BUCKET_BYTES = 1024 * 1024
 BUCKET_BYTES = 25 * 1024 * 1024
 
-if TYPE_CHECKING:  # mpff.predict imports this module
-    from .predict import Outcome, Prediction
-
 
 @dataclass
 class BPProfile:
     """What a one-rank backprop run measured, per chapter (0-based)."""
-    run: report_mod.Run
-    config: dict
+    run: Run
     chapters: int
     epochs_per_chapter: int
     n_train: int
@@ -77,11 +77,7 @@ class BPProfile:
         return statistics.median(values) if values else 0.0
 
 
-def is_backprop(run: report_mod.Run) -> bool:
-    return run.config.get("train", {}).get("algorithm", "ff") == "backprop"
-
-
-def step_phases(rt: report_mod.RankTrace) -> dict[int, dict[str, float]]:
+def step_phases(rt: RankTrace) -> dict[int, dict[str, float]]:
     """A backprop rank's step timings per chapter, as its trace stores them (chapters 1-based):
     ``{chapter: {"steps": n, "forward": s, "backward": s, "optimizer": s}}`` (the ``bp_*``
     scalars of :class:`mpff.backprop.StepClock`)."""
@@ -94,10 +90,9 @@ def step_phases(rt: report_mod.RankTrace) -> dict[int, dict[str, float]]:
     return out
 
 
-def build_profile(run: report_mod.Run, spans, n_train: int | None, n_test: int | None) -> BPProfile:
+def build_profile(run: Run, spans, n_train: int | None, n_test: int | None) -> BPProfile:
     """The step phases, evaluation, setup and tail of a one-rank backprop run."""
-    cfg = run.config
-    t = cfg.get("train", {})
+    cfg = run.cfg
     if run.world_size != 1:
         raise ConfigError(f"run {run.path} ran {run.world_size} ranks: predict backprop from a "
                           "one-rank run (its steps have no all-reduce in them); pass data-parallel "
@@ -123,10 +118,10 @@ def build_profile(run: report_mod.Run, spans, n_train: int | None, n_test: int |
             evals[sp.chapter] = evals.get(sp.chapter, 0.0) + sp.seconds
     setup_end = max((sp.end for sp in spans[0] if sp.kind == "setup"), default=run.wall_start)
     ends = [sp.end for sp in spans[0] if sp.kind in ("train", "eval", "io")]
-    chapters = int(t.get("chapters", 1))
-    return BPProfile(run=run, config=cfg, chapters=chapters,
-                     epochs_per_chapter=max(int(t.get("epochs", chapters)) // max(chapters, 1), 1),
-                     n_train=int(n_train), n_test=n_test, rows=int(t.get("batch_size", 64)),
+    chapters = cfg.train.chapters
+    return BPProfile(run=run, chapters=chapters,
+                     epochs_per_chapter=max(cfg.train.epochs // max(chapters, 1), 1),
+                     n_train=int(n_train), n_test=n_test, rows=cfg.train.batch_size,
                      steps=steps, phases=phases, train=train, eval=evals,
                      setup=max(setup_end - run.wall_start, 0.0),
                      tail=max(rt.wall_end - max(ends), 0.0) if ends else 0.0,
@@ -135,20 +130,35 @@ def build_profile(run: report_mod.Run, spans, n_train: int | None, n_test: int |
 
 # ---------------------------------------------------------------- the model of a step
 
-def parameter_bytes(dims) -> list[int]:
+def classes_of(cfg) -> int:
+    """The classes of the run's data set (the registry's facts, else the files': the default)."""
+    return cfg.data.num_classes or DEFAULT_CLASSES
+
+
+def mlp_layers(dims, num_classes: int = DEFAULT_CLASSES) -> list[tuple[int, int]]:
+    """(inputs, outputs) of each Linear layer of the backprop MLP: ``model.dims``, then the
+    data set's classes."""
+    ext = (*[int(d) for d in dims], int(num_classes))
+    return list(zip(ext[:-1], ext[1:], strict=True))
+
+
+def layer_parameter_counts(dims, num_classes: int = DEFAULT_CLASSES) -> list[tuple[int, ...]]:
+    """Elements of each parameter tensor of each Linear layer of the MLP, in
+    ``model.parameters()`` order, as the layer spec (mpff.layers) lays them out."""
+    linear = layers.get("linear")
+    return [tuple(math.prod(t.shape) for t in linear.tensors(a, b)) for a, b in mlp_layers(dims, num_classes)]
+
+
+def parameter_bytes(dims, num_classes: int = DEFAULT_CLASSES) -> list[int]:
     """Bytes of each parameter of the MLP, in ``model.parameters()`` order (fp32)."""
-    ext = (*[int(d) for d in dims], NUM_CLASSES)
-    out = []
-    for a, b in zip(ext[:-1], ext[1:]):
-        out += [4 * a * b, 4 * b]
-    return out
+    return [4 * n for counts in layer_parameter_counts(dims, num_classes) for n in counts]
 
 
-def ddp_buckets(dims) -> list[tuple[int, int]]:
+def ddp_buckets(dims, num_classes: int = DEFAULT_CLASSES) -> list[tuple[int, int]]:
     """DDP's gradient buckets of the MLP in the order they are all-reduced: (bytes, index of
     the earliest parameter in it). Parameters go into buckets in reverse order; a bucket is
     closed once it holds at least its cap (1 MiB for the first, 25 MiB after)."""
-    sizes = parameter_bytes(dims)
+    sizes = parameter_bytes(dims, num_classes)
     buckets: list[tuple[int, int]] = []
     size, cap = 0, FIRST_BUCKET_BYTES
     for i in reversed(range(len(sizes))):
@@ -161,11 +171,10 @@ def ddp_buckets(dims) -> list[tuple[int, int]]:
     return buckets
 
 
-def gradient_ready(dims, backward: float) -> list[float]:
+def gradient_ready(dims, backward: float, num_classes: int = DEFAULT_CLASSES) -> list[float]:
     """Seconds into the backward pass at which each parameter's gradient is made, with the pass
     shared among layers by their products' FLOPs (the first layer computes no input gradient)."""
-    ext = (*[int(d) for d in dims], NUM_CLASSES)
-    work = [a * b * (1 if k == 0 else 2) for k, (a, b) in enumerate(zip(ext[:-1], ext[1:]))]
+    work = [counts[0] * (1 if k == 0 else 2) for k, counts in enumerate(layer_parameter_counts(dims, num_classes))]
     total = float(sum(work))
     ready: list[float] = [0.0] * (2 * len(work))
     done = 0.0
@@ -195,7 +204,8 @@ class Step:
         return self.compute + self.exposed
 
 
-def model_step(profile: BPProfile, dims, rows: int, ranks: int, link, slowdown: float) -> Step:
+def model_step(profile: BPProfile, dims, rows: int, ranks: int, link, slowdown: float,
+               num_classes: int = DEFAULT_CLASSES) -> Step:
     """One data-parallel step with ``rows`` rows on the slowest rank, ``ranks`` ranks."""
     per_row = rows / profile.rows
     forward = profile.per_step("forward") * per_row * slowdown
@@ -203,8 +213,8 @@ def model_step(profile: BPProfile, dims, rows: int, ranks: int, link, slowdown: 
     fixed = (profile.per_step("optimizer") + profile.per_step("other")) * slowdown
     comm_end, comm, sent = 0.0, 0.0, 0.0
     if ranks > 1:
-        ready = gradient_ready(dims, backward)
-        for nbytes, first in ddp_buckets(dims):
+        ready = gradient_ready(dims, backward, num_classes)
+        for nbytes, first in ddp_buckets(dims, num_classes):
             seconds = ring_allreduce_seconds(nbytes, ranks, link)
             comm_end = max(comm_end, ready[first]) + seconds
             comm += seconds
@@ -219,14 +229,14 @@ def model_step(profile: BPProfile, dims, rows: int, ranks: int, link, slowdown: 
 
 # ---------------------------------------------------------------- a run on N ranks
 
-def _link_of(network, ranks: int):
+def _link_of(network: Network, ranks: int):
     """The ring's slowest link: between nodes when the ranks span several, else within one."""
     return network.inter if network.nodes(ranks) > 1 else network.intra
 
 
-def simulate(profile: BPProfile, target, ranks: int, network, contention) -> Prediction:
-    from .plan import build_plan
-    from .predict import Prediction, _pick
+def predict_ranks(profile: BPProfile, target: Target, ranks: int, network: Network,
+                  contention: Contention) -> Prediction:
+    """Sequential on one rank, data-parallel on ``ranks`` > 1 (speedup left for the caller)."""
     cfg = target.config
     schedule = "sequential" if ranks == 1 else "data_parallel"
     pred = Prediction(schedule, ranks, network.nodes(ranks))
@@ -242,17 +252,17 @@ def simulate(profile: BPProfile, target, ranks: int, network, contention) -> Pre
     n_train = target.n_train or profile.n_train
     per_node = min(network.ranks_per_node, ranks)
     slowdown = 1.0 + contention.slowdown * (per_node - 1)
-    step = model_step(profile, cfg.model.dims, rows, ranks, _link_of(network, ranks), slowdown)
+    step = model_step(profile, cfg.model.dims, rows, ranks, _link_of(network, ranks), slowdown, classes_of(cfg))
     steps = cfg.train.epochs_per_chapter * -(-n_train // global_batch)
     same = cfg.train.chapters == profile.chapters
     evals = [t.chapter for t in plan.tasks if t.kind == "eval"]
-    eval_time = sum(_pick(profile.eval, c, same) or 0.0 for c in evals)
+    eval_time = sum(pick(profile.eval, c, same) or 0.0 for c in evals)
     total_steps = steps * cfg.train.chapters
     pred.training = total_steps * step.seconds + eval_time
     pred.wall = profile.setup + pred.training + profile.tail
     work = ranks * total_steps * step.compute + eval_time
     pred.bubble = 1.0 - work / (ranks * pred.training) if pred.training > 0 else 0.0
-    buckets = len(ddp_buckets(cfg.model.dims))
+    buckets = len(ddp_buckets(cfg.model.dims, classes_of(cfg)))
     pred.bytes_moved = int(round(ranks * step.bytes_sent * total_steps))
     pred.messages = ranks * 2 * (ranks - 1) * (buckets * total_steps + -(-total_steps // VOTE_EVERY)) \
         if ranks > 1 else 0
@@ -263,29 +273,30 @@ def simulate(profile: BPProfile, target, ranks: int, network, contention) -> Pre
     return pred
 
 
-def predict(runs: list[report_mod.Run], spans, *, ranks, schedules, network, contention,
+def _contention(contention: str | float) -> Contention:
+    if contention == "auto":
+        return Contention(0.0, "none", "not measured for backprop (a data-parallel run's steps "
+                          "include its all-reduce); give --contention FACTOR for ranks that share a node")
+    if contention == "none":
+        return Contention(0.0, "none", "not applied (--contention none)")
+    return Contention(float(contention) - 1.0, "given", f"given: a step's work takes "
+                      f"{float(contention):g}x its time alone beside one other rank of its node")
+
+
+def predict(runs: list[Run], spans, *, ranks, schedules, network, contention,
             overrides, n_sizes, progress=None) -> Outcome:
     """Sequential on one rank and data-parallel on every rank count of ``ranks`` > 1."""
-    from .plan import count_tasks
-    from .predict import Contention, Outcome, _attach_measured, check_work, make_target
     bad = [s for s in schedules if s not in BP_SCHEDULES]
     if bad:
         raise ConfigError(f"run {runs[0].path} is backprop: it predicts the schedules "
                           f"{', '.join(BP_SCHEDULES)}, not {', '.join(bad)} (pass --schedules "
                           f"{','.join(BP_SCHEDULES)}, or predict the FF schedules from an FF run)")
     for run in runs[1:]:
-        if not is_backprop(run):
+        if not run.is_backprop:
             raise ConfigError(f"run {run.path} is Forward-Forward and {runs[0].path} backprop: "
                               "predict each from its own runs")
     profile = build_profile(runs[0], spans[0], *n_sizes)
-    if contention == "auto":
-        used = Contention(0.0, "none", "not measured for backprop (a data-parallel run's steps "
-                          "include its all-reduce); give --contention FACTOR for ranks that share a node")
-    elif contention == "none":
-        used = Contention(0.0, "none", "not applied (--contention none)")
-    else:
-        used = Contention(float(contention) - 1.0, "given", f"given: a step's work takes "
-                          f"{float(contention):g}x its time alone beside one other rank of its node")
+    used = _contention(contention)
     target = make_target(profile, overrides)
     counts = [n for n in ranks if n > 1] if "data_parallel" in schedules else []
     announce = check_work([("sequential on 1 rank", count_tasks(target.config, 1) + 1)]
@@ -293,31 +304,30 @@ def predict(runs: list[report_mod.Run], spans, *, ranks, schedules, network, con
                           progress)
     predictions = []
     announce("sequential on 1 rank")
-    base = simulate(profile, target, 1, network, used)
+    base = predict_ranks(profile, target, 1, network, used)
     for n in ([1] if "sequential" in schedules else []) + counts:
         if n > 1:
             announce(f"data_parallel on {n} ranks")
-        pred = base if n == 1 else simulate(profile, target, n, network, used)
+        pred = base if n == 1 else predict_ranks(profile, target, n, network, used)
         if pred.reason is None and base.reason is None:
-            pred.speedup = base.wall / pred.wall if pred.wall else None
-            pred.training_speedup = base.training / pred.training if pred.training else None
+            pred.against(base)
         # a measured run of the same scaling (report's problem settings leave run.scaling out)
-        _attach_measured(pred, target, [r for r in runs if n == 1 or
-                                         r.config.get("run", {}).get("scaling", "strong") == target.config.run.scaling])
+        attach_measured(pred, target, [r for r in runs if n == 1 or r.cfg.run.scaling == target.config.run.scaling])
         predictions.append(pred)
     return Outcome(profile, target, network, used, predictions,
                    _assumptions(profile, target, network, used, predictions))
 
 
-def _assumptions(profile: BPProfile, target, network, used, predictions) -> list[str]:
+def _assumptions(profile: BPProfile, target: Target, network: Network, used: Contention,
+                 predictions: list[Prediction]) -> list[str]:
     run, cfg = profile.run, target.config
     devices = ", ".join(sorted({rt.device for rt in run.ranks}))
     f, b = profile.per_step("forward"), profile.per_step("backward")
     o, x = profile.per_step("optimizer"), profile.per_step("other")
-    buckets = ddp_buckets(cfg.model.dims)
+    buckets = ddp_buckets(cfg.model.dims, classes_of(cfg))
     out = [
         (f"Step times come from {run.name} (backprop, 1 rank, {devices}, "
-         f"{run.config.get('train', {}).get('threads')} thread(s)): per step of {profile.rows} rows "
+         f"{run.cfg.train.threads} thread(s)): per step of {profile.rows} rows "
          f"forward {f * 1e3:.2f} ms, backward {b * 1e3:.2f} ms, optimizer {o * 1e3:.2f} ms, the "
          f"rest of the loop {x * 1e3:.2f} ms (medians over {len(profile.steps)} chapter(s)). Every "
          "predicted rank is as fast as that one: no straggler, no other job on the node."),

@@ -13,7 +13,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from .config import ConfigError
+from ..config import ConfigError
 
 
 @dataclass(frozen=True)
