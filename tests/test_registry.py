@@ -238,3 +238,42 @@ def test_the_suite_under_mpiexec(ranks, tmp_path, mpff_launch):
         counts = {key: int(suite.get(key)) for key in ("tests", "failures", "errors", "skipped")}
         assert counts["failures"] == counts["errors"] == 0, (report.name, counts)
         assert counts["tests"] - counts["skipped"] >= 10, (report.name, counts)
+
+
+WRAPPER = '''"""mpff train with a data set and a layer kind of one's own: register them, then hand over."""
+import sys
+
+sys.path.insert(0, {tests!r})
+from test_registry import TOY_CLASSES, TOY_INPUTS, TOY_TEST, TOY_TRAIN, BiasFreeLinear, read_toy
+
+from mpff import dataspec, layers
+from mpff.__main__ import _exit
+from mpff.cli import main
+
+dataspec.register(dataspec.DataSpec(name="toy", reader=read_toy, title="toy", input_dim=TOY_INPUTS,
+                                    num_classes=TOY_CLASSES, train_size=TOY_TRAIN, test_size=TOY_TEST,
+                                    needs_path=False))
+layers.register(BiasFreeLinear())
+_exit(main())
+'''
+
+
+@pytest.mark.mpi
+def test_mpff_train_takes_components_registered_by_a_wrapper_script(tmp_path, mpff_launch):
+    """The command-line route (docs/architecture.md): a script registers, then calls mpff's own
+    main; `mpiexec -n 2 python -m mpi4py wrapper.py train ...` trains the toy on All Layers."""
+    import os
+    wrapper = tmp_path / "wrapper.py"
+    wrapper.write_text(WRAPPER.format(tests=os.path.dirname(os.path.abspath(__file__))))
+    out = tmp_path / "run"
+    settings = ("data.dataset=toy", "data.train_subset=0", "data.test_subset=0", "model.dims=[64,32,32]",
+                "model.layer=toy_bias_free", "run.schedule=all_layers", "train.epochs=2", "train.chapters=2",
+                "train.batch_size=16", "run.report=false")
+    cmd = [mpff_launch.mpiexec, "-n", "2", mpff_launch.python, "-m", "mpi4py", str(wrapper), "train",
+           "--config", "tiny", "--out", str(out), "-q", *[x for s in settings for x in ("--set", s)]]
+    proc = subprocess.run(cmd, cwd=mpff_launch.root, env=mpff_launch.env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    model = load_model(str(out / "model.h5"))
+    assert [tuple(p.shape) for p in model.net.layers.parameters()] == [(32, 64), (32, 32)]  # no biases
+    assert "96 train / 32 test samples" in proc.stdout, proc.stdout
