@@ -180,7 +180,7 @@ start_slurmd() {  # start_slurmd I
     # the host's own network and hostname; slurmd's job steps inherit both
     # nsenter, not "ip netns exec": that mounts a sysfs of its own over /sys, hiding the cgroup
     # file systems slurmd needs; /sys/class/net then lists the root namespace's devices
-    nsenter --net=/var/run/netns/mpffh$i unshare --uts sh -c "hostname h$i && exec slurmd -N h$i"
+    nsenter --net="/var/run/netns/mpffh$i" unshare --uts sh -c "hostname h$i && exec slurmd -N h$i"
   else
     slurmd -N "n$i"
   fi
