@@ -19,7 +19,7 @@ round trip of 8 bytes; bandwidth: of 8 MiB messages) and `mpff predict` from the
 with that link, against the measured 2-host runs: the error of each schedule's training time.
 
     sudo MPFF_SLURM_NET=netns bash .ci/slurm.sh start          # the emulated cluster
-    .venv/bin/python benchmarks/network.py                      # ~25 minutes on 2 cores
+    .venv/bin/python benchmarks/network.py                      # ~40 minutes at --epochs 3 here
     .venv/bin/python benchmarks/network.py --profiles 100mbit --epochs 2   # one profile
 
 Writes benchmarks/results/network.json and network.png (speedup against link bandwidth per
