@@ -170,12 +170,7 @@ def test_preemption_on_two_hosts_requeues_and_resumes(hosts, tmp_path):
     and the second attempt resumes on the two hosts and finishes."""
     job, log, run_dir = two_host_job(tmp_path, "run.schedule=all_layers", "train.epochs=30",
                                      "train.chapters=30", "run.checkpoint_every=1")
-    deadline = time.time() + JOB_TIMEOUT
-    while not (log.exists() and re.search(r"^chapter +2/30 ", log.read_text(), re.M)):
-        if time.time() > deadline or any(r["JobState"] in TERMINAL for r in job_records(job)):
-            _run(["scancel", job])
-            pytest.fail(f"job {job} never reached chapter 2: {log.read_text() if log.exists() else ''}")
-        time.sleep(0.2)
+    _wait_for_chapter(job, log, 2, 30)
     sig = _run(["scancel", "--batch", "--signal=USR1", job])
     assert sig.returncode == 0, sig.stderr
     records = wait_for(job, log)
