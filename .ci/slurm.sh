@@ -24,6 +24,8 @@
 #
 #   MPFF_SLURM_NET=netns MPFF_SLURM_LINK=100mbit bash .ci/slurm.sh start
 #   bash .ci/slurm.sh link 1gbe          # reshape every link between jobs
+#   bash .ci/slurm.sh crash-slurmd h2    # SIGKILL one host's slurmd (a fault test)
+#   bash .ci/slurm.sh start-slurmd h2    # and bring it back
 #
 # makes $MPFF_SLURM_NODES hosts h1..hK (.ci/netns.sh): each a network namespace
 # with its own address (10.77.0.11, .12, ...), its own hostname (a UTS
@@ -295,6 +297,36 @@ cmd_stop() {
   [ -n "$quiet" ] || log "stopped"
 }
 
+node_index() {  # node_index hN|nN -> N, checked against the cluster's size
+  local i="${1#[hn]}"
+  case "$i" in ''|*[!0-9]*) log "no node '$1' (h1..h$nodes or n1..n$nodes)"; exit 2 ;; esac
+  [ "$i" -ge 1 ] && [ "$i" -le "$nodes" ] || { log "no node '$1' (1..$nodes)"; exit 2; }
+  echo "$i"
+}
+
+cmd_crash_slurmd() {  # SIGKILL the node's slurmd only: its job steps (slurmstepd) live on
+  local i f
+  i="$(node_index "${1:?usage: bash .ci/slurm.sh crash-slurmd NODE}")"
+  f="$dir/slurmd-$1.pid"
+  pid_alive "$f" || { log "slurmd of $1 is not running"; exit 1; }
+  kill -9 "$(cat "$f")"
+  rm -f "$f"
+}
+
+cmd_start_slurmd() {
+  local i t
+  i="$(node_index "${1:?usage: bash .ci/slurm.sh start-slurmd NODE}")"
+  case "$1" in h*) net=netns ;; *) net=local ;; esac
+  if pid_alive "$dir/slurmd-$1.pid"; then log "slurmd of $1 is already running"; return 0; fi
+  start_slurmd "$i"
+  for t in $(seq 1 150); do
+    pid_alive "$dir/slurmd-$1.pid" && return 0
+    sleep 0.2
+  done
+  log "slurmd of $1 did not start"
+  exit 1
+}
+
 cmd_status() {
   sinfo -N -l
 }
@@ -305,8 +337,10 @@ case "${1:-}" in
   stop) cmd_stop ;;
   status) cmd_status ;;
   link) bash "$here/netns.sh" link "${2:?usage: bash .ci/slurm.sh link unlimited|10gbe|1gbe|100mbit}" ;;
+  crash-slurmd) cmd_crash_slurmd "${2:-}" ;;
+  start-slurmd) need_root; cmd_start_slurmd "${2:-}" ;;
   *)
-    echo "usage: bash .ci/slurm.sh install|start|stop|status|link PROFILE" >&2
+    echo "usage: bash .ci/slurm.sh install|start|stop|status|link PROFILE|crash-slurmd NODE|start-slurmd NODE" >&2
     exit 2
     ;;
 esac

@@ -37,6 +37,10 @@ def self_comm() -> Any:
 
 
 class Comm:
+    #: what the communicator's calls raise when MPI cannot reach a peer (mpff.executor turns it
+    #: into a PeerLost halt): mpi4py sets MPI_ERRORS_RETURN, so a failed call raises
+    errors: tuple[type[BaseException], ...] = (MPI.Exception,)
+
     def __init__(self, comm: Any, poll_interval: float = 0.001) -> None:
         self.world = comm
         self.data = self.world.Dup()      # weight, head and negatives buffers
@@ -137,7 +141,10 @@ class Comm:
         """Tell every other rank that the run halts (``notice``: a small picklable tuple)."""
         for r in range(self.size):
             if r != self.rank:
-                self._notices.append(self.control.isend(notice, dest=r, tag=HALT_TAG))
+                try:
+                    self._notices.append(self.control.isend(notice, dest=r, tag=HALT_TAG))
+                except self.errors:  # that rank is gone (PeerLost): it needs no notice
+                    pass
 
     def halt_notice(self) -> Any:
         """A halt notice another rank sent, or None (does not wait)."""

@@ -23,7 +23,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from .halt import IOFailure, Preempted, Stalled, Watch, io_reason
+from .halt import IOFailure, PeerLost, Preempted, Stalled, Watch, io_reason
 from .plan import Buf, Plan, Task, Transfer
 from .progress import Record, Reporter
 
@@ -122,14 +122,31 @@ class Executor:
         #: bytes of receive buffers posted ahead and not yet taken in (see _post_recvs)
         self._posted_bytes = 0
         self.recv_budget = recv_budget
+        #: the peer of the message being posted or waited for, and what it is (for PeerLost)
+        self._peer: int = -1
+        self._doing: Any = "starting"   # a phrase, or (verb, Buf), formatted only when needed
 
     # ------------------------------------------------------------------ the loop
     def run(self) -> ExecResult:
         try:
             return self._run()
+        except getattr(self.comm, "errors", ()) as exc:
+            self.abandon()
+            raise self._lost(exc) from None
         except BaseException:
             self.abandon()
             raise
+
+    def _lost(self, exc: BaseException) -> PeerLost:
+        """The halt for an MPI failure: the peer and what this rank was doing with it, MPI's own
+        last line of the error (the transport's reason), and what to do."""
+        lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+        why = lines[-1] if lines else type(exc).__name__
+        who = self._who(self._peer) if self._peer >= 0 else "a peer"
+        doing = self._doing if isinstance(self._doing, str) else f"{self._doing[0]} {_name(self._doing[1])}"
+        return PeerLost(f"rank {self.rank} lost {who} while {doing}: MPI: {why}; its process, host "
+                        "or link is gone. Once it is back, resume with --resume (from the last complete "
+                        "checkpoint)", peer=self._peer)
 
     def abandon(self) -> None:
         """Leaving early (a stop, a stall, an error): cancel the receives still posted and keep
@@ -214,6 +231,7 @@ class Executor:
                 return
             self._recv_queue.pop(0)
             array = np.empty(count, dtype=dtype)
+            self._peer, self._doing = tr.peer, ("posting the receive of", tr.buf)
             self._recvs[tr.buf] = _Recv(tr, array, self.comm.irecv(array, tr.peer, tr.tag))
             self._posted_bytes += nbytes
 
@@ -246,6 +264,7 @@ class Executor:
         for tr in self.plan.sends[task]:
             start = self.tracer.now()
             array = self.state.pack(tr.buf, tr.full)
+            self._peer, self._doing = tr.peer, ("sending", tr.buf)
             req = self.comm.isend(array, tr.peer, tr.tag)
             self.tracer.add_span("send", tr.buf.chapter, tr.buf.index, start, self.tracer.now(),
                                  array.nbytes, tr.peer)
@@ -255,7 +274,10 @@ class Executor:
     def _wait(self, req: Any, what: str, peer: int = -1) -> None:
         """Wait for ``req``, polling; past the stall deadline the job cannot go on."""
         start = time.monotonic()
-        while not self.comm.test(req):
+        while True:
+            self._peer, self._doing = peer, f"waiting for {what}"
+            if self.comm.test(req):
+                return
             self._idle()
             if self.stall_timeout and time.monotonic() - start > self.stall_timeout:
                 raise Stalled(f"rank {self.rank} waited {self.stall_timeout:g} s for {what} "
@@ -275,7 +297,12 @@ class Executor:
     def _idle(self) -> None:
         self._check_stop()
         if self._sends:
-            self._sends = [s for s in self._sends if not self.comm.test(s[0])]
+            pending = []
+            for send in self._sends:
+                self._peer, self._doing = send[2].peer, ("sending", send[2].buf)
+                if not self.comm.test(send[0]):
+                    pending.append(send)
+            self._sends = pending
         self.reporter.poll()
 
     def _check_stop(self) -> None:

@@ -46,7 +46,8 @@ EXIT_CODES = {
     EXIT_BUG: "a bug (traceback; failure-rank<r>.txt in the run directory)",
     EXIT_USAGE: "bad input (one line says what to fix; nothing written)",
     EXIT_DIVERGED: "diverged (NaN or infinite loss or weights; no model written)",
-    EXIT_STALLED: "stalled (a peer silent longer than run.stall_timeout; job aborted)",
+    EXIT_STALLED: "stalled or lost a peer (silent longer than run.stall_timeout, or its process, host or "
+                  "link gone; job aborted)",
     EXIT_IO: "I/O error writing a trace, checkpoint, model or run.json",
     EXIT_PREEMPTED: "stopped by SIGTERM/SIGUSR1/SIGINT/SIGHUP; resume with --resume",
 }
@@ -98,6 +99,12 @@ class Stalled(Halt):
         self.peer = peer
 
 
+class PeerLost(Stalled):
+    """MPI failed talking to a peer: its process died, its host went down or the link broke. Not
+    a bug: the job is aborted as for a stall (no rank can reach the lost one) and a resume from
+    the last complete checkpoint continues once the peer is back."""
+
+
 class OutOfMemory(Halt):
     """The run's settings need more memory than a rank can allocate (a user's choice, such as
     train.batch_size, not a bug): one line saying what to lower."""
@@ -105,7 +112,7 @@ class OutOfMemory(Halt):
     status = "failed"
 
 
-HALTS = {cls.__name__: cls for cls in (Halt, Preempted, Diverged, IOFailure, Stalled, OutOfMemory)}
+HALTS = {cls.__name__: cls for cls in (Halt, Preempted, Diverged, IOFailure, Stalled, PeerLost, OutOfMemory)}
 
 
 def from_code(code: int) -> Halt:

@@ -33,6 +33,7 @@ from .halt import (
     Halt,
     IOFailure,
     OutOfMemory,
+    PeerLost,
     Preempted,
     Stalled,
     Watch,
@@ -315,9 +316,14 @@ def execute(setup: Setup, quiet: bool = False) -> Outcome:
             with tracer.span("io", plan.num_chapters - 1, -1):
                 _write_model(setup, state)
         with tracer.span("wait", -1, -1):
-            if comm.rank == 0:
-                executor.reporter.collect(timeout=cfg.run.stall_timeout, on_idle=watch.check)
-            comm.await_all(watch.check)  # ranks done early wait here, still stoppable
+            try:
+                if comm.rank == 0:
+                    executor.reporter.collect(timeout=cfg.run.stall_timeout, on_idle=watch.check)
+                comm.await_all(watch.check)  # ranks done early wait here, still stoppable
+            except getattr(comm, "errors", ()) as exc:
+                raise PeerLost(f"rank {comm.rank} lost a peer after training, waiting for the others to "
+                               f"finish: MPI: {str(exc).strip().splitlines()[-1]}; its process, host or link "
+                               "is gone. Resume with --resume once it is back") from None
         memory = _memory(setup, state)
         _close_trace(tracer, result, memory)
     except Halt as halt:

@@ -271,3 +271,83 @@ def test_a_cut_link_ends_the_job_as_stalled_and_resume_is_bit_identical(hosts, t
     assert info["resumed_after_chapter"] == done, info
     assert _weights(run_dir / "model.h5") == _reference(tmp_path)
     log.unlink()
+
+
+def _host_pids(host: str) -> list[int]:
+    """Every process of an emulated host: those in its network namespace."""
+    out = _run(["ip", "netns", "pids", f"mpff{host}"], timeout=10).stdout.split()
+    return [int(p) for p in out]
+
+
+def _start_slurmd(host: str) -> None:
+    proc = _run(["bash", SLURM_SH, "start-slurmd", host], timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    deadline = time.time() + 120
+    while not _nodes_up():
+        assert time.time() < deadline, _run(["sinfo", "-N", "-l"]).stdout
+        time.sleep(0.5)
+
+
+def _wait_until(what: str, cond, seconds: float) -> None:
+    deadline = time.time() + seconds
+    while not cond():
+        if time.time() > deadline:
+            pytest.fail(f"{what} did not happen within {seconds:.0f} s")
+        time.sleep(0.5)
+
+
+def test_a_host_crash_is_requeued_and_the_resume_is_bit_identical(hosts, tmp_path):
+    """Every process of h1 (the batch host: slurmd, the batch script, its step and rank 0)
+    SIGKILLed mid-run, as a crash would: rank 1 on h2 does not hang, SLURM marks h1 down
+    (SlurmdTimeout) and requeues the job (--requeue); once h1 is back the job resumes from the
+    last complete checkpoint and finishes bit-identical to an uninterrupted run."""
+    job, log, run_dir = two_host_job(tmp_path, *LONG_RUN, "run.stall_timeout=8")
+    try:
+        _wait_for_chapter(job, log, 3, 40)
+        for pid in _host_pids("h1"):
+            try:
+                os.kill(pid, 9)
+            except ProcessLookupError:
+                pass
+        crash = time.time()
+        _wait_until("the end of rank 1 on h2", lambda: not _rank_processes(run_dir), 30)
+        survivor_ended = time.time() - crash
+        _wait_until("SLURM's requeue of the job",
+                    lambda: any(r.get("Restarts") == "1" for r in job_records(job)), 300)
+    finally:
+        _start_slurmd("h1")
+    assert survivor_ended < 20, f"rank 1 on h2 ran {survivor_ended:.1f} s after its peer's host crashed"
+    records = wait_for(job, log)
+    assert_completed(records, log)
+    assert records[0]["Restarts"] == "1", records[0]
+    info = assert_finished_run(run_dir, 2, "all_layers")
+    assert [r["host"] for r in info["ranks"]] == list(hosts), info["ranks"]
+    assert info["resumed_after_chapter"] >= 2, info
+    assert _weights(run_dir / "model.h5") == _reference(tmp_path)
+    log.unlink()
+
+
+def test_a_crashed_slurmd_loses_nothing(hosts, tmp_path):
+    """h2's slurmd SIGKILLed mid-run (its job steps live on): whatever SLURM then decides (the
+    job finishes, or it ends and is requeued once the node is marked down), no data is lost: the
+    run finishes, on its own or by --resume, bit-identical to an uninterrupted run."""
+    job, log, run_dir = two_host_job(tmp_path, *LONG_RUN, "run.stall_timeout=8")
+    try:
+        _wait_for_chapter(job, log, 3, 40)
+        proc = _run(["bash", SLURM_SH, "crash-slurmd", "h2"], timeout=30)
+        assert proc.returncode == 0, proc.stderr
+        _wait_until("the end of the ranks", lambda: not _rank_processes(run_dir), 300)
+    finally:
+        _start_slurmd("h2")
+    records = wait_for(job, log)
+    state = json.loads((run_dir / "run.json").read_text())
+    if state["status"] != "finished":  # SLURM ended the job: resume it by hand
+        assert state.get("newest_complete_checkpoint") is not None, state
+        log.unlink()
+        job, log, _ = two_host_job(tmp_path, *LONG_RUN, resume=True)
+        records = wait_for(job, log)
+    assert_completed(records, log)
+    info = assert_finished_run(run_dir, 2, "all_layers")
+    assert [r["host"] for r in info["ranks"]] == list(hosts), info["ranks"]
+    assert _weights(run_dir / "model.h5") == _reference(tmp_path)
+    log.unlink()

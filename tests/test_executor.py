@@ -19,6 +19,7 @@ from mpi4py import MPI
 from mpff.comm import Comm
 from mpff.config import Config
 from mpff.executor import Executor, Preempted, Stalled
+from mpff.halt import EXIT_STALLED, PeerLost
 from mpff.plan import Buf, build_plan
 from mpff.progress import Board, Record, Reporter, expected
 from mpff.trace import Tracer
@@ -312,3 +313,27 @@ def test_a_stalled_peer_is_named(comm):
         assert "rank 1 waited 0.3 s for layer 1 of chapter 1 from rank 0 (run.stall_timeout)" in message, message
     else:
         assert message == ""
+
+
+def test_an_mpi_failure_with_a_peer_is_a_peer_lost_halt_naming_it():
+    """MPI failing a send (the peer's process, host or link gone) ends the rank with the stall's
+    exit code and one line naming the peer, what was being sent and MPI's reason, not a traceback."""
+    cfg = _cfg("single_layer", negatives="fixed", classifier="goodness", layers=2, chapters=1)
+    plan = build_plan(cfg, 2, n_train=N_TRAIN)   # rank 0's half of a two-rank plan, run alone
+    mc = Comm(MPI.COMM_SELF, poll_interval=0.0005)
+
+    def isend(buf, dest, tag):
+        raise MPI.Exception(MPI.ERR_OTHER)
+
+    mc.isend = isend
+    ex = Executor(plan, mc, ToyState(plan, 0), _tracer(0))
+    try:
+        with pytest.raises(PeerLost) as info:
+            ex.run()
+    finally:
+        mc.free()
+    halt = info.value
+    assert halt.code == EXIT_STALLED and halt.peer == 1 and isinstance(halt, Stalled)
+    text = str(halt)
+    assert "\n" not in text and text.startswith("rank 0 lost rank 1 while sending layer 1 of chapter 1"), text
+    assert "MPI: " in text and "--resume" in text, text
