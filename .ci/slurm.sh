@@ -300,7 +300,10 @@ cmd_stop() {
 node_index() {  # node_index hN|nN -> N, checked against the cluster's size
   local i="${1#[hn]}"
   case "$i" in ''|*[!0-9]*) log "no node '$1' (h1..h$nodes or n1..n$nodes)"; exit 2 ;; esac
-  [ "$i" -ge 1 ] && [ "$i" -le "$nodes" ] || { log "no node '$1' (1..$nodes)"; exit 2; }
+  if [ "$i" -lt 1 ] || [ "$i" -gt "$nodes" ]; then
+    log "no node '$1' (1..$nodes)"
+    exit 2
+  fi
   echo "$i"
 }
 
