@@ -96,7 +96,18 @@ class TrainConfig:
     epochs: int = 100
     """E: total epochs every layer is trained for."""
     chapters: int = 100
-    """S: number of chapters (splits); each chapter trains every layer for C = E/S epochs."""
+    """S: number of chapters (splits); each chapter trains every layer for C = E/S epochs.
+    With ``chapter_batches`` set it is derived from the data (``mpff train`` writes the count
+    into the run's config.toml)."""
+    chapter_batches: int = 0
+    """Chapters of K batches instead of C epochs (0: C = E/S epochs): chapter c is the next K
+    batches of the epochs' shuffled order, from many epochs down to 1 (per-batch FF); weights
+    travel after each chapter and S may exceed E (mpff.chapters). The data pushed through
+    the layers is held for the chapter's samples only, ``slice_batches`` at a time."""
+    slice_batches: int = 100
+    """With ``chapter_batches``: a chapter's samples go through the layers this many batches at
+    a time (a longer chapter is streamed: a layer's inputs are recomputed slice by slice), so a
+    rank holds a slice's activations, not the data set's. Part of the result (like the batch)."""
     batch_size: int = 64
     """Positive samples per step (each step also sees as many negatives)."""
     lr: float = 0.01
@@ -142,7 +153,14 @@ class TrainConfig:
         for name in ("epochs", "chapters", "batch_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"train.{name} must be at least 1")
-        if self.epochs % self.chapters:
+        if self.chapter_batches < 0 or self.slice_batches < 1:
+            raise ConfigError("train.chapter_batches must be >= 0 (0: chapters of whole epochs) and "
+                              "train.slice_batches at least 1")
+        if self.chapter_batches and self.adaptive_mode == "newest":
+            raise ConfigError("train.adaptive_mode = 'newest' reuses a chapter's negatives for the "
+                              "same samples, which chapters of train.chapter_batches never meet "
+                              "again; use adaptive_mode = 'lag'")
+        if self.epochs % self.chapters and not self.chapter_batches:
             raise ConfigError(
                 f"train.epochs ({self.epochs}) must be divisible by train.chapters ({self.chapters}); "
                 "choose chapters that divide the epochs"
@@ -160,7 +178,8 @@ class TrainConfig:
 
     @property
     def epochs_per_chapter(self) -> int:
-        return self.epochs // self.chapters
+        """C = E/S whole epochs (chapters of epochs; 0 with chapter_batches: see mpff.chapters)."""
+        return 0 if self.chapter_batches else self.epochs // self.chapters
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -336,6 +355,27 @@ class Config:
         return world_size if self.run.schedule == "federated" else 1
 
 
+    def chapter_geometry(self, n_train: int, world_size: int):
+        """With ``train.chapter_batches``: the chapters of a run on ``n_train`` samples and
+        ``world_size`` ranks (:class:`mpff.chapters.Chapters`); None for chapters of epochs."""
+        t = self.train
+        if not t.chapter_batches:
+            return None
+        from .chapters import Chapters
+
+        return Chapters(epochs=t.epochs, batch_size=t.batch_size, chapter_batches=t.chapter_batches,
+                        shard_lens=shard_sizes(n_train, self.resolved_shards(world_size)),
+                        slice_batches=t.slice_batches)
+
+    def with_chapters(self, n_train: int | None, world_size: int) -> Config:
+        """This configuration with ``train.chapters`` derived from ``train.chapter_batches`` for
+        ``n_train`` training samples (unchanged for chapters of epochs, or when n_train is unknown)."""
+        geometry = self.chapter_geometry(n_train, world_size) if n_train else None
+        if geometry is None or geometry.num_chapters == self.train.chapters:
+            return self
+        return self.replace(train={"chapters": geometry.num_chapters})
+
+
 def shard_sizes(n: int, shards: int) -> list[int]:
     """Samples in each of ``shards`` shards of ``n`` samples: np.array_split's rule, the first
     n mod shards shards one longer. The one statement of the shard rule (data, plan, predict)."""
@@ -349,7 +389,8 @@ def shard_sizes(n: int, shards: int) -> list[int]:
 #: presets, --set, config.toml written back by a run (it lists every key), ``replace``.
 FF_ONLY = {
     "model": ("threshold_coeff", "goodness", "norm_eps", "label_position", "neutral_value", "layer"),
-    "train": ("lr", "head_lr", "negatives", "adaptive_lag", "adaptive_mode", "classifier"),
+    "train": ("lr", "head_lr", "negatives", "adaptive_lag", "adaptive_mode", "classifier",
+              "chapter_batches", "slice_batches"),
     "data": ("shards",),
     "run": ("exchange",),
 }

@@ -291,17 +291,9 @@ def load_adam_state(opt: torch.optim.Optimizer, params: list[torch.Tensor], flat
         opt.state[p] = {"step": step.clone(), "exp_avg": avg, "exp_avg_sq": sq}
 
 
-def train_epochs(layer: FFLayer, opt: torch.optim.Optimizer, x_pos: torch.Tensor,
-                 x_neg: torch.Tensor, *, batch_size: int, lrs: list[float],
-                 seeds: list[int], check: Callable[[], None] | None = None) -> float:
-    """Train ``layer`` for len(lrs) epochs on (x_pos, x_neg); returns the last epoch's mean loss.
-
-    ``x_pos`` and ``x_neg`` are the layer's inputs for the whole chapter, *already normalised*
-    (normalisation is row-wise, so doing it once per chapter equals doing it per batch).
-    Positives and negatives of a batch go through one matrix product; the batch buffer is
-    allocated once; the loss is accumulated on the device (no host sync per batch).
-    ``check`` runs before every step (about a microsecond): it raises to stop the run, so a stop
-    takes effect within a step however many epochs the task has.
+class FFSteps:
+    """Adam steps of one FF layer on batches of (normalised) positives and negatives, the loss
+    accumulated on the device (no host sync per batch).
 
     The gradient is written out rather than taped: with ``z = s (g - theta)`` (s = -1 for a
     positive, +1 for a negative) and the loss ``mean(softplus(z))`` over the 2b rows,
@@ -311,39 +303,91 @@ def train_epochs(layer: FFLayer, opt: torch.optim.Optimizer, x_pos: torch.Tensor
     gradient's matrix product. The same gradient as autograd's to fp32 rounding (tested), in
     half the element-wise kernels and none of the tape (8 % less time a step on one CPU thread).
     """
-    n = x_pos.shape[0]
-    device = x_pos.device
-    dim = x_pos.shape[1]
-    buf = torch.empty(2 * batch_size, dim, dtype=x_pos.dtype, device=device)
-    weight, bias, theta = layer.weight, layer.bias, layer.threshold
-    use_mean = layer.goodness_kind == "mean"
-    per_unit = 1.0 / layer.out_features if use_mean else 1.0  # dg/dh = 2 h per_unit
-    signs = torch.cat([torch.full((batch_size,), -1.0, device=device), torch.ones(batch_size, device=device)])
-    total = torch.zeros((), dtype=torch.float64, device=device)
-    steps = 0
-    for perm in epochs(opt, n, device, lrs, [generator(seed) for seed in seeds]):
-        total.zero_()
-        steps = 0
-        for i in range(0, n, batch_size):
-            if check is not None:
-                check()
-            idx = perm[i:i + batch_size]
+
+    def __init__(self, layer: FFLayer, opt: torch.optim.Optimizer, x: torch.Tensor, batch_size: int,
+                 check: Callable[[], None] | None = None) -> None:
+        self.layer, self.opt, self.batch_size, self.check = layer, opt, batch_size, check
+        device = x.device
+        # the batch buffer is allocated once
+        self.buf = torch.empty(2 * batch_size, x.shape[1], dtype=x.dtype, device=device)
+        self.signs = torch.cat([torch.full((batch_size,), -1.0, device=device),
+                                torch.ones(batch_size, device=device)])
+        self.per_unit = 1.0 / layer.out_features if layer.goodness_kind == "mean" else 1.0  # dg/dh = 2 h per_unit
+        self.total = torch.zeros((), dtype=torch.float64, device=device)
+        self.steps = 0
+
+    def reset(self) -> None:
+        self.total.zero_()
+        self.steps = 0
+
+    def mean_loss(self) -> float:
+        return float(self.total.item()) / max(self.steps, 1)  # note: one host sync
+
+    def step(self, x_pos: torch.Tensor, x_neg: torch.Tensor, idx: torch.Tensor | slice) -> None:
+        """One step on rows ``idx`` (an index tensor, or a slice of consecutive rows)."""
+        if self.check is not None:
+            self.check()
+        layer, batch_size = self.layer, self.batch_size
+        weight, bias, theta = layer.weight, layer.bias, layer.threshold
+        if isinstance(idx, slice):
+            b = x_pos[idx].shape[0]
+            xb = self.buf[:2 * b]
+            xb[:b].copy_(x_pos[idx])
+            xb[b:].copy_(x_neg[idx])
+        else:
             b = idx.shape[0]
-            xb = buf[:2 * b]
+            xb = self.buf[:2 * b]
             torch.index_select(x_pos, 0, idx, out=xb[:b])
             torch.index_select(x_neg, 0, idx, out=xb[b:])
-            s = signs if b == batch_size else torch.cat([signs[:b], signs[batch_size:batch_size + b]])
-            with torch.no_grad():
-                h = linear(xb, weight, bias).relu_()
-                g = h.pow(2).mean(dim=1) if use_mean else h.pow(2).sum(dim=1)
-                z = (g - theta).mul_(s)                      # theta - g_pos, g_neg - theta
-                total += F.softplus(z).mean()
-                coef = torch.sigmoid(z).mul_(s).mul_(2.0 * per_unit / (2 * b))
-                grad = h.mul_(coef.unsqueeze(1))             # d loss / d pre-activation
-                opt.zero_grad(set_to_none=True)              # the last gradient goes before the next is made
-                weight.grad = linear(grad.t(), xb.t())       # grad.T @ xb, at the matmul precision
-                if bias is not None:
-                    bias.grad = grad.sum(dim=0)
-            opt.step()
-            steps += 1
-    return float(total.item()) / max(steps, 1)  # note: one host sync per task, not per batch
+        signs = self.signs
+        s = signs if b == batch_size else torch.cat([signs[:b], signs[batch_size:batch_size + b]])
+        with torch.no_grad():
+            h = linear(xb, weight, bias).relu_()
+            g = h.pow(2).mean(dim=1) if layer.goodness_kind == "mean" else h.pow(2).sum(dim=1)
+            z = (g - theta).mul_(s)                      # theta - g_pos, g_neg - theta
+            self.total += F.softplus(z).mean()
+            coef = torch.sigmoid(z).mul_(s).mul_(2.0 * self.per_unit / (2 * b))
+            grad = h.mul_(coef.unsqueeze(1))             # d loss / d pre-activation
+            self.opt.zero_grad(set_to_none=True)         # the last gradient goes before the next is made
+            weight.grad = linear(grad.t(), xb.t())       # grad.T @ xb, at the matmul precision
+            if bias is not None:
+                bias.grad = grad.sum(dim=0)
+        self.opt.step()
+        self.steps += 1
+
+
+def set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
+    for group in opt.param_groups:
+        group["lr"] = lr
+
+
+def train_epochs(layer: FFLayer, opt: torch.optim.Optimizer, x_pos: torch.Tensor,
+                 x_neg: torch.Tensor, *, batch_size: int, lrs: list[float],
+                 seeds: list[int], check: Callable[[], None] | None = None) -> float:
+    """Train ``layer`` for len(lrs) epochs on (x_pos, x_neg); returns the last epoch's mean loss.
+
+    ``x_pos`` and ``x_neg`` are the layer's inputs for the whole chapter, *already normalised*
+    (normalisation is row-wise, so doing it once per chapter equals doing it per batch).
+    Positives and negatives of a batch go through one matrix product (:class:`FFSteps`).
+    ``check`` runs before every step (about a microsecond): it raises to stop the run, so a stop
+    takes effect within a step however many epochs the task has.
+    """
+    n = x_pos.shape[0]
+    steps = FFSteps(layer, opt, x_pos, batch_size, check)
+    for perm in epochs(opt, n, x_pos.device, lrs, [generator(seed) for seed in seeds]):
+        steps.reset()
+        for i in range(0, n, batch_size):
+            steps.step(x_pos, x_neg, perm[i:i + batch_size])
+    return steps.mean_loss()
+
+
+def train_batches(steps: FFSteps, x_pos: torch.Tensor, x_neg: torch.Tensor, batches) -> None:
+    """Steps on consecutive batches of (x_pos, x_neg), already normalised and in training order
+    (a chapter of train.chapter_batches, :class:`mpff.chapters.Batch`: ``start``, ``rows`` and
+    the rate ``lr``, given as (start, rows, lr) triples); the loss accumulates in ``steps``."""
+    lr_now = None
+    for start, rows, lr in batches:
+        if lr != lr_now:
+            set_lr(steps.opt, lr)
+            lr_now = lr
+        steps.step(x_pos, x_neg, slice(start, start + rows))

@@ -17,9 +17,29 @@ import numpy as np
 import torch
 
 from .config import Config, shard_sizes
-from .ff import adam_state, chapter_rates, load_adam_state, make_adam, matmul_precision, seed_for, train_epochs
+from .ff import (
+    FFSteps,
+    adam_state,
+    chapter_rates,
+    cooldown_lr,
+    generator,
+    load_adam_state,
+    make_adam,
+    matmul_precision,
+    seed_for,
+    train_batches,
+    train_epochs,
+)
 from .halt import Diverged
-from .model import FFNet, hardest_wrong_label, overlay, random_negatives, train_head
+from .model import (
+    FFNet,
+    hardest_wrong_label,
+    overlay,
+    random_negatives,
+    train_head,
+    train_head_batches,
+    wrong_label_offsets,
+)
 from .plan import Buf, Plan, Task
 from .progress import Record
 
@@ -75,6 +95,13 @@ class FFState:
         #: shipped inputs (run.inputs = "ship"): chapter -> (layer whose outputs, h_pos, h_neg)
         self._act: dict[int, tuple[int, torch.Tensor, torch.Tensor]] = {}
         self._act_out: dict[tuple[int, int], np.ndarray] = {}  # (layer, chapter) -> array to send
+        #: chapters of train.chapter_batches (mpff.chapters): the chapter whose rows, labels and
+        #: negatives are at hand; the shard permutations of the epochs in use; the last slice's
+        #: inputs (chapter, slice, last layer applied, h_pos, h_neg); the fixed negatives' offsets
+        self._rows: tuple | None = None
+        self._perms: dict[tuple[int, int], np.ndarray] = {}
+        self._slice_cache: tuple | None = None
+        self._fixed_offsets: np.ndarray | None = None
 
     # ------------------------------------------------------------------ what mpff train asks (mpff.algorithms)
     @classmethod
@@ -131,6 +158,8 @@ class FFState:
 
     def negatives_for(self, chapter: int) -> np.ndarray:
         """Wrong labels used in ``chapter`` for the samples of that chapter's shard."""
+        if self.plan.geometry is not None:
+            return self._chapter(chapter)[2]
         t = self.cfg.train
         s = self.plan.data_shard(chapter)
         idx = self.shard_index[s]
@@ -174,6 +203,9 @@ class FFState:
         self._passed = boundary
         for b in [b for b in self._kept if b.chapter <= boundary]:
             del self._kept[b]
+        if self.plan.geometry is not None:  # a chapter's negatives are for its samples only
+            for c in [c for c in self.neg_labels if c <= boundary]:
+                del self.neg_labels[c]
 
     def _set_params(self, b: Buf, flat_np: np.ndarray) -> int:
         module, _ = self._module(b)
@@ -283,7 +315,10 @@ class FFState:
     def prepare(self, task: Task) -> None:
         if task.kind == "train":
             with matmul_precision(self.cfg.train.precision, self.device):
-                self._inputs(task.chapter, task.layer)
+                if self.plan.geometry is None:
+                    self._inputs(task.chapter, task.layer)
+                elif self.plan.geometry.num_batches(task.chapter):
+                    self._slice_inputs(task.chapter, task.layer, 0)
 
     def run(self, task: Task) -> list[Record]:
         with matmul_precision(self.cfg.train.precision, self.device):
@@ -354,6 +389,8 @@ class FFState:
         """Layer k's outputs on the chapter's positives and negatives, for the next block's rank
         (the forward pass it would otherwise repeat through every layer below it)."""
         c, k = task.chapter, task.layer
+        if self.plan.geometry is not None:
+            return self._ship_slices(task)
         h_pos, h_neg = self._inputs(c, k)
         layer = self.net.layers[k]
         with self.tracer.span("ship", c, k):
@@ -370,16 +407,20 @@ class FFState:
 
     def _do_train(self, task: Task) -> list[Record]:
         c, k = task.chapter, task.layer
-        h_pos, h_neg = self._inputs(c, k)
         layer = self.net.layers[k]
-        self._retain("layer", k)
-        with self.tracer.span("train", c, k):
-            xn_pos, xn_neg = layer.normalize_all(h_pos), layer.normalize_all(h_neg)
-            lrs, seeds = self._lrs_and_seeds(self.cfg.train.lr, c, SHUFFLE_STREAM, k)
-            loss = train_epochs(layer, self.opts[k], xn_pos, xn_neg, batch_size=self.cfg.train.batch_size,
-                                lrs=lrs, seeds=seeds, check=self.check)
-            del xn_pos, xn_neg
-            self._sync()
+        if self.plan.geometry is not None:
+            self._retain("layer", k)
+            loss = self._train_slices(c, k)
+        else:
+            h_pos, h_neg = self._inputs(c, k)
+            self._retain("layer", k)
+            with self.tracer.span("train", c, k):
+                xn_pos, xn_neg = layer.normalize_all(h_pos), layer.normalize_all(h_neg)
+                lrs, seeds = self._lrs_and_seeds(self.cfg.train.lr, c, SHUFFLE_STREAM, k)
+                loss = train_epochs(layer, self.opts[k], xn_pos, xn_neg, batch_size=self.cfg.train.batch_size,
+                                    lrs=lrs, seeds=seeds, check=self.check)
+                del xn_pos, xn_neg
+                self._sync()
         self._check_finite(f"layer {k + 1}", c, loss, layer.parameters(), "train.lr", self.cfg.train.lr)
         self.version[("layer", k)] = c
         self.tracer.scalar("loss", c, k, loss)
@@ -390,9 +431,11 @@ class FFState:
 
     def _do_head(self, task: Task) -> list[Record]:
         c = task.chapter
+        self._retain("head", -1)
+        if self.plan.geometry is not None:
+            return self._head_slices(c)
         s = self.plan.data_shard(c)
         sh = self.shard(s)
-        self._retain("head", -1)
         with self.tracer.span("head", c, -1):
             feats = self.net.head_features(sh["x"], check=self.check)
             lrs, seeds = self._lrs_and_seeds(self.cfg.train.head_lr, c, HEAD_STREAM, -1)
@@ -407,6 +450,9 @@ class FFState:
                 and self.plan.data_shard(c + 1 + self.plan.lag) == s):
             self._features = (s, self._layer_versions(), feats)
         del feats
+        return self._head_done(c, loss)
+
+    def _head_done(self, c: int, loss: float) -> list[Record]:
         self._check_finite("the softmax head", c, loss, self.net.head.parameters(), "train.head_lr",
                            self.cfg.train.head_lr)
         self.version[("head", -1)] = c
@@ -415,6 +461,10 @@ class FFState:
 
     def _do_negatives(self, task: Task) -> list[Record]:
         target = task.chapter + 1 + self.plan.lag
+        if self.plan.geometry is not None:
+            with self.tracer.span("negatives", task.chapter, -1):
+                self.neg_labels[target] = self._adaptive_slices(target)
+            return []
         sh = self.shard(self.plan.data_shard(target))
         with self.tracer.span("negatives", task.chapter, -1):
             kept, self._features = self._features, None
@@ -441,3 +491,144 @@ class FFState:
 
     def _do_final(self, task: Task) -> list[Record]:
         return []  # the network is complete here; the run directory writes the model
+
+    # ------------------------------------------------------------------ chapters of train.chapter_batches
+    def _perm(self, shard: int, epoch: int) -> np.ndarray:
+        """Epoch ``epoch``'s order of the shard's samples: from (seed, shard, epoch) alone, shared
+        by every layer, the same on every rank (two kept: a chapter spans at most a few epochs)."""
+        key = (shard, epoch)
+        if key not in self._perms:
+            g = generator(self.cfg.train.seed, SHUFFLE_STREAM, shard, epoch)
+            self._perms[key] = torch.randperm(len(self.shard_index[shard]), generator=g).numpy()
+            while len(self._perms) > 2:
+                del self._perms[next(iter(self._perms))]
+        return self._perms[key]
+
+    def _chapter_indices(self, chapter: int) -> np.ndarray:
+        """The chapter's samples in training order, as indices into the training set."""
+        geometry = self.plan.geometry
+        s = geometry.shard(chapter)
+        parts = [self._perm(s, b.epoch)[b.lo:b.lo + b.rows] for b in geometry.batches(chapter)]
+        return self.shard_index[s][np.concatenate(parts)] if parts else np.zeros(0, dtype=np.int64)
+
+    def _chapter(self, chapter: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The chapter's samples in training order: (indices into the training set, labels,
+        negative labels), for the chapter at hand only."""
+        if self._rows is not None and self._rows[0] == chapter:
+            return self._rows[1:]
+        idx = self._chapter_indices(chapter)
+        y = self.y_train[idx]
+        t, classes = self.cfg.train, self.net.num_classes
+        if t.negatives == "random":  # drawn for the chapter's samples alone
+            neg = (y + wrong_label_offsets(len(idx), t.seed, RANDOM_STREAM, chapter, num_classes=classes)) % classes
+        elif t.negatives == "adaptive" and chapter > t.adaptive_lag:
+            neg = self.neg_labels[chapter]
+        else:  # fixed: one wrong label per sample, drawn once for the training set
+            if self._fixed_offsets is None:
+                self._fixed_offsets = wrong_label_offsets(self.n_train, t.seed, FIXED_STREAM, num_classes=classes)
+            neg = (y + self._fixed_offsets[idx]) % classes
+        self._rows = (chapter, idx, y, neg)
+        return idx, y, neg
+
+    def _slice_rows(self, chapter: int, i: int) -> tuple[int, int, list[tuple[int, int, int]]]:
+        """Slice i of the chapter: its first and end row, and its batches as (start within the
+        slice, rows, global epoch)."""
+        batches = self.plan.geometry.slices(chapter)[i]
+        lo = batches[0].start
+        hi = batches[-1].start + batches[-1].rows
+        return lo, hi, [(b.start - lo, b.rows, b.global_epoch) for b in batches]
+
+    def _slice_x(self, chapter: int, i: int) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
+        """Slice i's inputs (no label written in), labels and negative labels, on the device."""
+        idx, y, neg = self._chapter(chapter)
+        lo, hi, _ = self._slice_rows(chapter, i)
+        x = torch.from_numpy(self._x_train_np[idx[lo:hi]]).to(self.device)
+        return x, torch.from_numpy(y[lo:hi]).to(self.device), neg[lo:hi]
+
+    def _slice_inputs(self, chapter: int, layer: int, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Inputs of ``layer`` on slice i of ``chapter``: its positives and negatives pushed
+        through layers 0..layer-1 as trained in this chapter (from the last slice's cache when it
+        got that far), or with shipped inputs, from the outputs of the layer before the block."""
+        b0 = self.plan.block_start(layer) if self.plan.ship else 0
+        cache = self._slice_cache
+        if cache is not None and cache[:2] == (chapter, i) and b0 - 1 <= cache[2] < layer:
+            _, _, j, h_pos, h_neg = cache
+        elif b0 > 0:
+            lo, hi, _ = self._slice_rows(chapter, i)
+            j, a_pos, a_neg = self._act[chapter]
+            h_pos, h_neg = a_pos[lo:hi], a_neg[lo:hi]
+        else:
+            x, y, neg = self._slice_x(chapter, i)
+            position, classes = self.cfg.model.label_position, self.net.num_classes
+            h_pos = overlay(x, y, position, num_classes=classes)
+            h_neg = overlay(x, torch.from_numpy(neg).to(self.device), position, num_classes=classes)
+            j = -1
+        for k in range(j + 1, layer):
+            with self.tracer.span("forward", chapter, layer):
+                layer_k = self.net.layers[k]
+                h_pos = layer_k.forward_all(h_pos, check=self.check)
+                h_neg = layer_k.forward_all(h_neg, check=self.check)
+                self._sync()
+            self._slice_cache = (chapter, i, k, h_pos, h_neg)
+        return h_pos, h_neg
+
+    def _rates(self, lr0: float, batches: list[tuple[int, int, int]]) -> list[tuple[int, int, float]]:
+        t = self.cfg.train
+        return [(start, rows, cooldown_lr(lr0, e, t.epochs, t.cooldown_final)) for start, rows, e in batches]
+
+    def _train_slices(self, c: int, k: int) -> float:
+        """Train layer k on chapter c's batches in order, slice by slice; the chapter's mean loss."""
+        layer, steps = self.net.layers[k], None
+        for i in range(len(self.plan.geometry.slices(c))):
+            h_pos, h_neg = self._slice_inputs(c, k, i)
+            with self.tracer.span("train", c, k):
+                xn_pos, xn_neg = layer.normalize_all(h_pos), layer.normalize_all(h_neg)
+                if steps is None:
+                    steps = FFSteps(layer, self.opts[k], xn_pos, self.cfg.train.batch_size, self.check)
+                train_batches(steps, xn_pos, xn_neg, self._rates(self.cfg.train.lr, self._slice_rows(c, i)[2]))
+                del xn_pos, xn_neg
+                self._sync()
+        return 0.0 if steps is None else steps.mean_loss()
+
+    def _ship_slices(self, task: Task) -> list[Record]:
+        """Layer k's outputs on the whole chapter's positives and negatives, slice by slice."""
+        c, k = task.chapter, task.layer
+        layer = self.net.layers[k]
+        out = np.empty((2, self.plan.chapter_rows(c), layer.out_features), dtype=np.float32)
+        view = torch.from_numpy(out)
+        for i in range(len(self.plan.geometry.slices(c))):
+            h_pos, h_neg = self._slice_inputs(c, k, i)
+            lo, hi, _ = self._slice_rows(c, i)
+            with self.tracer.span("ship", c, k):
+                view[0, lo:hi] = layer.forward_all(h_pos, check=self.check).cpu()  # note: device-to-host
+                view[1, lo:hi] = layer.forward_all(h_neg, check=self.check).cpu()
+        self._act_out[(k, c)] = out
+        return []
+
+    def _head_slices(self, c: int) -> list[Record]:
+        """The softmax head on chapter c's batches in order, slice by slice."""
+        total = torch.zeros((), dtype=torch.float64, device=self.device)
+        steps = 0
+        for i in range(len(self.plan.geometry.slices(c))):
+            x, y, _ = self._slice_x(c, i)
+            with self.tracer.span("head", c, -1):
+                feats = self.net.head_features(x, check=self.check)
+                steps += train_head_batches(self.net, self.head_opt, feats, y,
+                                            self._rates(self.cfg.train.head_lr, self._slice_rows(c, i)[2]),
+                                            total, check=self.check)
+                del feats
+                self._sync()
+        loss = float(total.item()) / max(steps, 1)
+        return self._head_done(c, loss)
+
+    def _adaptive_slices(self, target: int) -> np.ndarray:
+        """The most-predicted wrong label of each sample of chapter ``target``, slice by slice."""
+        labels = []
+        idx = self._chapter_indices(target)
+        y = self.y_train[idx]
+        for i in range(len(self.plan.geometry.slices(target))):
+            lo, hi, _ = self._slice_rows(target, i)
+            x = torch.from_numpy(self._x_train_np[idx[lo:hi]]).to(self.device)
+            labels.append(self.net.adaptive_negatives(x, torch.from_numpy(y[lo:hi]), self.cfg.train.classifier,
+                                                      check=self.check).cpu().numpy().astype(np.int64))
+        return np.concatenate(labels) if labels else np.zeros(0, dtype=np.int64)

@@ -260,7 +260,9 @@ def bp_rank(cfg, n_train: int, world_size: int) -> dict[str, int | str]:
 
 def ff_rank(cfg, n_train: int, world_size: int) -> dict[str, int | str]:
     """FF: the rank trains every layer (Sequential, All Layers, Federated) or its block of
-    layers (Single Layer, the block with the most parameters); chapter data is for its shard."""
+    layers (Single Layer, the block with the most parameters); chapter data is for its shard,
+    or with train.chapter_batches for one slice of the chapter (the data set itself is the
+    baseline either way)."""
     dims, kind = cfg.model.dims, cfg.model.layer
     trained = None
     if cfg.run.schedule == "single_layer" and world_size > 1:
@@ -270,6 +272,9 @@ def ff_rank(cfg, n_train: int, world_size: int) -> dict[str, int | str]:
                       key=lambda ks: sum(ff_layer_parameters(dims, k, kind) for k in ks))
     shards = cfg.resolved_shards(world_size)
     rows = -(-n_train // shards)
+    t = cfg.train
+    if t.chapter_batches:  # a chapter's samples, pushed through the layers a slice at a time
+        rows = min(rows, t.batch_size * min(t.chapter_batches, t.slice_batches))
     return {"algorithm": "ff", "chapter_rows": rows,
             **ff_analytic(dims, cfg.train.batch_size, rows, trained_layers=trained,
                           softmax=cfg.train.classifier == "softmax", num_classes=_classes(cfg), layer=kind)}

@@ -236,6 +236,29 @@ def train_head(net: FFNet, opt: torch.optim.Optimizer, feats: torch.Tensor, y: t
 MLP_INIT_STREAM = 0xB1
 
 
+def train_head_batches(net: FFNet, opt: torch.optim.Optimizer, feats: torch.Tensor, y: torch.Tensor,
+                       batches, total: torch.Tensor, check: Callable[[], None] | None = None) -> int:
+    """The softmax head's steps on consecutive batches of ``feats`` in order ((start, rows, lr)
+    triples: a slice of a chapter of train.chapter_batches); the loss accumulates in ``total``.
+    Returns the number of steps."""
+    y = y.to(feats.device)
+    lr_now, steps = None, 0
+    for start, rows, lr in batches:
+        if check is not None:
+            check()
+        if lr != lr_now:
+            for group in opt.param_groups:
+                group["lr"] = lr
+            lr_now = lr
+        loss = F.cross_entropy(net.head(feats[start:start + rows]), y[start:start + rows])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        total += loss.detach()
+        steps += 1
+    return steps
+
+
 class MLP(nn.Module):
     """``dims[0] -> ... -> dims[-1] -> classes``: Linear and ReLU per hidden layer, a linear output."""
 

@@ -105,7 +105,7 @@ def _balanced_blocks(costs: list[float], feeds: list[float], parts: int) -> list
     return blocks[::-1]
 
 
-def layer_work(dims, epochs_per_chapter: int, kind: str = layers.DEFAULT) -> tuple[list[float], list[float]]:
+def layer_work(dims, epochs_per_chapter: float, kind: str = layers.DEFAULT) -> tuple[list[float], list[float]]:
     """(training, forward) work per layer and chapter in multiply-adds per sample: a forward
     pass through layer k costs what its kind says (in*out for a linear layer); training costs
     about three passes (forward, and the backward pass's two products) for each of the
@@ -147,8 +147,13 @@ class Plan:
 
     def __init__(self, cfg: Config, world_size: int, start_chapter: int = 0,
                  n_train: int | None = None, num_classes: int | None = None) -> None:
+        #: chapters of train.chapter_batches: their count follows from the training samples
+        #: (those of the data set's files when known, else what the configuration says)
+        cfg = cfg.with_chapters(n_train or cfg.data.train_samples or _STAND_IN[0], world_size)
         self.cfg = cfg
         self.n_train = n_train  # training samples: sizes the negatives buffers (None: unknown)
+        #: which batches each chapter holds (mpff.chapters); None for chapters of whole epochs
+        self.geometry = cfg.chapter_geometry(n_train, world_size) if n_train else None
         #: classes of the data set: the width of the head and of backprop's output, the labels the
         #: goodness classifier tries; None takes the data set's count (that of an ImageFolder is
         #: known once its folders are read: the default count stands for it until then)
@@ -198,7 +203,7 @@ class Plan:
         if self.cfg.run.blocks == "count":
             return layer_blocks(self.num_layers, self.world_size)
         m = self.cfg.model
-        costs, feeds = layer_work(m.dims, self.cfg.train.epochs_per_chapter, m.layer)
+        costs, feeds = layer_work(m.dims, self.chapter_epochs, m.layer)
         return layer_blocks(self.num_layers, self.world_size, costs, feeds)
 
     # ----- the graph -----
@@ -243,7 +248,7 @@ class Plan:
             return {}
         n = self.world_size
         m, data = self.cfg.model, self.cfg.data
-        costs, fwd = layer_work(m.dims, self.cfg.train.epochs_per_chapter, m.layer)
+        costs, fwd = layer_work(m.dims, self.chapter_epochs, m.layer)
         rows = 2 * (self.n_train or data.train_samples or _STAND_IN[0])  # positives and negatives
         n_test = data.test_samples or _STAND_IN[1]
         chapter = [0.0] * n
@@ -419,6 +424,23 @@ class Plan:
     def data_shard(self, chapter: int) -> int:
         return chapter % self.shards
 
+    @property
+    def chapter_epochs(self) -> float:
+        """A chapter's length in epochs of its shard: C, or for chapters of train.chapter_batches
+        their mean (from the configured sizes when the plan was built without n_train)."""
+        t = self.cfg.train
+        if not t.chapter_batches:
+            return float(t.epochs_per_chapter)
+        geometry = self.geometry or self.cfg.chapter_geometry(
+            self.cfg.data.train_samples or _STAND_IN[0], self.world_size)
+        return geometry.mean_epochs()
+
+    def chapter_rows(self, chapter: int) -> int:
+        """Samples chapter ``chapter`` trains on: its shard, or its batches (train.chapter_batches)."""
+        if self.geometry is not None:
+            return self.geometry.rows(chapter)
+        return self.shard_len(self.data_shard(chapter))
+
     def shard_len(self, shard: int) -> int:
         """Samples in ``shard`` (np.array_split of the training set into ``shards`` parts)."""
         if self.n_train is None:
@@ -430,12 +452,12 @@ class Plan:
         is its parameters (the tensors its kind names, :mod:`mpff.layers`: weight then bias for a
         linear layer) and, when ``full``, Adam's step, exp_avg and exp_avg_sq;
         so is backprop's "model" (all its Linear layers, the output layer included, one Adam);
-        negatives are one int64 label per sample of the chapter's shard."""
+        negatives are one int64 label per sample of the chapter (its shard, or its batches)."""
         if b.kind == "neg":
-            return self.shard_len(self.data_shard(b.chapter)), np.int64
+            return self.chapter_rows(b.chapter), np.int64
         dims = self.cfg.model.dims
         if b.kind == "act":  # layer b.index's outputs on the chapter's positives, then negatives
-            return 2 * self.shard_len(self.data_shard(b.chapter)) * dims[b.index + 1], np.float32
+            return 2 * self.chapter_rows(b.chapter) * dims[b.index + 1], np.float32
         if b.kind == "layer":  # its tensors in the order of the module's parameters (mpff.layers)
             n = layers.layer_params(dims, b.index, self.cfg.model.layer)
         elif b.kind == "head":
@@ -471,6 +493,7 @@ def build_plan(cfg: Config, world_size: int, start_chapter: int = 0, n_train: in
 def count_tasks(cfg: Config, world_size: int) -> int:
     """How many tasks the plan of ``cfg`` on ``world_size`` ranks has, counted without building
     it (so a caller can refuse a plan too big to build): ``len(build_plan(cfg, n).tasks)``."""
+    cfg = cfg.with_chapters(cfg.data.train_samples or _STAND_IN[0], world_size)
     chapters, layers = cfg.train.chapters, cfg.model.num_layers
     backprop = cfg.train.algorithm == "backprop"
     n = chapters * (1 if backprop else layers)

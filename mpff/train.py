@@ -167,6 +167,7 @@ def prepare(comm, args: argparse.Namespace) -> Setup | int:
         ready, error = _collectively(comm, lambda: _load_data(comm, cfg, rundir, resume))
     if error is None:
         device, dataset, plan, snapshot, memory_base = ready
+        cfg = plan.cfg  # with train.chapter_batches, the chapters the data makes (config.toml says so)
         _, error = _on_root(comm, lambda: _take_run_dir(rundir))
     if error is not None:
         code, message = error
@@ -267,6 +268,10 @@ def _find_resume_point(rundir, cfg: Config) -> tuple[int, int] | str:
     old = json.loads(state["config"])
     new = cfg.to_dict()
     defaults = Config().to_dict()
+    if cfg.train.chapter_batches:  # the count follows from the data (the [data] settings are compared)
+        new["train"].pop("chapters")
+        old["train"].pop("chapters", None)
+        defaults["train"].pop("chapters")
     for section in ("model", "train", "data"):
         old[section] = {**defaults[section], **old[section]}  # a key it lacks (an older mpff) takes its default
         if old[section] != new[section]:
@@ -725,7 +730,7 @@ def train_local(cfg: Config, dataset, *, tracer=None, device: torch.device | Non
     try:
         plan = build_plan(cfg, 1, n_train=dataset.x_train.shape[0], num_classes=dataset.num_classes)
         tracer = tracer or Tracer(None, 0, {}, enabled=False)
-        state = FFState(cfg, plan, dataset, tracer, device or torch.device("cpu"))
+        state = FFState(plan.cfg, plan, dataset, tracer, device or torch.device("cpu"))
         Executor(plan, comm, state, tracer).run()
         return state
     finally:

@@ -46,6 +46,7 @@ class Case:
     classifier: str = "goodness"
     exchange: str = "full"
     inputs: str = "recompute"
+    chapter_batches: int = 0   # 0: chapters of whole epochs
 
     @property
     def lag(self) -> int:
@@ -59,24 +60,33 @@ class Case:
 
     @property
     def ref_key(self) -> tuple:
-        return (self.negatives, self.classifier, self.lag, self.shards)
+        return (self.negatives, self.classifier, self.lag, self.shards, self.chapter_batches)
 
     def settings(self) -> tuple[str, ...]:
         return BASE + (f"run.schedule={self.schedule}", f"run.exchange={self.exchange}",
                        f"train.negatives={self.negatives}", f"train.adaptive_lag={self.lag}",
-                       f"train.classifier={self.classifier}", f"run.inputs={self.inputs}")
+                       f"train.classifier={self.classifier}", f"run.inputs={self.inputs}",
+                       f"train.chapter_batches={self.chapter_batches}")
 
     def __str__(self) -> str:
         extra = "" if self.classifier == "goodness" else f"-{self.classifier}"
         extra += "" if self.exchange == "full" else f"-{self.exchange}"
         extra += "" if self.inputs == "recompute" else f"-{self.inputs}"
+        extra += f"-k{self.chapter_batches}" if self.chapter_batches else ""
         return f"{self.schedule}-n{self.ranks}-{self.negatives}{extra}"
 
 
 def reference_settings(key: tuple) -> tuple[str, ...]:
-    negatives, classifier, lag, shards = key
+    negatives, classifier, lag, shards, chapter_batches = key
     return BASE + ("run.schedule=sequential", "run.exchange=full", f"train.negatives={negatives}",
-                   f"train.adaptive_lag={lag}", f"train.classifier={classifier}", f"data.shards={shards}")
+                   f"train.adaptive_lag={lag}", f"train.classifier={classifier}", f"data.shards={shards}",
+                   f"train.chapter_batches={chapter_batches}")
+
+
+#: chapters of 50 batches (13 chapters of the 628 batches of 4 epochs, none aligned to an epoch)
+SHORT_CHAPTERS = [Case("all_layers", 2, "random", chapter_batches=50),
+                  Case("single_layer", 2, "adaptive", "softmax", chapter_batches=50),
+                  Case("federated", 2, "adaptive", chapter_batches=50)]
 
 
 def _equivalence_cases() -> list[Case]:
@@ -86,7 +96,7 @@ def _equivalence_cases() -> list[Case]:
         cases += [Case("federated", n, neg) for neg in ("fixed", "random", "adaptive") for n in (2, 3)]
         cases += [Case(s, n, neg, "softmax") for neg in ("random", "adaptive") for s, n in pipelines]
         cases += [Case("federated", n, "adaptive", "softmax") for n in (2, 3)]
-        return cases
+        return cases + SHORT_CHAPTERS
     # adaptive negatives (the demanding policy: negatives travel, made from a whole network) on
     # every pipeline shape; fixed and random once each (the weights-exchange tests below add
     # random on single_layer with 4 ranks and on all_layers with 2); softmax where the head
@@ -98,6 +108,7 @@ def _equivalence_cases() -> list[Case]:
     cases += [Case("all_layers", 3, "adaptive", "softmax")]
     # shipped inputs: the next block's rank gets the outputs instead of recomputing them
     cases += [Case("single_layer", 2, "adaptive", inputs="ship"), Case("single_layer", 3, "random", inputs="ship")]
+    cases += SHORT_CHAPTERS
     return cases
 
 

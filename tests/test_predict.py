@@ -511,3 +511,149 @@ def test_predicting_needs_no_torch():
     import sys
     code = "import sys, mpff.predict, mpff.predict.backprop, mpff.analysis.report; sys.exit('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+# ------------------------------------------------------------------------------ chapters of K batches
+
+def _batch_config(schedule="sequential", k=8, epochs=2, n=1024, **train):
+    """Chapters of K batches of 64 on ``n`` samples, resolved as ``mpff train`` writes them:
+    1024 samples are 16 batches an epoch, so K = 8 makes 4 chapters of 512 samples over 2 epochs."""
+    cfg = make_config(schedule, chapters=4, epochs=epochs, chapter_batches=k, data={"train_subset": n}, **train)
+    return cfg.with_chapters(n, 1)
+
+
+def _sliced_spans(chapters, slices, train=(2.0, 3.0), forward=(0.5,), eval_time=1.0, final=0.2):
+    """A Sequential rank on chapters run in ``slices`` slices: per slice of train(c, k), the pass
+    through layer k-1 then the slice's training, each a share of the chapter's times."""
+    spans, t = [("setup", -1, -1, 0.0, 1.0)], 1.0
+    for c in range(chapters):
+        for k, d in enumerate(train):
+            for _ in range(slices):
+                if k > 0:
+                    spans.append(("forward", c, k, t, t + forward[k - 1] / slices))
+                    t += forward[k - 1] / slices
+                spans.append(("train", c, k, t, t + d / slices))
+                t += d / slices
+    spans += [("eval", chapters - 1, -1, t, t + eval_time), ("io", chapters - 1, -1, t + eval_time,
+                                                              t + eval_time + final)]
+    return spans
+
+
+def test_batch_chapters_predict_their_derived_count_and_scale_with_their_samples(tmp_path):
+    # measured: 4 chapters of 8 batches (512 samples), each run in 2 slices of 4 batches;
+    # train(c, 0) 2 s, the pass through layer 0 0.5 s, train(c, 1) 3 s per chapter
+    cfg = _batch_config(slice_batches=4)
+    assert cfg.train.chapters == 4 and cfg.train.epochs_per_chapter == 0
+    run = load_run(make_run(tmp_path / "k8", [_sliced_spans(4, 2)], cfg))
+    out = predict.predict([run], ranks=[1, 2], schedules=["sequential", "all_layers"], network=IDEAL)
+    assert out.profile.chapters == 4 and out.profile.epochs_per_chapter == pytest.approx(0.5)
+    # the same K: the measured task times, per task (the passes summed over the slices)
+    plan = build_plan(out.target.config, 1, n_train=1024)
+    times = predict.task_times(out.profile, out.target, plan, set())
+    for c in range(4):
+        assert [times[("train", c, k)] for k in (0, 1)] == pytest.approx([2.0, 3.0])
+        assert times[("forward", c, 1)] == pytest.approx(0.5)
+    assert _by(out, "sequential", 1).training == pytest.approx(4 * 5.5 + 1.0)
+    same_al = _by(out, "all_layers", 2)
+    assert same_al.messages == 3 * 2  # the weights of both layers after every chapter but the last
+    # K = 2: 16 chapters of 128 samples, a quarter of the work each; as many epochs in all
+    short = predict.predict([run], ranks=[1, 2], schedules=["sequential", "all_layers"], network=IDEAL,
+                            overrides=["train.chapter_batches=2"])
+    plan = build_plan(short.target.config, 1, n_train=1024)
+    assert plan.num_chapters == 16
+    times = predict.task_times(short.profile, short.target, plan, set())
+    assert {key[1] for key in times if key[0] == "train"} == set(range(16))
+    for c in range(16):
+        assert [times[("train", c, k)] for k in (0, 1)] == pytest.approx([0.5, 0.75])
+        assert times[("forward", c, 1)] == pytest.approx(0.125)
+    assert _by(short, "sequential", 1).training == pytest.approx(16 * 5.5 / 4 + 1.0)
+    al = _by(short, "all_layers", 2)
+    assert al.messages == 15 * 2  # more chapters, more messages
+    assert al.bytes_moved == 15 * (LAYER0_BYTES + LAYER1_BYTES)
+    chapters = next(a for a in short.assumptions if a.startswith("Chapters: "))
+    assert "4 chapter(s) of 8 batch(es)" in chapters and "16 chapter(s) of 2 batch(es)" in chapters
+    assert "0.25x the measured per chapter" in chapters and "optimistic" in chapters
+    assert any("median of the measured ones" in a for a in short.assumptions)
+
+
+def test_batch_chapters_longer_than_a_slice_recompute_every_layer_below(tmp_path):
+    # 3 layers, chapters of 8 batches in one slice (measured as Sequential: the pass through
+    # layer 0 takes 0.5 s, through layer 1 0.25 s). Predicted in slices of 4 batches, every
+    # slice of train(c, 2) is pushed through layers 0 and 1 even on one rank; in slices of 8
+    # the pass through layer 0 made for train(c, 1) is reused
+    cfg = _batch_config(slice_batches=8).replace(model={"dims": (784, 8, 8, 8)})
+    run = load_run(make_run(tmp_path / "k8", [_sliced_spans(4, 1, train=(2.0, 3.0, 1.0), forward=(0.5, 0.25))],
+                            cfg))
+    profile = predict.build_profile(run, predict.read_spans(run), predict.Contention(0.0, "none", ""))
+    for slices, expected in ((4, {1: 0.5, 2: 0.75}), (8, {1: 0.5, 2: 0.25})):
+        target = predict.make_target(profile, [f"train.slice_batches={slices}"])
+        notes: set[str] = set()
+        times = predict.task_times(profile, target, build_plan(target.config, 1, n_train=1024), notes)
+        for c in range(4):
+            assert {k: times[("forward", c, k)] for k in (1, 2)} == pytest.approx(expected), slices
+            assert times[("train", c, 2)] == pytest.approx(1.0)
+        assert any("slice by slice" in n for n in notes) == (slices == 4)
+
+
+def test_sliced_forward_passes_are_timed_per_slice(tmp_path):
+    # 2 layers, chapters of 8 batches in 2 slices: a slice's pass through layer 0 (0.25 s) is
+    # over 256 samples, not the chapter's 512
+    run = load_run(make_run(tmp_path / "k8", [_sliced_spans(4, 2)], _batch_config(slice_batches=4)))
+    profile = predict.build_profile(run, predict.read_spans(run), predict.Contention(0.0, "none", ""))
+    assert profile.forward[(1, 0)] == pytest.approx([0.25 / 256, 0.25 / 256])
+    assert profile.train[(1, 1)] == pytest.approx(3.0 / 512)
+
+
+def test_more_batch_chapters_of_equal_work_make_a_smaller_bubble():
+    # Single Layer, 2 layers on 2 ranks, 2 epochs of 1024 samples; every layer trains 1 s an
+    # epoch, shared out over the chapters by their samples: GPipe's (p - 1) / (S + p - 1)
+    bubbles = []
+    for k, chapters in ((8, 4), (2, 16), (1, 32)):
+        plan = build_plan(_batch_config("single_layer", k=k), 2, n_train=1024)
+        assert plan.num_chapters == chapters
+        durations = {("train", c, j): plan.chapter_rows(c) / 1024 for c in range(chapters) for j in range(2)}
+        assert sum(durations.values()) == pytest.approx(4.0)  # equal total work
+        sim = simulate(plan, durations)
+        assert sim.bubble == pytest.approx(1 / (chapters + 1))
+        bubbles.append(sim.bubble)
+    assert bubbles[0] > bubbles[1] > bubbles[2]
+
+
+def test_epoch_chapters_to_batch_chapters_and_back_scale_by_samples(seq_run, tmp_path):
+    # from 4 chapters of 1 epoch (1000 samples): chapters of 4 batches of 64 hold 256 samples
+    # (232 for the last of an epoch), 16 of them over the 4 epochs: the same work in all
+    out = predict.predict([load_run(seq_run)], ranks=[1, 2], schedules=["sequential", "all_layers"],
+                          network=IDEAL, overrides=["train.chapter_batches=4"])
+    plan = build_plan(out.target.config, 1, n_train=1000)
+    assert plan.num_chapters == 16
+    times = predict.task_times(out.profile, out.target, plan, set())
+    assert times[("train", 0, 0)] == pytest.approx(2.0 * 256 / 1000)
+    assert times[("train", 3, 1)] == pytest.approx(3.0 * 232 / 1000)
+    assert times[("forward", 3, 1)] == pytest.approx(0.5 * 232 / 1000)
+    assert _by(out, "sequential", 1).training == pytest.approx(4 * 5.5 + 1.0)
+    assert _by(out, "all_layers", 2).messages == 15 * 2
+    assert any(a.startswith("Chapters: the source ran 4 chapter(s) of 1 epoch(s)") for a in out.assumptions)
+    # back: from 4 chapters of 8 batches (512 samples of 1024) to 2 chapters of 1 epoch
+    cfg = _batch_config()
+    run = load_run(make_run(tmp_path / "k8", [sequential_spans(4)], cfg))
+    back = predict.predict([run], ranks=[1, 2], schedules=["sequential", "all_layers"], network=IDEAL,
+                           overrides=["train.chapter_batches=0", "train.chapters=2"])
+    plan = build_plan(back.target.config, 1, n_train=1024)
+    assert plan.num_chapters == 2 and plan.geometry is None
+    times = predict.task_times(back.profile, back.target, plan, set())
+    assert [times[("train", c, k)] for c in (0, 1) for k in (0, 1)] == pytest.approx([4.0, 6.0, 4.0, 6.0])
+    assert times[("forward", 1, 1)] == pytest.approx(1.0)
+    assert _by(back, "sequential", 1).training == pytest.approx(4 * 5.5 + 1.0)
+    assert _by(back, "all_layers", 2).reason is None
+    assert any("2x the measured per chapter" in a and "pessimistic" in a for a in back.assumptions)
+
+
+def test_batch_chapters_model_the_bubble_of_a_killed_run(tmp_path):
+    # a run of 4 chapters of K batches killed after 2: the bubble is modelled over those (the
+    # plan derives 4 chapters from the data, the later ones take no time)
+    from mpff.analysis.report import analyze_run
+    cfg = _batch_config("all_layers")
+    spans = sequential_spans(4)
+    ranks = [[s for s in spans if s[0] == "setup" or s[1] in (0,)], [s for s in spans if s[1] == 1]]
+    s = analyze_run(make_run(tmp_path / "killed", ranks, cfg, info={"status": "preempted"}))
+    assert s.bubble_modelled is not None and "2 of 4 chapters" in s.model_note

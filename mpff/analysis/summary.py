@@ -218,8 +218,13 @@ def modelled_bubble(run: Run, simulate: Simulator) -> tuple[float | None, str]:
     try:
         if done < chapters:
             # a killed run: model the chapters it completed
-            cfg = cfg.replace(train={"chapters": done, "epochs": done * (cfg.train.epochs // chapters)})
             note = f"modelled over the {done} of {chapters} chapters the trace completes"
+            if cfg.train.chapter_batches:
+                # chapters of K batches: the plan derives their count from the data, so the later
+                # chapters stay in the graph and take no time (nor the partly done one)
+                durations = {key: v for key, v in durations.items() if key[1] < done}
+            else:
+                cfg = cfg.replace(train={"chapters": done, "epochs": done * (cfg.train.epochs // chapters)})
         result = simulate(cfg, run.world_size, durations)
     except ConfigError as exc:
         return None, f"the task graph cannot be built for this run: {exc}"

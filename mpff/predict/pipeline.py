@@ -9,7 +9,7 @@ from .. import layers
 from ..config import ConfigError
 from ..plan import Plan, Task, build_plan
 from .outcome import Prediction
-from .profile import Contention, Profile, shard_samples
+from .profile import ChapterSizes, Contention, Profile
 from .simulate import simulate
 from .target import Network, Target, pick
 
@@ -22,14 +22,16 @@ def layer_weights(dims, j: int, kind: str = layers.DEFAULT) -> int:
 
 class _TaskTimes:
     """The profile's per-sample times scaled to one plan of the target: per chapter where the
-    target has the source's chapters, else the median over them."""
+    target has the source's chapters, else the median over them. A chapter's work is its
+    samples (its shard's, or the rows of its K batches) times its passes over them (C epochs,
+    or 1): a target of other chapter lengths scales by the ratio of those."""
 
     def __init__(self, profile: Profile, target: Target, plan: Plan, notes: set[str]) -> None:
-        cfg = target.config
+        cfg = plan.cfg  # the chapters of train.chapter_batches derived for the target's data
         self.profile, self.target, self.plan, self.notes = profile, target, plan, notes
-        self.same = cfg.train.chapters == profile.chapters
-        self.epochs = cfg.train.epochs_per_chapter / profile.epochs_per_chapter
-        self.shard_n = shard_samples(target.n_train, plan.shards)
+        self.same = plan.num_chapters == profile.chapters and cfg.train.chapter_batches == profile.chapter_batches
+        self.sizes = ChapterSizes.of(cfg, target.n_train, plan.world_size)
+        self.epochs = self.sizes.passes / profile.passes
         self.dims = cfg.model.dims
         self.by_layer: dict[int, dict[int, float]] = {}
         for (c, k), v in profile.train.items():
@@ -39,7 +41,19 @@ class _TaskTimes:
             self.fwd_layer.setdefault(j, {})[c] = statistics.fmean(values)
 
     def samples(self, chapter: int) -> float:
-        return self.shard_n[self.plan.data_shard(chapter)]
+        """Samples chapter ``chapter`` trains on (each ``sizes.passes`` times)."""
+        return self.sizes.samples(chapter)
+
+    def reuses_outputs(self, chapter: int) -> bool:
+        """Whether a rank keeps a layer's outputs on the chapter for its next layer: not when a
+        chapter of K batches is longer than a slice (each slice is pushed from the input)."""
+        g = self.plan.geometry
+        if g is None or g.num_batches(chapter) <= g.slice_batches:
+            return True
+        self.notes.add(f"a chapter of more than train.slice_batches = {g.slice_batches} batches is "
+                       "streamed slice by slice: each slice is pushed through every layer below the "
+                       "one it trains, as Single Layer does, on every schedule")
+        return False
 
     def forward(self, j: int, c: int) -> float:
         """Seconds per sample of the pass through layer j in chapter c."""
@@ -86,8 +100,10 @@ class _TaskTimes:
         if t.kind == "final":
             return profile.final
         if t.kind == "ship":  # run.inputs = ship: layer k's pass over the chapter's data, right
-            # after training it (its inputs are still cached), into the send buffer
-            return self.forward(t.layer, t.chapter) * self.samples(t.chapter)
+            # after training it (its inputs are still cached, unless the chapter is run in slices:
+            # then each slice is pushed again from the block's first layer), into the send buffer
+            below = () if self.reuses_outputs(t.chapter) else range(self.plan.block_start(t.layer), t.layer)
+            return sum(self.forward(j, t.chapter) for j in (*below, t.layer)) * self.samples(t.chapter)
         return None
 
     def before_training(self, rank: int, durations: dict) -> None:
@@ -104,14 +120,14 @@ class _TaskTimes:
             if t.kind != "train":
                 continue
             c, k = t.chapter, t.layer
-            n = self.samples(c)
+            n, shard = self.samples(c), self.sizes.shard(c)
             if k not in trained:  # this rank's first training of layer k
                 trained.add(k)
-                durations[("train", c, k)] += profile.warmup_train.get(k, 0.0) * n
+                durations[("train", c, k)] += profile.warmup_train.get(k, 0.0) * shard
             work = 0.0
             if plan.data_shard(c) not in shards_used:
                 shards_used.add(plan.data_shard(c))
-                work += profile.first_use * n
+                work += profile.first_use * shard
             if c not in prepared:
                 prepared.add(c)
                 prep = profile.prep.get(c) if self.same and c in profile.prep else typical_prep
@@ -119,11 +135,13 @@ class _TaskTimes:
             # shipped inputs: the passes start at the rank's block, from the received outputs
             first = plan.block_start(k) if plan.ship else 0
             start = cache[1] + 1 if cache is not None and cache[0] == c and first - 1 <= cache[1] < k else first
+            if not self.reuses_outputs(c):
+                start = first
             for j in range(start, k):
                 work += self.forward(j, c) * n
                 if j not in applied:
                     applied.add(j)
-                    work += profile.warmup_forward.get(j, 0.0) * n
+                    work += profile.warmup_forward.get(j, 0.0) * shard
             if k > start:
                 cache = (c, k - 1)
             durations[("forward", c, k)] = work

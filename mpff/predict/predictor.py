@@ -12,7 +12,16 @@ from ..plan import count_tasks
 from . import backprop
 from .outcome import Outcome, Prediction, attach_measured, check_work
 from .pipeline import predict_schedule
-from .profile import Contention, Profile, build_profile, measure_contention, read_spans, run_sizes, shard_samples
+from .profile import (
+    ChapterSizes,
+    Contention,
+    Profile,
+    build_profile,
+    measure_contention,
+    read_spans,
+    run_sizes,
+    shard_samples,
+)
 from .target import Network, Target, default_network, make_target
 
 DEFAULT_RANKS = (1, 2, 4, 8, 16)
@@ -139,18 +148,21 @@ def _assumptions(profile: Profile, target: Target, network: Network, used: Conte
                  adaptive_lag: str, notes: list[str]) -> list[str]:
     run = profile.run
     cfg = target.config
+    chapters = target.chapters()  # those train.chapter_batches derives, on one rank
+    same = chapters == profile.chapters and cfg.train.chapter_batches == profile.chapter_batches
     devices = ", ".join(sorted({rt.device for rt in run.ranks}))
     out = [
         (f"Task times come from {run.name} ({run.cfg.run.schedule}, "
          f"{run.world_size} rank(s), {devices}, {run.cfg.train.threads} thread(s) "
          f"per rank): per task and chapter"
-         + ("" if cfg.train.chapters == profile.chapters else
-            f"; it ran {profile.chapters} chapter(s), so every chapter of the {cfg.train.chapters} "
+         + ("" if same else
+            f"; it ran {profile.chapters} chapter(s), so every chapter of the {chapters} "
             "predicted takes the median of the measured ones")
          + ". Every predicted rank is taken to be as fast as that run's ranks (same device, threads "
            "and software): no straggler, no failure, no other job on the node."),
-        ("Work grows linearly with the samples of a chapter's shard and, for training, with the "
-         "epochs per chapter; forward passes are measured per layer applied: "
+        ("Work grows linearly with the samples of a chapter (its shard's, or the rows of its "
+         "batches for chapters of train.chapter_batches) and, for training, with its passes over "
+         "them (the epochs of a chapter of epochs); forward passes are measured per layer applied: "
          + ("Single Layer ships each block's inputs (run.inputs = ship): a rank applies the "
             "layers of its block only, and the rank before it makes one more pass, through its "
             "block's last layer, to send; " if cfg.run.inputs == "ship" else
@@ -160,7 +172,7 @@ def _assumptions(profile: Profile, target: Target, network: Network, used: Conte
             "longer in all than later ones (warm-up); every predicted rank pays that once."
             if (warm := _warmup_seconds(profile)) > 0.05 else "")
          + (" The run measured one chapter, so its warm-up counts in every predicted chapter: a "
-            "little pessimistic." if profile.chapters == 1 and cfg.train.chapters > 1 else "")),
+            "little pessimistic." if profile.chapters == 1 and chapters > 1 else "")),
         (f"Messages: latency + bytes / bandwidth each, between nodes {network.inter.describe()}, "
          f"within a node {network.intra.describe()}; {network.ranks_per_node} rank(s) per node. "
          "Messages never share a link (no congestion) and progress while both ranks compute."
@@ -169,6 +181,8 @@ def _assumptions(profile: Profile, target: Target, network: Network, used: Conte
             else " Packing and unpacking are not modelled: no run sent messages to measure them by "
                  "(pass a multi-rank run to include them).")),
     ]
+    if (lengths := _chapter_lengths(profile, target, chapters)) is not None:
+        out.append(lengths)
     if (why := unfinished(run)) is not None:
         out.append(f"The source run did not finish ({why}): the task times are those of the "
                    "chapters it ran, its setup and end as far as it got.")
@@ -204,6 +218,42 @@ def _assumptions(profile: Profile, target: Target, network: Network, used: Conte
                    "lag N-1 (--adaptive-lag ranks-1).")
     out += [n[0].upper() + n[1:] + "." for n in notes]
     return out
+
+
+def _describe_chapters(count: int, sizes: ChapterSizes, batches: int) -> str:
+    if not batches:
+        return f"{count} chapter(s) of {sizes.passes:g} epoch(s)"
+    return (f"{count} chapter(s) of {batches} batch(es) (about {sizes.typical():,.0f} samples, "
+            f"{sizes.epochs():.3g} epoch(s))")
+
+
+def _chapter_lengths(profile: Profile, target: Target, chapters: int) -> str | None:
+    """What the chapters of train.chapter_batches (the source's or the target's) change: the
+    work of a chapter scales with its samples, what is per chapter stays per chapter."""
+    batches = target.config.train.chapter_batches
+    if profile.sizes is None or not (batches or profile.chapter_batches):
+        return None
+    sizes = ChapterSizes.of(target.config, target.n_train, 1)
+    measured = profile.sizes.typical() * profile.sizes.passes
+    ratio = sizes.typical() * sizes.passes / measured if measured > 0 else 1.0
+    text = (f"Chapters: the source ran {_describe_chapters(profile.chapters, profile.sizes, profile.chapter_batches)}"
+            f", the prediction has {_describe_chapters(chapters, sizes, batches)}. Training, forward "
+            "passes, the head and negatives scale with the samples a chapter passes"
+            + (f" ({ratio:.3g}x the measured per chapter)" if abs(ratio - 1.0) > 1e-9 else "")
+            + "; messages (the weights after every chapter), evaluations and the bookkeeping of a "
+              "task stay per chapter, so more chapters send more messages. A rank's warm-up and "
+              "first use of its data scale with its shard, not with its chapters.")
+    if ratio < 1.0 - 1e-9:
+        text += (" A task's fixed costs (starting it, the untraced gathering of each slice's rows, "
+                 "synchronising the device, the first batch) were measured inside the longer "
+                 "chapters and are scaled down with the samples: they do not shrink, so for chapters "
+                 "this short the prediction is optimistic; measure a run with chapters of about this "
+                 "length to include them.")
+    elif ratio > 1.0 + 1e-9:
+        text += (" A task's fixed costs (starting it, gathering each slice's rows, synchronising "
+                 "the device) were measured inside the shorter chapters and are scaled up with the "
+                 "samples: the prediction is a little pessimistic.")
+    return text
 
 
 def _warmup_seconds(profile: Profile) -> float:

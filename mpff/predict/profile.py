@@ -15,6 +15,7 @@ import numpy as np
 
 from ..analysis.runs import Run, trace_attrs
 from ..analysis.summary import task_durations
+from ..chapters import Chapters
 from ..config import Config, ConfigError, shard_sizes
 
 #: Span kinds that are work of a task (what contention slows and the profile measures).
@@ -139,6 +140,60 @@ def shard_samples(n: int | None, shards: int) -> list[float]:
     return [float(x) for x in shard_sizes(n, shards)]
 
 
+@dataclass(frozen=True)
+class ChapterSizes:
+    """How much data each chapter of a run trains on: what task times are measured and predicted
+    per. A chapter of whole epochs (train.chapter_batches = 0) goes ``passes`` = C times over
+    its shard's samples; a chapter of K batches (:mod:`mpff.chapters`) once over the rows of its
+    batches (``passes`` = 1; a sample drawn in two of its epochs counts twice)."""
+    shard_n: tuple[float, ...]
+    geometry: Chapters | None
+    passes: float
+
+    @classmethod
+    def of(cls, cfg: Config, n_train: int | None, world_size: int) -> ChapterSizes:
+        """The chapters of ``cfg`` on ``world_size`` ranks and ``n_train`` training samples (the
+        configured count when unknown; with neither, 1 sample a shard: times per chapter)."""
+        shards = cfg.resolved_shards(world_size)
+        if not cfg.train.chapter_batches:
+            return cls(tuple(shard_samples(n_train, shards)), None, float(cfg.train.epochs_per_chapter))
+        n = n_train or cfg.data.train_samples
+        geometry = cfg.chapter_geometry(n, world_size) if n else None
+        return cls(tuple(shard_samples(n, shards)), geometry, 1.0)
+
+    def shard(self, chapter: int) -> float:
+        """Samples of the chapter's shard (the data a rank holds for it)."""
+        return self.shard_n[chapter % len(self.shard_n)]
+
+    def samples(self, chapter: int) -> float:
+        """Samples the chapter trains on, each ``passes`` times: its shard, or its batches' rows
+        (at least 1: a chapter past the last has none)."""
+        if self.geometry is None:
+            return self.shard(chapter)
+        return float(max(self.geometry.rows(chapter), 1))
+
+    def slice_samples(self, chapter: int, run: int) -> float:
+        """Samples of the ``run``-th slice of the chapter's data (counted on past the last slice:
+        a ship task's passes follow its train task's); the chapter's for chapters of epochs."""
+        if self.geometry is None:
+            return self.shard(chapter)
+        slices = self.geometry.slices(chapter)
+        if not slices:
+            return 1.0
+        return float(max(sum(b.rows for b in slices[run % len(slices)]), 1))
+
+    def epochs(self) -> float:
+        """The mean chapter length in epochs of a shard: C, or that of the chapters of K batches."""
+        return self.geometry.mean_epochs() if self.geometry is not None else self.passes
+
+    def typical(self) -> float:
+        """Samples of a typical chapter, each ``passes`` times (the median over the first shard's)."""
+        if self.geometry is None:
+            return statistics.median(self.shard_n)
+        g = self.geometry
+        return float(statistics.median(max(g.rows(c), 1) for c in range(0, g.num_chapters, g.shards)))
+
+
 # ---------------------------------------------------------------- contention
 
 @dataclass
@@ -160,7 +215,9 @@ def _signature(run: Run) -> str:
     """Runs with equal signatures ran equal tasks (same sizes, same resources per rank)."""
     cfg = run.cfg
     n_train, n_test = dataset_sizes(cfg, run.info)
-    epc = cfg.train.epochs // max(cfg.train.chapters, 1)
+    # a chapter's length: C epochs, or K batches (cut into slices of slice_batches)
+    epc = [cfg.train.epochs_per_chapter, cfg.train.chapter_batches, cfg.train.slice_batches] \
+        if cfg.train.chapter_batches else cfg.train.epochs_per_chapter
     devices = sorted({rt.device.split(":")[0] for rt in run.ranks})
     return json.dumps([list(cfg.model.dims), cfg.train.batch_size, epc, n_train, n_test,
                        cfg.resolved_shards(run.world_size), cfg.train.classifier, cfg.train.threads, devices])
@@ -226,19 +283,38 @@ def measure_contention(runs: list[Run], spans: list[list[list[Span]]]) -> Conten
 
 def forward_layers(per_rank: list[list[Span]]) -> dict[int, int]:
     """id(forward span) -> the layer it applied. The executor records a forward pass under the
-    layer whose inputs it makes (k), applying layers j..k-1 in order, so the i-th of n spans of
-    (chapter, k) on a rank applied layer k - n + i."""
-    out: dict[int, int] = {}
+    layer whose inputs it makes (k), applying layers j..k-1 in order, so the i-th of n
+    consecutive spans of (chapter, k) on a rank applied layer k - n + i. A chapter of K batches
+    run in slices makes such a run of passes per slice (each ended by the slice's train or ship
+    span of (chapter, k))."""
+    return {key: layer for key, (layer, _) in forward_passes(per_rank).items()}
+
+
+def forward_passes(per_rank: list[list[Span]]) -> dict[int, tuple[int, int]]:
+    """id(forward span) -> (the layer it applied, which run of passes of its (chapter, k) on its
+    rank it belongs to: the slice, for a chapter of K batches run in slices; a ship task's
+    passes after the train task's runs continue the count)."""
+    out: dict[int, tuple[int, int]] = {}
     for spans in per_rank:
         groups: dict[tuple[int, int], list[Span]] = {}
+        runs: dict[tuple[int, int], int] = {}
         for sp in spans:
+            key = (sp.chapter, sp.layer)
             if sp.kind == "forward" and sp.chapter >= 0 and sp.layer > 0:
-                groups.setdefault((sp.chapter, sp.layer), []).append(sp)
-        for (_, k), group in groups.items():
-            group.sort(key=lambda s: s.start)
-            for i, sp in enumerate(group):
-                out[id(sp)] = k - len(group) + i
+                groups.setdefault(key, []).append(sp)
+            elif sp.kind in ("train", "ship") and key in groups:  # the slice's passes are done
+                _close_passes(groups.pop(key), runs, out)
+        for group in groups.values():
+            _close_passes(group, runs, out)
     return out
+
+
+def _close_passes(group: list[Span], runs: dict[tuple[int, int], int], out: dict[int, tuple[int, int]]) -> None:
+    """One run of consecutive passes of (chapter, k): the i-th of n applied layer k - n + i."""
+    key = (group[0].chapter, group[0].layer)
+    runs[key] = runs.get(key, -1) + 1
+    for i, sp in enumerate(group):
+        out[id(sp)] = (sp.layer - len(group) + i, runs[key])
 
 
 # ---------------------------------------------------------------- the profile of one run
@@ -249,22 +325,34 @@ class Profile:
     grows with the samples (so a prediction can change the data size or the epochs)."""
     run: Run
     chapters: int
-    epochs_per_chapter: int
+    #: a chapter's length in epochs: C, or the mean of the chapters of K batches (a fraction)
+    epochs_per_chapter: float
     n_train: int | None
     n_test: int | None
-    train: dict[tuple[int, int], float]            # (c, k) -> s per training sample (C epochs)
-    forward: dict[tuple[int, int], list[float]]    # (c, layer applied) -> s per sample
+    # "per sample" below: per sample of the chapter (ChapterSizes.samples: its shard's, or
+    # the rows of its K batches), for the chapter's passes over it (C, or 1 for K batches)
+    train: dict[tuple[int, int], float]            # (c, k) -> s per sample of the chapter
+    forward: dict[tuple[int, int], list[float]]    # (c, layer applied) -> s per sample passed
     per_chapter: dict[str, dict[int, float]]       # head (per sample), negatives (per sample), eval (per test sample)
     prep: dict[int, float]                         # c -> s per sample before a from-scratch input pass
-    warmup_train: dict[int, float]                 # layer -> extra s per sample of a rank's first training of it
-    warmup_forward: dict[int, float]               # layer -> extra s per sample of a rank's first pass through it
-    first_use: float                               # s per sample: a rank's first use of a shard
+    warmup_train: dict[int, float]                 # layer -> extra s per shard sample: a rank's first training of it
+    warmup_forward: dict[int, float]               # layer -> extra s per shard sample: a rank's first pass through it
+    first_use: float                               # s per sample of the shard: a rank's first use of it
     final: float                                   # writing the model (s)
     setup: float                                   # from the first rank's start to the end of setup (s)
     tail: float                                    # from the end of the last task to the end of the run (s)
     checkpoints: float                             # seconds the run spent writing checkpoints (not predicted)
     pack: tuple[float, float] | None               # seconds = a + b * bytes, from send spans
     unpack: tuple[float, float] | None             # seconds = a + b * bytes, from recv spans
+    #: the source's chapters: what the per-sample times above are per
+    sizes: ChapterSizes | None = None
+    #: train.chapter_batches of the source (0: chapters of whole epochs)
+    chapter_batches: int = 0
+
+    @property
+    def passes(self) -> float:
+        """How often a chapter of the source went over each of its samples: C, or 1 (K batches)."""
+        return self.sizes.passes if self.sizes is not None else self.epochs_per_chapter
 
 
 @dataclass
@@ -282,11 +370,13 @@ class _Tally:
     final: float = 0.0
 
 
-def _tally_rank(per_rank: list[Span], tally: _Tally, applied: dict[int, int], samples: Callable[[int], float],
+def _tally_rank(per_rank: list[Span], tally: _Tally, applied: dict[int, tuple[int, int]], sizes: ChapterSizes,
                 alone: Callable[[Span], float], n_test: int | None, lag: int) -> None:
     """Add one rank's spans to the tally. Untraced time before the spans of a rank's first train
     task of a chapter is the chapter's bookkeeping and the overlay of its negatives (and, the
-    first time, the shard's setup)."""
+    first time, the shard's setup). A forward pass is timed per sample it passed: those of its
+    slice, for a chapter of K batches run in slices."""
+    samples = sizes.samples
     previous_end: float | None = None
     first_layer: dict[int, int] = {}
     lead: dict[int, float] = {}
@@ -305,8 +395,9 @@ def _tally_rank(per_rank: list[Span], tally: _Tally, applied: dict[int, int], sa
                 trained_here.add(sp.layer)
                 tally.first_train.add(key)
         elif sp.kind == "forward" and sp.chapter >= 0 and id(sp) in applied:
-            key = (sp.chapter, applied[id(sp)])
-            tally.forward.setdefault(key, []).append(alone(sp) / samples(sp.chapter))
+            layer, run = applied[id(sp)]
+            key = (sp.chapter, layer)
+            tally.forward.setdefault(key, []).append(alone(sp) / sizes.slice_samples(sp.chapter, run))
             if key[1] not in applied_here:
                 applied_here.add(key[1])
                 tally.first_forward.append((key, len(tally.forward[key]) - 1))
@@ -351,13 +442,24 @@ def _take_warmup_apart(tally: _Tally) -> tuple[dict[int, float], dict[int, float
     return warm_train, warm_forward
 
 
-def _preparation(tally: _Tally, samples: Callable[[int], float]) -> tuple[dict[int, float], float]:
-    """(median preparation per chapter, s per sample; a rank's first use of a shard beyond it)."""
+def _preparation(tally: _Tally, sizes: ChapterSizes) -> tuple[dict[int, float], float]:
+    """(median preparation per chapter, s per sample of the chapter; a rank's first use of a
+    shard beyond it, s per sample of the shard)."""
     prep_med = {c: statistics.median(v) for c, v in tally.prep.items() if v}
     typical_prep = statistics.median(prep_med.values()) if prep_med else 0.0
-    first_use = (statistics.median(max(g / samples(c) - typical_prep, 0.0) for c, g in tally.first_gaps)
+    first_use = (statistics.median(max(g - typical_prep * sizes.samples(c), 0.0) / sizes.shard(c)
+                                   for c, g in tally.first_gaps)
                  if tally.first_gaps else 0.0)
     return prep_med, first_use
+
+
+def _per_shard_sample(warmup: dict[int, float], sizes: ChapterSizes) -> dict[int, float]:
+    """Warm-up per sample of the chapter -> per sample of the shard: a rank's first tasks are
+    slower by what its data's size makes them, not by the length of its chapters."""
+    if sizes.geometry is None:  # a chapter's samples are its shard's
+        return warmup
+    ratio = sizes.typical() / statistics.fmean(sizes.shard_n)
+    return {k: v * ratio for k, v in warmup.items()}
 
 
 def _setup_and_tail(run: Run, spans: list[list[Span]]) -> tuple[float, float]:
@@ -378,36 +480,34 @@ def build_profile(run: Run, spans: list[list[Span]], contention: Contention,
     if cfg.train.algorithm == "backprop":
         raise ConfigError(f"run {run.path} is backprop: mpff predict models the Forward-Forward "
                           "schedules; predict from an FF run")
-    chapters = cfg.train.chapters
     n_train, n_test = run_sizes(run)
-    shards = cfg.resolved_shards(run.world_size)
-    shard_n = shard_samples(n_train, shards)
-
-    def samples(c: int) -> float:
-        return shard_n[c % shards]
+    # chapters of K batches: their count as the run derived it (config.toml has it)
+    chapters = cfg.with_chapters(n_train, run.world_size).train.chapters
+    sizes = ChapterSizes.of(cfg, n_train, run.world_size)
 
     def alone(sp: Span) -> float:
         return sp.seconds / (1.0 + contention.slowdown * sp.others)
 
-    applied = forward_layers(spans)
+    applied = forward_passes(spans)
     tally = _Tally()
     for per_rank in spans:
-        _tally_rank(per_rank, tally, applied, samples, alone, n_test, cfg.train.adaptive_lag)
-    warm_train, warm_forward = _take_warmup_apart(tally)
-    prep, first_use = _preparation(tally, samples)
+        _tally_rank(per_rank, tally, applied, sizes, alone, n_test, cfg.train.adaptive_lag)
+    warm_train, warm_forward = (_per_shard_sample(w, sizes) for w in _take_warmup_apart(tally))
+    prep, first_use = _preparation(tally, sizes)
     setup, tail = _setup_and_tail(run, spans)
     every = list(spans) + [r for other in message_spans for r in other]
     if not tally.train:
         raise ConfigError(f"run {run.path} has no train spans; predict from a run that trained "
                           "(with run.trace = true)")
-    return Profile(run=run, chapters=chapters, epochs_per_chapter=max(cfg.train.epochs // max(chapters, 1), 1),
+    return Profile(run=run, chapters=chapters, epochs_per_chapter=sizes.epochs(),
                    n_train=n_train, n_test=n_test, train=tally.train, forward=tally.forward,
                    per_chapter=tally.per_chapter, prep=prep, warmup_train=warm_train,
                    warmup_forward=warm_forward, first_use=first_use, final=tally.final,
                    checkpoints=sum(sp.seconds for r in spans for sp in r if sp.kind == "checkpoint"),
                    setup=setup, tail=tail,
                    pack=_linear_fit([(sp.nbytes, alone(sp)) for r in every for sp in r if sp.kind == "send"]),
-                   unpack=_linear_fit([(sp.nbytes, alone(sp)) for r in every for sp in r if sp.kind == "recv"]))
+                   unpack=_linear_fit([(sp.nbytes, alone(sp)) for r in every for sp in r if sp.kind == "recv"]),
+                   sizes=sizes, chapter_batches=cfg.train.chapter_batches)
 
 
 def _linear_fit(points: list[tuple[int, float]]) -> tuple[float, float] | None:

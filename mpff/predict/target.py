@@ -51,6 +51,12 @@ class Target:
     def with_config(self, config: Config) -> Target:
         return Target(self.raw, config, self.n_train, self.n_test)
 
+    def chapters(self, world_size: int = 1) -> int:
+        """Its chapters on ``world_size`` ranks: train.chapters, or for chapters of
+        train.chapter_batches the count they make of its training samples."""
+        n = self.n_train or self.config.data.train_samples
+        return self.config.with_chapters(n, world_size).train.chapters
+
 
 def _as_stored(value: Any) -> Any:
     """A Config value as a stored configuration (and --set) writes it: tuples as lists."""
