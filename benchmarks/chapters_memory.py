@@ -23,7 +23,6 @@ import shutil
 import tempfile
 
 import numpy as np
-
 from _common import RESULTS, ROOT, mpff_train
 
 MNIST = os.path.join(ROOT, "mpff", "datasets", "mnist")

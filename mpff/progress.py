@@ -90,6 +90,9 @@ class Board:
         self.start = start
         self.quiet = quiet
         self.print_line = print_line or (lambda line: print(line, flush=True))
+        #: many short chapters (train.chapter_batches): a line for about every hundredth of the run,
+        #: and for every chapter evaluated and the last, instead of thousands of lines
+        self.line_every = 1 if self.num_chapters <= 200 else self.num_chapters // 100
 
     def add(self, rec: Record, source: int = 0) -> None:
         if rec.kind == "done":
@@ -118,7 +121,8 @@ class Board:
             eta = elapsed / done * (self.num_chapters - c - 1)
             losses = " ".join(f"{self.losses[c][k]:.4f}" for k in layers)
             acc = f"  test acc {100 * self.acc[c]:6.2f}%" if c in self.acc else ""
-            if not self.quiet:
+            shown = (c + 1) % self.line_every == 0 or c in self.evals or c + 1 == self.num_chapters
+            if not self.quiet and shown:
                 self.print_line(f"chapter {c + 1:>4}/{self.num_chapters}  loss {losses}{acc}  "
                                 f"elapsed {elapsed:7.1f}s  eta {eta:7.1f}s")
             self.next_to_print += 1

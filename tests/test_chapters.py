@@ -294,3 +294,21 @@ def test_the_suite_under_mpiexec(ranks, tmp_path, mpff_launch):
         counts = {key: int(suite.get(key)) for key in ("tests", "failures", "errors", "skipped")}
         assert counts["failures"] == counts["errors"] == 0, (report.name, counts)
         assert counts["tests"] - counts["skipped"] >= 15, (report.name, counts)
+
+
+def test_thousands_of_chapters_print_about_a_hundred_lines():
+    from mpff.progress import Board, Record
+
+    cfg = _cfg("sequential", 1, 1, epochs=30, eval_every=50)  # 300 chapters of one batch
+    plan = build_plan(cfg, 1, n_train=N_TRAIN, num_classes=10)
+    lines: list[str] = []
+    board = Board(plan, 0.0, print_line=lines.append)
+    for c in range(plan.num_chapters):
+        for k in range(plan.num_layers):
+            board.add(Record("loss", c, k, 0.5))
+        board.add(Record("head_loss", c, -1, 0.5))
+        if (c + 1) % 50 == 0 or c + 1 == plan.num_chapters:
+            board.add(Record("accuracy", c, -1, 0.9))
+    assert plan.num_chapters == 300 and board.next_to_print == 300
+    assert len(lines) == 100 + 4 and lines[-1].startswith("chapter  300/300")  # 50, 100, 200, 250 are no multiples of 3
+    assert sum("test acc" in line for line in lines) == 6  # every evaluated chapter has its line
