@@ -51,7 +51,8 @@ class FFState:
 
     def __init__(self, cfg: Config, plan: Plan, dataset, tracer, device: torch.device, *, rank: int = 0,
                  check: Callable[[], None] | None = None) -> None:
-        self.cfg = cfg
+        # with train.chapter_batches the plan's configuration has the chapters the data makes
+        self.cfg = plan.cfg if cfg.train.chapter_batches else cfg
         self.rank = rank
         self.plan = plan
         self.tracer = tracer
