@@ -168,8 +168,11 @@ def test_schedule_matches_sequential(case, references, tmp_path, mpff_run, mpff_
 
 def test_references_differ(references):
     """The equivalence tests have power: the negative policy changes the final weights."""
-    fixed = weights_of(str(references[("fixed", "goodness", 0, 1)] / "model.h5"))
-    others = [("random", "goodness", 0, 1), ("adaptive", "goodness", 1, 1), ("fixed", "goodness", 0, 2)]
+    fixed = weights_of(str(references[("fixed", "goodness", 0, 1, 0)] / "model.h5"))
+    others = [("random", "goodness", 0, 1, 0), ("adaptive", "goodness", 1, 1, 0), ("fixed", "goodness", 0, 2, 0)]
+    random = weights_of(str(references[("random", "goodness", 0, 1, 0)] / "model.h5"))
+    fifty = weights_of(str(references[("random", "goodness", 0, 1, 50)] / "model.h5"))
+    assert not np.array_equal(fifty["layers/3/weight"], random["layers/3/weight"])  # chapters of 50 batches
     for key in others:
         if key in references:
             w = weights_of(str(references[key] / "model.h5"))
