@@ -47,8 +47,8 @@ def predict(run_dir: str, schedule: str, network: str) -> list[dict]:
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=1800)
     if proc.returncode != 0:
         return [{"error": (proc.stderr or proc.stdout).strip().splitlines()[-1:]}]
-    keep = ("ranks", "schedule", "training_seconds", "wall_seconds", "speedup", "efficiency", "bubble",
-            "bytes_sent")
+    keep = ("ranks", "schedule", "possible", "reason", "training_seconds", "wall_seconds", "speedup",
+            "training_speedup", "efficiency", "bubble", "bytes_moved", "messages")
     return [{k: p.get(k) for k in keep if k in p} for p in json.loads(proc.stdout)["predictions"]]
 
 
