@@ -146,6 +146,27 @@ def mpff_launch():
     return types.SimpleNamespace(mpiexec=MPFF_MPIEXEC, python=MPFF_PYTHON, root=MPFF_ROOT, env=mpff_env())
 
 
+def run_file_on_ranks(launch, test_file: str, ranks: int, tmp_path, min_tests: int) -> None:
+    """``test_file``'s in-process tests (``-m "not mpi"``) under ``mpiexec -n ranks``, every rank
+    running them on its communicators and writing its own JUnit report; every report must show
+    at least ``min_tests`` run and none failed."""
+    from xml.etree import ElementTree
+
+    per_rank = (f'exec "$0" -m pytest -q -p no:cacheprovider {test_file} -m "not mpi" '
+                '--junitxml="$1/rank-$$.xml"')
+    proc = subprocess.run([launch.mpiexec, "-n", str(ranks), "sh", "-c", per_rank, launch.python,
+                           str(tmp_path)], cwd=launch.root, env=launch.env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    reports = sorted(tmp_path.glob("rank-*.xml"))
+    assert len(reports) == ranks, (reports, proc.stdout[-4000:])
+    for report in reports:
+        suite = ElementTree.parse(report).getroot().find("testsuite")
+        counts = {key: int(suite.get(key)) for key in ("tests", "failures", "errors", "skipped")}
+        assert counts["failures"] == counts["errors"] == 0, (report.name, counts)
+        assert counts["tests"] - counts["skipped"] >= min_tests, (report.name, counts)
+
+
 @pytest.fixture(scope="session")
 def mpff_run():
     """The :func:`run_mpff` helper (conftest modules are not imported by the tests themselves)."""

@@ -10,10 +10,8 @@ world duplicate spreads the schedules over real ranks.
 from __future__ import annotations
 
 import math
-import subprocess
 import sys
 from pathlib import Path
-from xml.etree import ElementTree
 
 import numpy as np
 import pytest
@@ -281,19 +279,9 @@ def test_a_rank_holds_the_chapter_not_the_data_set():
 def test_the_suite_under_mpiexec(ranks, tmp_path, mpff_launch):
     if MPI.COMM_WORLD.Get_size() > 1:
         pytest.skip("already under mpiexec")
-    per_rank = ('exec "$0" -m pytest -q -p no:cacheprovider tests/test_chapters.py -m "not mpi" '
-                '--junitxml="$1/rank-$$.xml"')
-    proc = subprocess.run([mpff_launch.mpiexec, "-n", str(ranks), "sh", "-c", per_rank, mpff_launch.python,
-                           str(tmp_path)], cwd=mpff_launch.root, env=mpff_launch.env, capture_output=True,
-                          text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
-    reports = sorted(tmp_path.glob("rank-*.xml"))
-    assert len(reports) == ranks, (reports, proc.stdout[-4000:])
-    for report in reports:
-        suite = ElementTree.parse(report).getroot().find("testsuite")
-        counts = {key: int(suite.get(key)) for key in ("tests", "failures", "errors", "skipped")}
-        assert counts["failures"] == counts["errors"] == 0, (report.name, counts)
-        assert counts["tests"] - counts["skipped"] >= 15, (report.name, counts)
+    from conftest import run_file_on_ranks
+
+    run_file_on_ranks(mpff_launch, "tests/test_chapters.py", ranks, tmp_path, min_tests=15)
 
 
 def test_thousands_of_chapters_print_about_a_hundred_lines():

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import subprocess
 import time
-from xml.etree import ElementTree
 
 import numpy as np
 import pytest
@@ -225,19 +224,9 @@ def test_the_suite_under_mpiexec(ranks, tmp_path, mpff_launch):
     tests/test_executor.py); each rank writes its own JUnit report."""
     if MPI.COMM_WORLD.Get_size() > 1:
         pytest.skip("already under mpiexec")
-    per_rank = ('exec "$0" -m pytest -q -p no:cacheprovider tests/test_registry.py -m "not mpi" '
-                '--junitxml="$1/rank-$$.xml"')
-    proc = subprocess.run([mpff_launch.mpiexec, "-n", str(ranks), "sh", "-c", per_rank, mpff_launch.python,
-                           str(tmp_path)], cwd=mpff_launch.root, env=mpff_launch.env, capture_output=True,
-                          text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
-    reports = sorted(tmp_path.glob("rank-*.xml"))
-    assert len(reports) == ranks, (reports, proc.stdout[-4000:])
-    for report in reports:
-        suite = ElementTree.parse(report).getroot().find("testsuite")
-        counts = {key: int(suite.get(key)) for key in ("tests", "failures", "errors", "skipped")}
-        assert counts["failures"] == counts["errors"] == 0, (report.name, counts)
-        assert counts["tests"] - counts["skipped"] >= 10, (report.name, counts)
+    from conftest import run_file_on_ranks
+
+    run_file_on_ranks(mpff_launch, "tests/test_registry.py", ranks, tmp_path, min_tests=10)
 
 
 WRAPPER = '''"""mpff train with a data set and a layer kind of one's own: register them, then hand over."""
