@@ -378,12 +378,18 @@ class FFState:
                 sh["neg_chapter"] = chapter
             j, h_pos, h_neg = -1, sh["x_pos"], sh["x_neg"]
         for k in range(j + 1, layer):
-            with self.tracer.span("forward", chapter, layer):
-                layer_k = self.net.layers[k]
-                h_pos = layer_k.forward_all(h_pos, check=self.check)
-                h_neg = layer_k.forward_all(h_neg, check=self.check)
-                self._sync()
+            h_pos, h_neg = self._forward(chapter, layer, k, h_pos, h_neg)
             self._cache = (chapter, k, h_pos, h_neg)
+        return h_pos, h_neg
+
+    def _forward(self, chapter: int, layer: int, k: int, h_pos: torch.Tensor,
+                 h_neg: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Positives and negatives through layer k, traced as the forward work of ``layer``'s task."""
+        with self.tracer.span("forward", chapter, layer):
+            layer_k = self.net.layers[k]
+            h_pos = layer_k.forward_all(h_pos, check=self.check)
+            h_neg = layer_k.forward_all(h_neg, check=self.check)
+            self._sync()
         return h_pos, h_neg
 
     def _do_ship(self, task: Task) -> list[Record]:
@@ -565,11 +571,7 @@ class FFState:
             h_neg = overlay(x, torch.from_numpy(neg).to(self.device), position, num_classes=classes)
             j = -1
         for k in range(j + 1, layer):
-            with self.tracer.span("forward", chapter, layer):
-                layer_k = self.net.layers[k]
-                h_pos = layer_k.forward_all(h_pos, check=self.check)
-                h_neg = layer_k.forward_all(h_neg, check=self.check)
-                self._sync()
+            h_pos, h_neg = self._forward(chapter, layer, k, h_pos, h_neg)
             self._slice_cache = (chapter, i, k, h_pos, h_neg)
         return h_pos, h_neg
 
